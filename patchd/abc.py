@@ -1,0 +1,160 @@
+"""Interfaces of patchd's pluggable parts.
+
+- :class:`Component`: a part of ``patchd serve`` (monitor, runs, candidates, source adapters)
+  with a lifecycle; it contributes API routers and Prometheus collectors.
+- :class:`Miner`, :class:`Augmenter`, :class:`Trainer`: the ML stages that run in workers.
+  Implementations live in ``patchd.plugins.<kind>s`` and are registered in
+  :mod:`patchd.plugins.registry` (name -> class); a ``module:Class`` path selects a third-party one.
+- :class:`DriftDetector`: one-method protocol, so outside objects fit without importing patchd.
+
+Torch types appear only as strings so importing this module stays light.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from fastapi import APIRouter
+    from prometheus_client.registry import Collector
+
+    from patchd.config import PatchConfig
+    from patchd.ml.data import ImageSet
+    from patchd.services import Services
+
+
+class Component(ABC):
+    """A part of ``patchd serve``. Built once with the shared :class:`Services`.
+
+    ``start`` runs after the store is open and before the API answers; ``stop`` runs on shutdown
+    (warm: finish what is in progress quickly). Neither may block for long.
+    """
+
+    name: str = "component"
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    def routers(self) -> Sequence[APIRouter]:
+        return ()
+
+    def collectors(self) -> Iterable[Collector]:
+        return ()
+
+    def start(self) -> None:  # noqa: B027 - optional hook
+        """Register scheduler jobs, subscribe to domain events."""
+
+    def stop(self) -> None:  # noqa: B027 - optional hook
+        """Release resources; called once."""
+
+
+class DriftDetector(Protocol):
+    """Scores drift between a reference and a current sample of one feature."""
+
+    def score(self, reference: np.ndarray, current: np.ndarray) -> DriftScore: ...
+
+
+@dataclass(frozen=True)
+class DriftScore:
+    score: float
+    drifted: bool
+    method: str
+
+
+@dataclass
+class StageContext:
+    """What an ML stage gets from the worker: where to write, which device, budgets, progress."""
+
+    run_id: str
+    stage: str
+    out_dir: Path  # the stage's temp dir; renamed into place when the stage succeeds
+    params: PatchConfig
+    device: str = "cpu"
+    seed: int = 0
+    progress: Callable[[float, str], None] = lambda fraction, message: None
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("patchd.stage"))
+
+    def plugin_params(self, name: str) -> dict[str, Any]:
+        return dict(self.params.params.get(name, {}))
+
+
+@dataclass(frozen=True)
+class FailureMode:
+    """One class's failure direction."""
+
+    cls: int
+    direction: list[float]  # unit vector in the embedding space
+    strength: float  # 2-fold CV balanced accuracy of the correct-vs-wrong SVM
+    description: str  # caption or over-represented group attributes
+    n_wrong: int
+    n_total: int
+
+
+@dataclass(frozen=True)
+class MiningResult:
+    modes: tuple[FailureMode, ...]
+    # per training example: the subgroup assignment used downstream (true groups when known,
+    # otherwise the mined hard(1)/easy(0) side within each class)
+    groups: torch.Tensor
+    group_names: tuple[str, ...]
+    hardness: torch.Tensor  # signed SVM decision value per training example
+    mined: bool  # True when groups come from the miner, False when true attributes were used
+    report_json: Path | None = None
+    report_png: Path | None = None
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """What an augmenter produced for the trainer."""
+
+    kind: str
+    # aligned with the training set: name -> tensor [N,C,H,W] (CycleGAN: "F" and "G" translations)
+    paired: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: ImageSet | None = None  # newly synthesized labeled samples
+    previews: tuple[Path, ...] = ()  # PNGs a person looks at
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model: torch.nn.Module
+    epochs: int
+    seconds: float
+    history: tuple[dict[str, float], ...] = ()
+
+
+class Miner(ABC):
+    """Finds the failure directions of a model on data and assigns (pseudo-)subgroups."""
+
+    @abstractmethod
+    def mine(self, ctx: StageContext, model: torch.nn.Module, data: ImageSet) -> MiningResult: ...
+
+
+class Augmenter(ABC):
+    """Synthesizes targeted data. Deterministic given ``ctx.seed``; never mutates its inputs."""
+
+    @abstractmethod
+    def synthesize(
+        self, ctx: StageContext, model: torch.nn.Module, train: ImageSet
+    ) -> Augmentation: ...
+
+
+class Trainer(ABC):
+    """Retrains (usually fine-tunes) ``model``; returns a new module, never mutates the input."""
+
+    @abstractmethod
+    def train(
+        self,
+        ctx: StageContext,
+        model: torch.nn.Module,
+        train: ImageSet,
+        val: ImageSet,
+        augmentation: Augmentation | None,
+    ) -> TrainResult: ...

@@ -1,0 +1,45 @@
+"""Options shared by every command that needs the configuration."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from patchd.config import Config, load_config
+
+
+def config_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Adds ``-c/--config`` and passes a validated :class:`Config` as ``config``."""
+
+    @click.option(
+        "-c",
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar="PATCHD_CONFIG",
+        default=None,
+        help="patchd.yaml (env PATCHD_CONFIG); PATCHD_* variables override its fields.",
+    )
+    @functools.wraps(func)
+    def wrapper(*args: Any, config_path: Path | None, **kwargs: Any) -> Any:
+        config = load_config(config_path, os.environ)
+        return func(*args, config=config, **kwargs)
+
+    return wrapper
+
+
+def with_overrides(config: Config, **sections: dict[str, Any]) -> Config:
+    """Apply CLI flag values (None means 'not given') on top of a loaded config."""
+    from patchd.config import build_config
+
+    data = config.model_dump(mode="json")
+    for section, fields in sections.items():
+        given = {k: v for k, v in fields.items() if v is not None}
+        if given:
+            data[section] = {**data.get(section, {}), **given}
+    return build_config(data)

@@ -1,0 +1,306 @@
+"""Configuration: one YAML file, ``PATCHD_*`` environment overrides, CLI flags on top.
+
+The file is read once in ``main()`` (see :func:`load_config`) and the resulting :class:`Config`
+object is passed down; nothing reads the environment or the file at import time.
+
+Environment overrides use ``__`` between levels: ``PATCHD_API__PORT=9000`` sets ``api.port``,
+``PATCHD_REDIS__URL=redis://...`` sets ``redis.url``. Values are parsed as YAML scalars, so
+``PATCHD_GATE__AUTO_PROMOTE=true`` is a boolean.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ValidationError as PydanticValidationError
+
+from patchd.exceptions import ConfigError
+
+ENV_PREFIX = "PATCHD_"
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Section):
+    name: str = Field("model", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    factory: str = "patchd.ml.models:small_cnn"  # module:callable returning an nn.Module
+    factory_kwargs: dict[str, Any] = Field(default_factory=dict)
+    weights: Path | None = None  # safetensors file of the initial production model
+    class_names: list[str] = Field(default_factory=lambda: ["0", "1"], min_length=2)
+
+    @field_validator("factory")
+    @classmethod
+    def _dotted(cls, v: str) -> str:
+        if ":" not in v:
+            raise ValueError(f"must be 'module:callable', got {v!r}")
+        return v
+
+
+class GroupsConfig(Section):
+    attributes: list[str] = Field(default_factory=list)  # event `groups` keys that define subgroups
+    max_values: int = Field(16, ge=1, le=1000)  # per attribute; the rest go to `other`
+    overflow: str = "other"
+    values: dict[str, list[str]] = Field(default_factory=dict)  # optional fixed value set per attribute
+
+
+class DatasetSpec(Section):
+    kind: Literal["colored-digits", "colored-fmnist", "image-csv", "wilds-metadata"] = "colored-digits"
+    root: Path | None = None  # image folder or data directory for image-csv / wilds-metadata
+    csv: Path | None = None
+    group_columns: list[str] = Field(default_factory=list)
+    image_size: int = Field(28, ge=8, le=512)
+    n_train: int | None = Field(None, ge=10)
+    seed: int = 0
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataConfig(Section):
+    train: DatasetSpec = Field(default_factory=DatasetSpec)
+    # held-out data the evaluate stage uses (the `val` split of the same spec when unset)
+    heldout: DatasetSpec | None = None
+    use_production_slice: bool = True
+
+
+class TailSourceConfig(Section):
+    name: str = "jsonl"
+    kind: Literal["jsonl", "bentoml", "mapping"] = "jsonl"
+    glob: str
+    poll_interval_s: float = Field(0.5, gt=0)
+    mapping: dict[str, str] = Field(default_factory=dict)  # field -> dotted path, for kind=mapping
+
+
+class SourcesConfig(Section):
+    allowed_roots: list[Path] = Field(default_factory=list)  # roots input URIs and tail globs may use
+    tail: list[TailSourceConfig] = Field(default_factory=list)
+    max_inline_bytes: int = Field(1 << 20, ge=1024)  # base64 inline inputs
+
+
+class MonitorConfig(Section):
+    interval_s: float = Field(10.0, gt=0)
+    window: int = Field(5000, ge=10)  # labeled events per model in the sliding window
+    window_seconds: float | None = Field(None, gt=0)
+    n_min: int = Field(30, ge=1)  # a cell needs this many samples to count toward worst-group
+    accuracy_floor: float = Field(0.6, ge=0, le=1)
+    margin: float = Field(0.10, ge=0, le=1)  # degraded when accuracy < reference - margin
+    confidence: float = Field(0.99, gt=0.5, lt=1)
+    recover_margin: float = Field(0.05, ge=0, le=1)  # hysteresis
+    cooldown_s: float = Field(600.0, ge=0)
+    drift_threshold: float = Field(0.1, ge=0)
+    reference_window: int = Field(2000, ge=10)
+
+
+class TriggerConfig(Section):
+    enabled: bool = True
+    on: list[Literal["degraded", "warning"]] = Field(default_factory=lambda: ["degraded"])
+    min_interval_s: float = Field(3600.0, ge=0)
+
+
+class BudgetConfig(Section):
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    max_minutes: float = Field(30.0, gt=0)
+    augment_epochs: int = Field(20, ge=1)
+    samples_per_cell: int = Field(256, ge=1)
+
+
+class PatchConfig(Section):
+    miner: str = "svm"
+    augmenter: str = "none"  # none | cyclegan | diffusion | vae | module:Class
+    trainer: str = "erm"  # erm | gdro | dfr | camel | defuse | module:Class
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    params: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per-plugin hyperparameters
+    seed: int = 0
+    clip_checkpoint: Path | None = None  # local open_clip checkpoint for the miner (optional)
+    diffusion_checkpoint: Path | None = None  # local Stable Diffusion directory (optional)
+    queues: dict[str, str] = Field(default_factory=dict)  # stage -> queue name (default: patchd)
+    stage_timeout_s: dict[str, int] = Field(default_factory=dict)
+    retries: int = Field(2, ge=0, le=10)
+
+
+class GateConfig(Section):
+    min_improvement: float = Field(0.02, ge=0, le=1)  # worst-group must rise at least this much
+    avg_tolerance: float = Field(0.02, ge=0, le=1)  # average may fall at most this much
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    n_min: int = Field(20, ge=1)
+    n_bootstrap: int = Field(2000, ge=100)
+    auto_promote: bool = False
+    approval_ttl_s: float = Field(7 * 86400.0, gt=0)
+
+
+class HookConfig(Section):
+    reload_urls: list[str] = Field(default_factory=list)
+    command: list[str] = Field(default_factory=list)
+    retries: int = Field(3, ge=0)
+    timeout_s: float = Field(5.0, gt=0)
+
+
+class RegistryConfig(Section):
+    root: Path | None = None  # default: <state_dir>/registry
+    keep_versions: int = Field(10, ge=1)
+    hooks: HookConfig = Field(default_factory=HookConfig)
+
+
+class StoreConfig(Section):
+    path: Path | None = None  # default: <state_dir>/patchd.db
+    batch_size: int = Field(5000, ge=1)
+    flush_interval_s: float = Field(0.05, gt=0)
+    retention_days: float = Field(30.0, gt=0)
+    max_rows: int = Field(5_000_000, ge=1000)
+
+
+class RedisConfig(Section):
+    url: str = "redis://127.0.0.1:6379/0"
+    embedded: Literal["auto", "never", "always"] = "auto"
+    queue_prefix: str = "patchd"
+
+
+class ApiConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8321, ge=0, le=65535)
+    allowed_hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1", "localhost", "[::1]"])
+    token_file: Path | None = None  # lines of `token scope[,scope]`; env PATCHD_TOKEN adds one admin
+    max_body_bytes: int = Field(16 << 20, ge=1024)
+    ingest_queue_max: int = Field(1_000_000, ge=1)  # events waiting to be written
+
+
+class ArtifactsConfig(Section):
+    root: Path | None = None  # default: <state_dir>/artifacts
+
+
+class Config(Section):
+    state_dir: Path = Path(".patchd")
+    log_level: str = "INFO"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    groups: GroupsConfig = Field(default_factory=GroupsConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    sources: SourcesConfig = Field(default_factory=SourcesConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    trigger: TriggerConfig = Field(default_factory=TriggerConfig)
+    patch: PatchConfig = Field(default_factory=PatchConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)
+
+    @model_validator(mode="after")
+    def _groups_bounded(self) -> Config:
+        for attr, vals in self.groups.values.items():
+            if attr not in self.groups.attributes:
+                raise ValueError(f"groups.values has {attr!r}, which is not in groups.attributes")
+            if len(vals) > self.groups.max_values:
+                raise ValueError(f"groups.values.{attr} has {len(vals)} values > max_values")
+        return self
+
+    # Resolved paths: every component asks here rather than joining state_dir itself.
+    @property
+    def store_path(self) -> Path:
+        return self.store.path or self.state_dir / "patchd.db"
+
+    @property
+    def registry_root(self) -> Path:
+        return self.registry.root or self.state_dir / "registry"
+
+    @property
+    def artifacts_root(self) -> Path:
+        return self.artifacts.root or self.state_dir / "artifacts"
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# PATCHD_* variables that are not config fields (secrets and the config path itself).
+NON_CONFIG_ENV = frozenset({"PATCHD_TOKEN", "PATCHD_CONFIG"})
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``PATCHD_A__B=v`` → ``{"a": {"b": v}}`` with v parsed as a YAML scalar."""
+    out: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key in NON_CONFIG_ENV:
+            continue
+        path = key[len(ENV_PREFIX) :].lower().split("__")
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = yaml.safe_load(raw) if raw else raw
+    return out
+
+
+def format_errors(err: PydanticValidationError) -> str:
+    """One line per error: ``field.path: message (got value)``."""
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(root)"
+        got = e.get("input")
+        shown = f" (got {got!r})" if not isinstance(got, dict | list) else ""
+        lines.append(f"{where}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def build_config(
+    file_data: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Layer defaults < file < environment < CLI overrides and validate once."""
+    data = _merge({}, file_data or {})
+    data = _merge(data, env_overrides(environ or {}))
+    data = _merge(data, overrides or {})
+    try:
+        return Config.model_validate(data)
+    except PydanticValidationError as err:
+        raise ConfigError("invalid configuration:\n" + format_errors(err)) from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    path: Path | None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Read the YAML file (if any), apply ``PATCHD_*`` env and CLI overrides, validate."""
+    file_data = read_yaml(path) if path is not None else {}
+    env = os.environ if environ is None else environ
+    config = build_config(file_data, env, overrides)
+    if path is not None:
+        config = _relative_to(config, path.parent)
+    return config
+
+
+def _relative_to(config: Config, base: Path) -> Config:
+    """Relative paths in a config file are relative to the file's directory."""
+    if config.state_dir.is_absolute():
+        return config
+    return config.model_copy(update={"state_dir": (base / config.state_dir).resolve()})
