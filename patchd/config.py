@@ -49,16 +49,24 @@ class GroupsConfig(Section):
     attributes: list[str] = Field(default_factory=list)  # event `groups` keys that define subgroups
     max_values: int = Field(16, ge=1, le=1000)  # per attribute; the rest go to `other`
     overflow: str = "other"
-    values: dict[str, list[str]] = Field(default_factory=dict)  # optional fixed value set per attribute
+    values: dict[str, list[str]] = Field(
+        default_factory=dict
+    )  # optional fixed value set per attribute
 
 
 class DatasetSpec(Section):
-    kind: Literal["colored-digits", "colored-fmnist", "image-csv", "wilds-metadata"] = "colored-digits"
+    kind: Literal["colored-digits", "colored-fmnist", "image-csv", "wilds-metadata"] = (
+        "colored-digits"
+    )
     root: Path | None = None  # image folder or data directory for image-csv / wilds-metadata
     csv: Path | None = None
     group_columns: list[str] = Field(default_factory=list)
-    image_size: int = Field(28, ge=8, le=512)
+    # side of the square images; None: the kind's native size (digits 16, fmnist 28, csv 64)
+    image_size: int | None = Field(None, ge=8, le=512)
     n_train: int | None = Field(None, ge=10)
+    # image-csv / wilds-metadata: label names in class order (labels may be names or indices);
+    # None: integer labels 0..K-1, or the sorted distinct label strings
+    class_names: list[str] | None = None
     seed: int = 0
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -78,10 +86,29 @@ class TailSourceConfig(Section):
     mapping: dict[str, str] = Field(default_factory=dict)  # field -> dotted path, for kind=mapping
 
 
+class CloudEventSourceConfig(Section):
+    """A CloudEvents adapter route (KServe / Seldon logger): request/response join and mapping."""
+
+    enabled: bool = True
+    ttl_s: float = Field(30.0, gt=0)  # how long a half waits for its other half
+    max_pending: int = Field(100_000, ge=1)  # halves buffered at most; the oldest expire first
+    max_pending_bytes: int = Field(256 << 20, ge=1 << 20)  # inline inputs held while waiting
+    model: str | None = None  # model name override (default: ce-inferenceservicename)
+    group_headers: dict[str, str] = Field(default_factory=dict)  # metadata header -> group attr
+    input_uri_header: str = "x-patchd-input-uri"  # metadata header with the input URI(s)
+    output: str | None = None  # OIP output tensor to read (default: first usable)
+    emit_response_orphans: bool = True  # a response whose request never came still counts
+    inline_inputs: bool = True  # b64 / BYTES request instances are sent inline to the store
+
+
 class SourcesConfig(Section):
-    allowed_roots: list[Path] = Field(default_factory=list)  # roots input URIs and tail globs may use
+    allowed_roots: list[Path] = Field(
+        default_factory=list
+    )  # roots input URIs and tail globs may use
     tail: list[TailSourceConfig] = Field(default_factory=list)
     max_inline_bytes: int = Field(1 << 20, ge=1024)  # base64 inline inputs
+    kserve: CloudEventSourceConfig = Field(default_factory=CloudEventSourceConfig)
+    seldon: CloudEventSourceConfig = Field(default_factory=CloudEventSourceConfig)
 
 
 class MonitorConfig(Section):
@@ -96,6 +123,11 @@ class MonitorConfig(Section):
     cooldown_s: float = Field(600.0, ge=0)
     drift_threshold: float = Field(0.1, ge=0)
     reference_window: int = Field(2000, ge=10)
+    # false alarms of all cells together stay within 1 - confidence over this many labeled events
+    horizon_events: int = Field(1_000_000, ge=1000)
+    drift_window: int = Field(5000, ge=100)  # newest predictions (labeled or not) drift looks at
+    drift_min_samples: int = Field(200, ge=5)  # per group, in reference and current, to test drift
+    warning_confidence_drop: float = Field(0.05, ge=0, le=1)  # drift + this drop -> warning
 
 
 class TriggerConfig(Section):
@@ -125,6 +157,12 @@ class PatchConfig(Section):
     queues: dict[str, str] = Field(default_factory=dict)  # stage -> queue name (default: patchd)
     stage_timeout_s: dict[str, int] = Field(default_factory=dict)
     retries: int = Field(2, ge=0, le=10)
+    # pipeline (patchd.runs / patchd worker): poll tick, worker heartbeats, torch threads per job
+    poll_interval_s: float = Field(1.0, gt=0)
+    job_monitoring_interval_s: int = Field(30, ge=1)  # worker heartbeat period while a job runs
+    heartbeat_grace_s: int = Field(60, ge=2)  # a silent worker's job is abandoned after this
+    torch_threads: int = Field(0, ge=0)  # 0 = all cores
+    slice_limit: int = Field(50_000, ge=1)  # newest labeled events exported to a run
 
 
 class GateConfig(Section):
@@ -156,6 +194,8 @@ class StoreConfig(Section):
     flush_interval_s: float = Field(0.05, gt=0)
     retention_days: float = Field(30.0, gt=0)
     max_rows: int = Field(5_000_000, ge=1000)
+    synchronous: Literal["NORMAL", "FULL"] = "NORMAL"  # FULL: durable across power loss, slower
+    retention_interval_s: float = Field(300.0, gt=0)
 
 
 class RedisConfig(Section):
@@ -168,7 +208,9 @@ class ApiConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8321, ge=0, le=65535)
     allowed_hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1", "localhost", "[::1]"])
-    token_file: Path | None = None  # lines of `token scope[,scope]`; env PATCHD_TOKEN adds one admin
+    token_file: Path | None = (
+        None  # lines of `token scope[,scope]`; env PATCHD_TOKEN adds one admin
+    )
     max_body_bytes: int = Field(16 << 20, ge=1024)
     ingest_queue_max: int = Field(1_000_000, ge=1)  # events waiting to be written
 

@@ -75,3 +75,7 @@ class StageError(PatchdError):
 
 class IntegrityError(PatchdError):
     """An artifact or model file does not match its recorded digest."""
+
+
+class DatasetError(StageError):
+    """A dataset (CSV, metadata, image files) is malformed; the message names the file and row."""

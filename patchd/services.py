@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from patchd.abc import Component
     from patchd.config import Config
     from patchd.domain import EventBus
+    from patchd.ingest import IngestPipeline
     from patchd.store.db import Store
 
 C = TypeVar("C", bound="Component")
@@ -27,6 +28,8 @@ class Services:
     metrics: CollectorRegistry
     scheduler: BackgroundScheduler
     redis_url: str
+    # always set by the daemon; a narrow unit test may leave it out
+    ingest: IngestPipeline = field(default=None)  # type: ignore[assignment]
     components: dict[str, Component] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
 

@@ -28,7 +28,7 @@ COMMANDS: dict[str, str] = {
     "rollback": "patchd.cli.candidates:rollback",
     "report": "patchd.cli.candidates:report",
     "registry": "patchd.cli.candidates:registry",
-    "regions": "patchd.cli.runs:regions",
+    "regions": "patchd.cli.regions:regions",
     "bench": "patchd.cli.bench:bench",
     "demo": "patchd.cli.demo:demo",
 }

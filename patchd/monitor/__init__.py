@@ -1,0 +1,17 @@
+"""The subgroup monitor: per (class x subgroup) accuracy, drift, alert policy and patch trigger.
+
+Modules, one concept each:
+
+- :mod:`~patchd.monitor.groups`: the bounded set of subgroup labels (overflow to ``other``).
+- :mod:`~patchd.monitor.window`: the sliding window of labeled events (numpy columns).
+- :mod:`~patchd.monitor.cells`: per-cell statistics (:class:`CellStats`, :class:`MonitorSnapshot`).
+- :mod:`~patchd.monitor.reference`: the frozen reference, persisted in the store's kv table.
+- :mod:`~patchd.monitor.sequential`: the Bernoulli CUSUM (valid under a look every tick).
+- :mod:`~patchd.monitor.policy`: cell states (ok / warning / degraded), hysteresis, cooldown.
+- :mod:`~patchd.monitor.drift`: the one evidently adapter (label-free drift signals).
+- :mod:`~patchd.monitor.trigger`: the one function that turns degradation into a patch run.
+- :mod:`~patchd.monitor.engine`: one model's monitor state and its tick.
+- :mod:`~patchd.monitor.component`: the serve component (scheduler job, collector, ``/v1/groups``).
+
+Nothing here imports evidently (or torch) at module level.
+"""

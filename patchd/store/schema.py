@@ -93,4 +93,11 @@ MIGRATIONS: list[str] = [
         updated_at REAL NOT NULL
     );
     """,
+    # 2: patchd.candidates: the gate decision (JSON), the incumbent digest the candidate was
+    # evaluated against, and the note of the last decision (reject reason, error).
+    """
+    ALTER TABLE candidates ADD COLUMN gate TEXT;
+    ALTER TABLE candidates ADD COLUMN parent TEXT;
+    ALTER TABLE candidates ADD COLUMN note TEXT;
+    """,
 ]

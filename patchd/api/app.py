@@ -1,0 +1,133 @@
+"""The FastAPI application of ``patchd serve``: hardening middleware plus every part's routers.
+
+- Host allow-list (``api.allowed_hosts``; guards against DNS rebinding): other Hosts get 400.
+- Body size limit (``api.max_body_bytes``): 413, checked on Content-Length and while streaming.
+- Routers: ingest and status (this package), then each component's ``routers()``.
+- Errors: :class:`~patchd.exceptions.PatchdError` subclasses map to JSON errors with a status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from patchd.exceptions import (
+    ConflictError,
+    NotFoundError,
+    PatchdError,
+    QueueFullError,
+    ValidationError,
+)
+from patchd.exporter import patchd_version
+
+
+class HostAllowListMiddleware:
+    """Answer 400 to requests whose Host header (port stripped) is not allow-listed."""
+
+    def __init__(self, app: ASGIApp, allowed: Sequence[str]) -> None:
+        self.app = app
+        self.allowed = frozenset(h.lower() for h in allowed)
+        self.any = "*" in self.allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self.any:
+            host = _host(scope)
+            if host not in self.allowed:
+                response = JSONResponse({"error": f"host {host!r} is not allowed"}, status_code=400)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _host(scope: Scope) -> str:
+    for key, value in scope.get("headers", ()):
+        if key == b"host":
+            text = value.decode("latin-1").lower()
+            if text.startswith("["):  # [::1]:8321
+                return text[: text.find("]") + 1]
+            return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+    return ""
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """413 when a request body exceeds ``limit`` bytes (declared or streamed)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for key, value in scope.get("headers", ()):
+            if key == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await self._reject(scope, receive, send)
+                return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except BodyTooLarge:
+            await self._reject(scope, receive, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"request body over {self.limit} bytes; send smaller batches (api.max_body_bytes)"
+        await JSONResponse({"error": message, "reason": "too_large"}, status_code=413)(
+            scope, receive, send
+        )
+
+
+_STATUS: tuple[tuple[type[PatchdError], int], ...] = (
+    (QueueFullError, 429),
+    (NotFoundError, 404),
+    (ConflictError, 409),
+    (ValidationError, 422),
+)
+
+
+async def _patchd_error(request: Request, exc: Exception) -> JSONResponse:
+    status = next((code for kind, code in _STATUS if isinstance(exc, kind)), 503)
+    body: dict[str, Any] = {"error": str(exc), "type": type(exc).__name__}
+    headers = {}
+    if isinstance(exc, QueueFullError):
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    if isinstance(exc, ValidationError):
+        body["reason"] = exc.reason
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def create_app(
+    routers: Sequence[APIRouter],
+    *,
+    allowed_hosts: Sequence[str],
+    max_body_bytes: int,
+    state: dict[str, Any] | None = None,
+) -> FastAPI:
+    """Build the app; ``state`` items are set on ``app.state`` (tokens, services, daemon)."""
+    app = FastAPI(title="patchd", version=patchd_version(), docs_url="/docs", redoc_url=None)
+    for key, value in (state or {}).items():
+        setattr(app.state, key, value)
+    app.add_exception_handler(PatchdError, _patchd_error)
+    for router in routers:
+        app.include_router(router)
+    # Added last = outermost: the Host check runs before anything reads the body.
+    app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)
+    app.add_middleware(HostAllowListMiddleware, allowed=list(allowed_hosts))
+    return app

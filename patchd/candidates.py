@@ -1,0 +1,576 @@
+"""Candidates: gate a finished patch run, then wait for a person (or ``gate.auto_promote``).
+
+Lifecycle (DESIGN §4.6)::
+
+    evaluating -> pass | fail | inconclusive;  pass -> awaiting_approval
+    awaiting_approval -> promoted | rejected | expired;  promoted -> rolled_back
+
+``fail`` and ``inconclusive`` are final: inconclusive is never promoted.
+
+Decisions (approve, reject, rollback, expire) are serialized by one lock in this process (serve is
+the only writer) and each re-checks the candidate's state inside the store transaction that
+records it (``UPDATE ... WHERE state = 'awaiting_approval'``), so concurrent calls resolve to
+exactly one outcome. The production pointer is switched inside that transaction (compare-and-swap
+on the registry's cross-process lock); the audit line is appended and fsynced after the commit and
+before the API answers. On start, a crash between the pointer switch and the commit is reconciled
+from the pointer (the pointer is the truth for serving).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from patchd.abc import Component
+from patchd.audit import AuditEntry, AuditLog
+from patchd.domain import CandidateEvaluated, ModelPromoted, ModelRolledBack, RunFinished
+from patchd.exceptions import ConflictError, NotFoundError, PatchdError, ValidationError
+from patchd.gate import GateDecision, Verdict, decide, gate_input
+from patchd.hooks import HookEvent, HookRunner
+from patchd.registry import Registry, VersionManifest, sha256_file
+
+if TYPE_CHECKING:
+    from fastapi import APIRouter
+    from prometheus_client.registry import Collector
+
+    from patchd.evaluation import PairedEvaluation
+    from patchd.services import Services
+
+log = logging.getLogger(__name__)
+
+STATES = (
+    "evaluating",
+    "pass",
+    "fail",
+    "inconclusive",
+    "awaiting_approval",
+    "promoted",
+    "rejected",
+    "expired",
+    "rolled_back",
+)
+PENDING = ("evaluating", "pass", "awaiting_approval")
+_RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+_COLUMNS = (
+    "id, model, run_id, digest, state, verdict, decided_by, decided_at, expires_at, "
+    "created_at, updated_at, gate, parent, note"
+)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    id: str
+    model: str
+    run_id: str
+    digest: str
+    state: str
+    verdict: str | None
+    decided_by: str | None
+    decided_at: float | None
+    expires_at: float | None
+    created_at: float
+    updated_at: float
+    gate: GateDecision | None
+    parent: str | None
+    note: str | None
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> Candidate:
+        values = list(row)
+        values[11] = GateDecision.from_dict(json.loads(values[11])) if values[11] else None
+        return cls(*values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The API's view (the gate decision without per-cell counts)."""
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "gate"}
+        if self.gate is not None:
+            g = self.gate
+            out["gate"] = {
+                "verdict": g.verdict.value,
+                "reasons": list(g.reasons),
+                "worst_group_delta": g.worst_group_delta,
+                "worst_group_interval": list(g.worst_group_interval),
+                "avg_delta": g.avg_delta,
+                "avg_interval": list(g.avg_interval),
+                "incumbent_worst": list(g.incumbent_worst),
+                "candidate_worst": list(g.candidate_worst),
+                "incumbent_avg": g.incumbent_avg,
+                "candidate_avg": g.candidate_avg,
+            }
+        return out
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What the gate reads from a finished run's artifacts and record."""
+
+    run_dir: Path
+    weights: Path
+    evaluation_text: str
+    recipe: dict[str, Any]
+    stage_seconds: dict[str, float]
+    parent: str | None
+    data_digests: dict[str, str]
+
+
+class CandidatesComponent(Component):
+    """Gate, registry publication, approval lifecycle, audit, hooks (see the module docstring)."""
+
+    name = "candidates"
+
+    def __init__(self, services: Services) -> None:
+        super().__init__(services)
+        from prometheus_client import Counter
+
+        config = services.config
+        self.registry = Registry(config.registry_root)
+        self.audit = AuditLog.in_state_dir(config.state_dir)
+        self.hooks = HookRunner(config.registry.hooks)
+        self._lock = threading.RLock()
+        self.promotions = Counter(
+            "patchd_promotions", "Promotion decisions by result", ["result"], registry=None
+        )
+        for result in ("promoted", "rejected", "expired", "rolled_back", "error"):
+            self.promotions.labels(result)
+
+    # -- Component ---------------------------------------------------------------------------------
+    def routers(self) -> Sequence[APIRouter]:
+        from patchd.api.candidates import build_router
+
+        return (build_router(self),)
+
+    def collectors(self) -> Iterable[Collector]:
+        from patchd.candidates_metrics import CandidatesCollector
+
+        return (CandidatesCollector(self), self.promotions, self.hooks.failures, self.hooks.calls)
+
+    def start(self) -> None:
+        self.services.bus.subscribe(RunFinished, self._on_run_finished)
+        ttl = self.services.config.gate.approval_ttl_s
+        self.services.scheduler.add_job(
+            self.tick,
+            "interval",
+            seconds=max(0.5, min(60.0, ttl / 4)),
+            id="candidates-expire",
+            max_instances=1,
+            coalesce=True,
+            replace_existing=True,
+        )
+        self.reconcile()
+
+    def stop(self) -> None:
+        self.hooks.join(timeout=5.0)
+
+    def _on_run_finished(self, event: RunFinished) -> None:
+        if event.result != "succeeded":
+            return
+        try:
+            self.evaluate_run(event.run_id, event.model)
+        except PatchdError as err:
+            log.error("candidate for run %s not created: %s", event.run_id, err)
+
+    # -- reads ---------------------------------------------------------------------------------------
+    def get(self, candidate_id: str) -> Candidate:
+        with self.services.store.read() as conn:
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM candidates WHERE id = ?", (candidate_id,)
+            ).fetchone()
+        if row is None:
+            raise NotFoundError("candidate", candidate_id)
+        return Candidate.from_row(row)
+
+    def list(
+        self, model: str | None = None, state: str | None = None, limit: int = 100
+    ) -> list[Candidate]:
+        sql, args = f"SELECT {_COLUMNS} FROM candidates WHERE 1=1", []
+        if model:
+            sql, args = sql + " AND model = ?", [*args, model]
+        if state:
+            sql, args = sql + " AND state = ?", [*args, state]
+        with self.services.store.read() as conn:
+            rows = conn.execute(sql + " ORDER BY created_at DESC LIMIT ?", (*args, limit))
+            return [Candidate.from_row(r) for r in rows.fetchall()]
+
+    def state_counts(self) -> tuple[dict[str, int], float]:
+        """Candidates per state, and the age of the oldest awaiting approval (0 when none)."""
+        with self.services.store.read() as conn:
+            counts = dict(conn.execute("SELECT state, count(*) FROM candidates GROUP BY state"))
+            oldest = conn.execute(
+                "SELECT min(updated_at) FROM candidates WHERE state = 'awaiting_approval'"
+            ).fetchone()[0]
+        return counts, (time.time() - oldest) if oldest else 0.0
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    def evaluate_run(self, run_id: str, model: str) -> Candidate:
+        """Gate a finished run and register its model as a candidate (idempotent per run)."""
+        if not _RUN_ID.match(run_id or ""):
+            raise ValidationError("bad_run_id", f"run id {run_id!r} must match {_RUN_ID.pattern}")
+        cid = f"c-{run_id}"
+        with self._lock:
+            try:
+                existing = self.get(cid)
+                if existing.state != "evaluating":
+                    return existing
+            except NotFoundError:
+                pass
+            inputs = self._run_inputs(run_id, model)
+            digest = sha256_file(inputs.weights)
+            self._insert(cid, model, run_id, digest, inputs.parent)
+            try:
+                return self._gate(cid, model, run_id, digest, inputs)
+            except PatchdError as err:
+                self._finish(cid, "fail", None, None, note=f"evaluation error: {err}")
+                self.audit.append(
+                    AuditEntry(
+                        "gate",
+                        "evaluated",
+                        model,
+                        digest,
+                        cid,
+                        inputs.parent,
+                        detail=f"error: {err}",
+                    )
+                )
+                raise
+
+    def _run_inputs(self, run_id: str, model: str) -> RunInputs:
+        from patchd.candidates_inputs import read_run_inputs
+
+        return read_run_inputs(self.services, self.registry, run_id, model)
+
+    def _insert(self, cid: str, model: str, run_id: str, digest: str, parent: str | None) -> None:
+        now = time.time()
+        with self.services.store.write() as conn:
+            conn.execute(
+                "INSERT INTO candidates (id, model, run_id, digest, state, created_at, updated_at,"
+                " parent) VALUES (?, ?, ?, ?, 'evaluating', ?, ?, ?) ON CONFLICT(id) DO UPDATE SET"
+                " digest = excluded.digest, parent = excluded.parent, updated_at = excluded.updated_at",
+                (cid, model, run_id, digest, now, now, parent),
+            )
+
+    def _gate(self, cid: str, model: str, run_id: str, digest: str, inputs: RunInputs) -> Candidate:
+        from patchd.evaluation import PairedEvaluation
+
+        evaluation = PairedEvaluation.from_json(inputs.evaluation_text)
+        decision = decide(gate_input(evaluation), self.services.config.gate)
+        state = "awaiting_approval" if decision.passed else decision.verdict.value
+        manifest = VersionManifest(
+            model=model,
+            sha256=digest,
+            parent=inputs.parent,
+            run_id=run_id,
+            recipe=inputs.recipe,
+            data_digests=inputs.data_digests,
+            evaluation=_evaluation_summary(evaluation),
+            gate=decision.to_dict(),
+        )
+        self.registry.publish(model, inputs.weights, manifest)
+        ttl = self.services.config.gate.approval_ttl_s
+        expires = time.time() + ttl if decision.passed else None
+        self._finish(cid, state, decision, evaluation, expires_at=expires)
+        self.write_report(cid)
+        self.audit.append(
+            AuditEntry(
+                "gate",
+                "evaluated",
+                model,
+                digest,
+                cid,
+                inputs.parent,
+                metrics=_metrics(decision),
+                detail=decision.verdict.value,
+            )
+        )
+        self.services.bus.publish(
+            CandidateEvaluated(
+                candidate_id=cid, model=model, digest=digest, verdict=decision.verdict.value
+            )
+        )
+        log.info(
+            "candidate %s (run %s, %s@%s): %s",
+            cid,
+            run_id,
+            model,
+            digest[:12],
+            "; ".join(decision.reasons),
+        )
+        if decision.passed and self.services.config.gate.auto_promote:
+            return self.approve(cid, digest, "gate:auto_promote")
+        return self.get(cid)
+
+    def _finish(
+        self,
+        cid: str,
+        state: str,
+        decision: GateDecision | None,
+        evaluation: PairedEvaluation | None,
+        *,
+        expires_at: float | None = None,
+        note: str | None = None,
+    ) -> None:
+        with self.services.store.write() as conn:
+            conn.execute(
+                "UPDATE candidates SET state = ?, verdict = ?, gate = ?, evaluation = ?, "
+                "expires_at = ?, note = ?, updated_at = ? WHERE id = ? AND state = 'evaluating'",
+                (
+                    state,
+                    decision.verdict.value if decision else None,
+                    json.dumps(decision.to_dict()) if decision else None,
+                    evaluation.to_json() if evaluation is not None else None,
+                    expires_at,
+                    note,
+                    time.time(),
+                    cid,
+                ),
+            )
+
+    # -- reports ---------------------------------------------------------------------------------------
+    def report(self, candidate_id: str) -> Any:
+        """The :class:`~patchd.report.CandidateReport` of a gated candidate, current state."""
+        from patchd.candidates_inputs import candidate_report
+
+        return candidate_report(self, self.get(candidate_id))
+
+    def write_report(self, candidate_id: str) -> None:
+        """(Re)write report.json/report.html beside the version's manifest; best effort."""
+        from patchd.report import render_html
+
+        try:
+            rep = self.report(candidate_id)
+            self.registry.write_files(
+                rep.model,
+                rep.digest,
+                {"report.json": rep.to_json(), "report.html": render_html(rep).encode()},
+            )
+        except (PatchdError, OSError) as err:
+            log.warning("report of candidate %s not written: %s", candidate_id, err)
+
+    # -- decisions -------------------------------------------------------------------------------------
+    def approve(self, candidate_id: str, digest: str, actor: str) -> Candidate:
+        """Promote an awaiting candidate; ``digest`` must be the candidate's (no stale approvals)."""
+        with self._lock:
+            cand = self._awaiting(candidate_id, "approve")
+            if digest != cand.digest:
+                raise ConflictError(
+                    f"approval names digest {digest[:16]!r} but candidate {candidate_id} is "
+                    f"{cand.digest[:16]}: the approval is stale or for another model; re-read "
+                    "the candidate (patchd candidates) and approve what you reviewed"
+                )
+            try:
+                previous = self._promote_in_tx(cand, actor)
+            except PatchdError:
+                self.promotions.labels("error").inc()
+                raise
+            self.audit.append(
+                AuditEntry(
+                    actor,
+                    "promoted",
+                    cand.model,
+                    cand.digest,
+                    cand.id,
+                    previous,
+                    metrics=_metrics(cand.gate),
+                )
+            )
+            self.promotions.labels("promoted").inc()
+        self.write_report(candidate_id)
+        self.services.bus.publish(
+            ModelPromoted(
+                model=cand.model, digest=cand.digest, previous=previous, approved_by=actor
+            )
+        )
+        self._fire("promoted", cand.model, cand.digest, previous)
+        return self.get(candidate_id)
+
+    def _promote_in_tx(self, cand: Candidate, actor: str) -> str | None:
+        current = self.registry.pointer(cand.model)
+        current_sha = current.sha256 if current else None
+        if current_sha and cand.parent and current_sha != cand.parent:
+            raise ConflictError(
+                f"candidate {cand.id} was evaluated against {cand.parent[:12]} but production "
+                f"of {cand.model} is now {current_sha[:12]}: its evidence is stale; reject it "
+                "and run a new patch (patchd patch)"
+            )
+        with self.services.store.write() as conn:
+            self._transition(conn, cand.id, "awaiting_approval", "promoted", actor)
+            self.registry.promote(cand.model, cand.digest, actor, expect=current_sha)
+        return current_sha
+
+    def reject(self, candidate_id: str, actor: str, reason: str = "") -> Candidate:
+        with self._lock:
+            cand = self._awaiting(candidate_id, "reject")
+            with self.services.store.write() as conn:
+                self._transition(conn, cand.id, "awaiting_approval", "rejected", actor, reason)
+            self.audit.append(
+                AuditEntry(
+                    actor,
+                    "rejected",
+                    cand.model,
+                    cand.digest,
+                    cand.id,
+                    metrics=_metrics(cand.gate),
+                    detail=reason,
+                )
+            )
+            self.promotions.labels("rejected").inc()
+        self.write_report(candidate_id)
+        return self.get(candidate_id)
+
+    def rollback(self, model: str, actor: str, digest: str | None = None) -> str:
+        """Production goes one step back; ``digest`` (optional) must be the current production."""
+        with self._lock:
+            current = self.registry.pointer(model)
+            if current is None:
+                raise NotFoundError("production model", model)
+            with self.services.store.write() as conn:
+                pointer = self.registry.rollback(model, actor, expect=digest)
+                conn.execute(
+                    "UPDATE candidates SET state = 'rolled_back', decided_by = ?, decided_at = ?,"
+                    " updated_at = ? WHERE model = ? AND digest = ? AND state = 'promoted'",
+                    (actor, time.time(), time.time(), model, current.sha256),
+                )
+            self.audit.append(
+                AuditEntry(actor, "rolled_back", model, pointer.sha256, previous=current.sha256)
+            )
+            self.promotions.labels("rolled_back").inc()
+        self.services.bus.publish(
+            ModelRolledBack(
+                model=model, digest=pointer.sha256, rolled_back_from=current.sha256, by=actor
+            )
+        )
+        self._fire("rolled_back", model, pointer.sha256, current.sha256)
+        return pointer.sha256
+
+    def _awaiting(self, candidate_id: str, verb: str) -> Candidate:
+        cand = self.get(candidate_id)
+        if cand.state == "awaiting_approval" and cand.expires_at and cand.expires_at <= time.time():
+            self._expire(cand)
+            cand = self.get(candidate_id)
+        if cand.state != "awaiting_approval":
+            hint = {
+                "promoted": "it was already promoted; an approval is used once",
+                "expired": "its approval window (gate.approval_ttl_s) passed; run a new patch",
+                "inconclusive": "inconclusive candidates are never promoted",
+                "fail": "it failed the gate",
+            }.get(cand.state, "only awaiting_approval candidates can be decided")
+            by = f" by {cand.decided_by}" if cand.decided_by else ""
+            raise ConflictError(
+                f"cannot {verb} candidate {candidate_id}: it is {cand.state}{by}; {hint}"
+            )
+        return cand
+
+    def _transition(
+        self,
+        conn: sqlite3.Connection,
+        cid: str,
+        old: str,
+        new: str,
+        actor: str,
+        note: str | None = None,
+    ) -> None:
+        now = time.time()
+        cur = conn.execute(
+            "UPDATE candidates SET state = ?, decided_by = ?, decided_at = ?, updated_at = ?, "
+            "note = coalesce(?, note) WHERE id = ? AND state = ?",
+            (new, actor, now, now, note, cid, old),
+        )
+        if cur.rowcount != 1:
+            raise ConflictError(f"candidate {cid} is no longer {old}; nothing changed")
+
+    def _expire(self, cand: Candidate) -> None:
+        with self._lock:
+            try:
+                with self.services.store.write() as conn:
+                    self._transition(conn, cand.id, "awaiting_approval", "expired", "gate:ttl")
+            except ConflictError:
+                return
+            self.audit.append(
+                AuditEntry(
+                    "gate:ttl",
+                    "expired",
+                    cand.model,
+                    cand.digest,
+                    cand.id,
+                    metrics=_metrics(cand.gate),
+                )
+            )
+            self.promotions.labels("expired").inc()
+        self.write_report(cand.id)
+
+    def _fire(self, event: str, model: str, digest: str, previous: str | None) -> None:
+        weights = self.registry.version_dir(model, digest) / "model.safetensors"
+        self.hooks.fire(HookEvent(event, model, digest, previous, weights))
+
+    # -- housekeeping ------------------------------------------------------------------------------------
+    def tick(self) -> None:
+        """Expire overdue approvals; garbage-collect old registry versions."""
+        now = time.time()
+        for cand in self.list(state="awaiting_approval", limit=10_000):
+            if cand.expires_at is not None and cand.expires_at <= now:
+                self._expire(cand)
+        keep = self.services.config.registry.keep_versions
+        for model in self.registry.models():
+            pending = {c.digest for s in PENDING for c in self.list(model, s, limit=10_000)}
+            self.registry.gc(model, keep, protect=frozenset(pending))
+
+    def reconcile(self) -> None:
+        """After a crash: a pointer switched without its commit, or an evaluation cut short."""
+        for cand in self.list(state="awaiting_approval", limit=10_000):
+            pointer = self.registry.pointer(cand.model)
+            if pointer and pointer.sha256 == cand.digest and pointer.action == "promote":
+                with self._lock, self.services.store.write() as conn:
+                    self._transition(
+                        conn,
+                        cand.id,
+                        "awaiting_approval",
+                        "promoted",
+                        pointer.approved_by,
+                        "reconciled after restart",
+                    )
+                self.audit.append(
+                    AuditEntry(
+                        pointer.approved_by,
+                        "promoted",
+                        cand.model,
+                        cand.digest,
+                        cand.id,
+                        pointer.previous,
+                        detail="reconciled after restart",
+                    )
+                )
+        for cand in self.list(state="evaluating", limit=10_000):
+            try:
+                self.evaluate_run(cand.run_id, cand.model)
+            except PatchdError as err:
+                log.error("re-evaluating candidate %s failed: %s", cand.id, err)
+
+
+def _evaluation_summary(evaluation: PairedEvaluation) -> dict[str, Any]:
+    data = json.loads(evaluation.to_json())
+    return {k: data[k] for k in ("class_names", "group_names", "incumbent", "candidate")}
+
+
+def _metrics(decision: GateDecision | None) -> dict[str, Any]:
+    if decision is None:
+        return {}
+    return {
+        "verdict": decision.verdict.value,
+        "worst_group_before": decision.incumbent_worst[1],
+        "worst_group_after": decision.candidate_worst[1],
+        "worst_group_delta": decision.worst_group_delta,
+        "worst_group_interval": list(decision.worst_group_interval),
+        "avg_before": decision.incumbent_avg,
+        "avg_after": decision.candidate_avg,
+        "avg_delta": decision.avg_delta,
+    }
+
+
+__all__ = ["STATES", "Candidate", "CandidatesComponent", "Verdict"]

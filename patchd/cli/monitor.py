@@ -1,0 +1,112 @@
+"""``patchd status``: serve's status and the per-(class, subgroup) table of the monitor.
+
+Reads ``GET /v1/status`` and ``GET /v1/groups`` through :class:`patchd.api_client.ApiClient`;
+``--watch`` redraws every few seconds, ``--json`` prints both documents as one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from patchd.cli.options import config_option
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
+    from patchd.config import Config
+
+STATE_STYLE = {"ok": "green", "warning": "yellow", "degraded": "bold red"}
+
+
+def fetch(config: Config) -> dict[str, Any]:
+    from patchd.api_client import ApiClient
+
+    with ApiClient.from_config(config) as client:
+        return {"status": client.get("/v1/status"), "groups": client.get("/v1/groups")}
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _accuracy(cell: dict[str, Any]) -> str:
+    if not cell["n"]:
+        return "-"
+    half = (cell["ci_high"] - cell["ci_low"]) / 2 if cell["ci_low"] is not None else 0.0
+    return f"{_pct(cell['accuracy'])} ± {100 * half:.1f}"
+
+
+def _drift(cell: dict[str, Any]) -> str:
+    return " ".join(f"{k[:4]}={v:.2f}" for k, v in sorted(cell["drift"].items())) or "-"
+
+
+def groups_table(groups: dict[str, Any]) -> RenderableType:
+    from rich.table import Table
+
+    worst = groups.get("worst_group_accuracy")
+    title = (
+        f"model {groups['model']}: {groups['n']} labeled events in the window, "
+        f"reference {groups['reference']}, worst-group accuracy {_pct(worst)}%"
+    )
+    table = Table(title=title, caption="drift: label-free signals, never accuracy")
+    for col in ("class", "group", "n", "accuracy % (± CI)", "ref %", "share %", "drift", "state"):
+        table.add_column(col, justify="right" if col in ("n", "ref %", "share %") else "left")
+    for c in groups["cells"]:
+        state = c["state"]
+        table.add_row(
+            c["class"],
+            c["group"],
+            str(c["n"]),
+            _accuracy(c),
+            _pct(c["reference_accuracy"]),
+            _pct(c["share"]) if c["class"] == "*" else "",
+            _drift(c),
+            f"[{STATE_STYLE.get(state, '')}]{state}[/]",
+        )
+    return table
+
+
+def status_view(doc: dict[str, Any]) -> RenderableType:
+    from rich.console import Group
+    from rich.text import Text
+
+    st = doc["status"]
+    store = st.get("store", {})
+    head = Text(
+        f"patchd {st.get('version', '?')} {st.get('state', '?')}, model {st.get('model', '?')}: "
+        f"{store.get('predictions', '?')} predictions, {store.get('labeled', '?')} labeled"
+    )
+    requests = doc["groups"].get("patch_requests") or []
+    tail = Text(
+        f"patch requests: {len(requests)}"
+        + (f", last: {requests[-1]['reason']}" if requests else "")
+    )
+    return Group(head, groups_table(doc["groups"]), tail)
+
+
+@click.command()
+@config_option
+@click.option("--watch", is_flag=True, help="Refresh until interrupted.")
+@click.option("--interval", default=2.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--json", "as_json", is_flag=True, help="Print /v1/status and /v1/groups as JSON.")
+def status(config: Config, watch: bool, interval: float, as_json: bool) -> None:
+    """Serve's status and the per-(class, subgroup) accuracy, drift and alert state."""
+    if as_json:
+        click.echo(json.dumps(fetch(config), indent=2))
+        return
+    from rich.console import Console
+
+    console = Console()
+    if not watch:
+        console.print(status_view(fetch(config)))
+        return
+    from rich.live import Live
+
+    with Live(status_view(fetch(config)), console=console, refresh_per_second=4) as live:
+        while True:
+            time.sleep(interval)
+            live.update(status_view(fetch(config)))

@@ -1,0 +1,150 @@
+"""``patchd worker``, ``patchd runs`` (list, show, cancel) and ``patchd patch`` (trigger now)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from patchd.cli.options import config_option
+
+if TYPE_CHECKING:
+    from patchd.config import Config
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def _request(config: Config, method: str, path: str, **kwargs: Any) -> Any:
+    """One API call; failures raise ApiError (a PatchdError: one clear line, exit 1)."""
+    from patchd.api_client import ApiClient
+
+    with ApiClient.from_config(config) as client:
+        return client.request(method, path, **kwargs).json()
+
+
+@click.command()
+@config_option
+@click.option("-q", "--queues", multiple=True, help="Queues to take (default: every patch queue).")
+@click.option("--burst", is_flag=True, help="Exit when the queues are empty.")
+def worker(config: Config, queues: tuple[str, ...], burst: bool) -> None:
+    """Run a patch worker (a forking RQ worker for the collect…evaluate stages)."""
+    from patchd.workers.worker import run_worker
+
+    logging.basicConfig(
+        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    run_worker(config, list(queues) or None, burst=burst)
+
+
+def _row(run: dict[str, Any]) -> tuple[str, ...]:
+    created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(run["created_at"]))
+    total = sum(run.get("stage_times", {}).values())
+    return (
+        run["id"],
+        run["model"],
+        run["state"],
+        run.get("stage") or "-",
+        created,
+        f"{total:.0f}s",
+        (run.get("error") or run.get("reason") or "")[:60],
+    )
+
+
+def print_runs(runs: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("run", "model", "state", "stage", "created (UTC)", "time", "error / reason")
+    for run in runs:
+        table.add_row(*_row(run))
+    Console().print(table)
+
+
+@click.group(invoke_without_command=True)
+@config_option
+@click.option("--model", default=None, help="Only runs of this model.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def runs(ctx: click.Context, config: Config, model: str | None, as_json: bool) -> None:
+    """List patch runs (subcommands: show, cancel)."""
+    ctx.obj = config
+    if ctx.invoked_subcommand is not None:
+        return
+    params = {"model": model} if model else {}
+    body = _request(config, "GET", "/v1/runs", params=params)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(body["runs"], indent=2))
+    else:
+        print_runs(body["runs"])
+
+
+@runs.command("show")
+@click.argument("run_id")
+@click.pass_obj
+def show(config: Config, run_id: str) -> None:
+    """Show one run as JSON."""
+    import json
+
+    click.echo(json.dumps(_request(config, "GET", f"/v1/runs/{run_id}"), indent=2))
+
+
+@runs.command("cancel")
+@click.argument("run_id")
+@click.pass_obj
+def cancel(config: Config, run_id: str) -> None:
+    """Cancel a run: queued stages are cancelled, the running one is stopped."""
+    body = _request(config, "POST", f"/v1/runs/{run_id}/cancel")
+    click.echo(f"run {body['id']}: {body['state']}")
+
+
+@click.command()
+@config_option
+@click.option("--reason", default="manual (patchd patch)", help="Recorded on the run.")
+@click.option("--miner", default=None)
+@click.option("--augmenter", default=None)
+@click.option("--trainer", default=None)
+@click.option("--epochs", type=int, default=None)
+@click.option(
+    "--wait", is_flag=True, help="Follow the run until it ends (exit 1 unless it succeeds)."
+)
+def patch(
+    config: Config,
+    reason: str,
+    miner: str | None,
+    augmenter: str | None,
+    trainer: str | None,
+    epochs: int | None,
+    wait: bool,
+) -> None:
+    """Trigger a patch run now."""
+    recipe: dict[str, Any] = {
+        k: v
+        for k, v in {"miner": miner, "augmenter": augmenter, "trainer": trainer}.items()
+        if v is not None
+    }
+    if epochs is not None:
+        recipe["budget"] = {"epochs": epochs}
+    body = _request(config, "POST", "/v1/runs", json={"reason": reason, "recipe": recipe or None})
+    click.echo(
+        f"run {body['id']} {body['state']}" + (f": {body['error']}" if body.get("error") else "")
+    )
+    if wait:
+        _follow(config, body)
+
+
+def _follow(config: Config, run: dict[str, Any]) -> None:
+    last = None
+    while run["state"] not in TERMINAL:
+        time.sleep(2)
+        run = _request(config, "GET", f"/v1/runs/{run['id']}")
+        shown = (run["state"], run.get("stage"))
+        if shown != last:
+            click.echo(f"  {run['state']:<10} {run.get('stage') or ''}")
+            last = shown
+    if run["state"] != "succeeded":
+        raise click.ClickException(f"run {run['id']} {run['state']}: {run.get('error')}")
+    click.echo(f"run {run['id']} succeeded: {run.get('result')}")

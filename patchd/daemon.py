@@ -1,0 +1,314 @@
+"""``patchd serve``: builds the services and components, serves the API, shuts down cleanly.
+
+Lifecycle (:class:`RunState`): ``created → starting → running → stopping → stopped``.
+
+Start: Redis (embedded when configured and nothing answers), the store, the ingest pipeline,
+:class:`~patchd.services.Services`, every component of :data:`patchd.components.COMPONENTS`
+(collectors and routers registered, then ``start()``), the scheduler, tail sources, then uvicorn.
+A listed component whose module does not exist yet is skipped with a warning (the team builds in
+parallel); one that exists but fails to import or build stops startup with an error naming it.
+
+Signals: the first SIGTERM/SIGINT is a warm shutdown (stop intake, let in-flight requests finish,
+flush the queue, stop components, close the store); a second one is cold (stop without waiting
+for queued writes; nothing unacknowledged was promised, and SQLite stays consistent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import importlib
+import importlib.util
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from apscheduler.schedulers.background import BackgroundScheduler
+from prometheus_client import CollectorRegistry
+
+from patchd.abc import Component
+from patchd.api.app import create_app
+from patchd.api.ingest import ingest_router
+from patchd.api.status import status_router
+from patchd.auth import TokenStore
+from patchd.components import COMPONENTS
+from patchd.config import Config
+from patchd.domain import EventBus
+from patchd.exceptions import PatchdError, PluginError
+from patchd.exporter import BuildInfoCollector, IngestCollector, metrics_router
+from patchd.ingest import IngestPipeline
+from patchd.services import Services
+from patchd.store.db import Store
+
+log = logging.getLogger(__name__)
+
+
+class RunState(enum.Enum):
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+_ALLOWED = {
+    RunState.CREATED: {RunState.STARTING, RunState.STOPPED},
+    RunState.STARTING: {RunState.RUNNING, RunState.STOPPING},
+    RunState.RUNNING: {RunState.STOPPING},
+    RunState.STOPPING: {RunState.STOPPED},
+    RunState.STOPPED: set(),
+}
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling (the daemon owns SIGTERM/SIGINT)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def component_class(target: str) -> type[Component] | None:
+    """Import ``module:Class``; None when the module does not exist (yet)."""
+    module_name, _, attr = target.partition(":")
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except ModuleNotFoundError:
+        spec = None
+    if spec is None:
+        return None
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:
+        raise PluginError(f"component {target}: import failed: {err!r}") from err
+    cls = getattr(module, attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, Component)):
+        raise PluginError(f"component {target}: {attr!r} is not a patchd.abc.Component subclass")
+    return cls
+
+
+class Daemon:
+    """One ``patchd serve`` process. ``run()`` blocks until shutdown and returns the exit code."""
+
+    def __init__(self, config: Config, environ: Mapping[str, str] | None = None) -> None:
+        self.config = config
+        self.environ = os.environ if environ is None else environ
+        self._state = RunState.CREATED
+        self._state_lock = threading.Lock()
+        self._signals = 0
+        self._cold = False
+        self.started_monotonic = time.monotonic()
+        self.services: Services = None  # type: ignore[assignment]  # set by start()
+        self.components: list[Component] = []
+        self.tailers: list[Any] = []
+        self.redis: Any = None  # EmbeddedRedis when serve started one
+        self._server: _Server | None = None
+
+    @property
+    def state(self) -> RunState:
+        return self._state
+
+    def _transition(self, new: RunState) -> None:
+        with self._state_lock:
+            if new not in _ALLOWED[self._state]:
+                raise RuntimeError(f"daemon cannot go from {self._state.value} to {new.value}")
+            log.info("serve state %s -> %s", self._state.value, new.value)
+            self._state = new
+
+    # -- run ---------------------------------------------------------------------------------
+    def run(self) -> int:
+        self._install_signals()
+        try:
+            self.start()
+            if self._signals == 0:
+                self._serve()
+        except PatchdError:
+            self.shutdown()
+            raise
+        except Exception:
+            log.exception("patchd serve crashed")
+            self._cold = True
+            self.shutdown()
+            return 1
+        self.shutdown()
+        return 0
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        name = signal.Signals(signum).name
+        if self._signals == 1:
+            log.info("%s: warm shutdown (stop intake, flush, close); send again for cold", name)
+            if self.services is not None:
+                self.services.ingest.stop_intake()
+        else:
+            log.warning("%s again: cold shutdown (queued writes are dropped)", name)
+            self._cold = True
+        if self._server is not None:
+            self._server.should_exit = True
+            self._server.force_exit = self._cold
+
+    # -- start -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._transition(RunState.STARTING)
+        config = self.config
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        redis_url = self._start_redis()
+        store = Store.open(config.store_path, synchronous=config.store.synchronous)
+        pipeline = IngestPipeline(config, store)
+        self.services = Services(
+            config=config,
+            store=store,
+            bus=EventBus(),
+            metrics=CollectorRegistry(auto_describe=True),
+            scheduler=BackgroundScheduler(
+                timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1}
+            ),
+            redis_url=redis_url,
+            ingest=pipeline,
+        )
+        pipeline.start()
+        self.components = self._build_components()
+        self.tailers = self._build_tailers()
+        self._build_app()
+        self._start_parts()
+        self._transition(RunState.RUNNING)
+
+    def _start_redis(self) -> str:
+        from patchd.redis_embedded import ensure_redis
+
+        self.redis, url = ensure_redis(self.config)
+        return url
+
+    def _build_components(self) -> list[Component]:
+        built: list[Component] = []
+        for target in COMPONENTS:
+            cls = component_class(target)
+            if cls is None:
+                log.warning("component %s skipped: its module does not exist yet", target)
+                continue
+            try:
+                component = cls(self.services)
+            except PatchdError:
+                raise
+            except Exception as err:
+                raise PluginError(f"component {target}: construction failed: {err!r}") from err
+            self.services.components[component.name] = component
+            for collector in component.collectors():
+                self.services.metrics.register(collector)
+            built.append(component)
+            log.info("component %s (%s) loaded", component.name, target)
+        return built
+
+    def _build_tailers(self) -> list[Any]:
+        if not self.config.sources.tail:
+            return []
+        from patchd.tailer import Tailer
+
+        return [
+            Tailer(source, self.config, self.services.ingest, self.services.store)
+            for source in self.config.sources.tail
+        ]
+
+    def _build_app(self) -> None:
+        services = self.services
+        services.metrics.register(IngestCollector(services.ingest))
+        services.metrics.register(BuildInfoCollector())
+        routers = [status_router(self), ingest_router(services.ingest)]
+        routers.append(metrics_router(services.metrics))
+        for component in self.components:
+            routers.extend(component.routers())
+        tokens = TokenStore.from_config(self.config, self.environ)
+        self.app = create_app(
+            routers,
+            allowed_hosts=self.config.api.allowed_hosts,
+            max_body_bytes=self.config.api.max_body_bytes,
+            state={"tokens": tokens, "services": services, "daemon": self},
+        )
+
+    def _start_parts(self) -> None:
+        from patchd.store.retention import Retention
+
+        for component in self.components:
+            component.start()
+        retention = Retention(self.config, self.services.store)
+        self.services.scheduler.add_job(
+            retention.run,
+            "interval",
+            seconds=self.config.store.retention_interval_s,
+            id="ingest:retention",
+            name="store retention",
+        )
+        self.services.scheduler.start()
+        for tailer in self.tailers:
+            tailer.start()
+
+    def _serve(self) -> None:
+        api = self.config.api
+        if api.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("the admin API listens on %s, not loopback: keep tokens secret", api.host)
+        uv_config = uvicorn.Config(
+            self.app,
+            host=api.host,
+            port=api.port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=15,
+            server_header=False,
+        )
+        self._server = _Server(uv_config)
+        log.info(
+            "serving the API on http://%s:%d (model %s)", api.host, api.port, self.config.model.name
+        )
+        self._server.run()
+        if not self._server.started and self._signals == 0:
+            raise PatchdError(f"the API could not listen on {api.host}:{api.port} (port in use?)")
+
+    # -- stop --------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Warm unless a second signal (or a crash) made it cold. Idempotent."""
+        if self._state in (RunState.STOPPED, RunState.STOPPING):
+            return
+        if self._state is RunState.CREATED:
+            self._transition(RunState.STOPPED)
+            return
+        self._transition(RunState.STOPPING)
+        services = self.services
+        if services is not None:
+            services.ingest.stop_intake()
+            for tailer in self.tailers:
+                tailer.stop()
+            self._flush()
+            services.ingest.stop(drain=not self._cold)
+            self._stop_components()
+            services.store.close()
+        if self.redis is not None:
+            self.redis.stop()
+        self._transition(RunState.STOPPED)
+
+    def _flush(self) -> None:
+        deadline = time.monotonic() + 60
+        while not self._cold and time.monotonic() < deadline:
+            if self.services.ingest.flush(timeout=0.2):
+                return
+
+    def _stop_components(self) -> None:
+        scheduler = self.services.scheduler
+        if scheduler.running:
+            scheduler.shutdown(wait=not self._cold)
+        for component in reversed(self.components):
+            try:
+                component.stop()
+            except Exception:
+                log.exception("component %s failed to stop", component.name)

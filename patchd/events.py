@@ -1,0 +1,508 @@
+"""Prediction events and labels (schema version 1, DESIGN §4.2): parsing and validation.
+
+A prediction event::
+
+    {"id": "r-1", "ts": "2026-11-23T10:00:00Z", "model": "skin", "model_version": "sha256:...",
+     "pred": 1, "probs": [0.1, 0.9], "groups": {"site": "B"},
+     "input": {"uri": "file:///srv/images/r-1.png"}, "embedding": null, "label": null}
+
+Required: ``id`` (string or integer) and ``pred`` (class index, or class name). ``model`` defaults
+to ``config.model.name`` and must equal it (a serve instance watches one model); ``ts`` (ISO 8601
+or unix seconds) defaults to the arrival time. Unknown top-level fields are ignored; ``schema``,
+when present, must be 1. A label is ``{"id": ..., "label": ..., "model"?: ...}``.
+
+``input`` is a ``file://`` URI or an absolute path that must resolve (symlinks followed) inside
+``sources.allowed_roots``, or ``{"base64": ...}`` (PNG/JPEG bytes), which is stored under
+``<artifacts>/inputs/<sha256>.<ext>`` and replaced by its file URI.
+
+Each invalid record raises :class:`~patchd.exceptions.ValidationError` with a reason code from
+:data:`REASONS`; callers turn it into a :class:`RecordError` and keep the other records.
+Records are ``NamedTuple``s (immutable, typed, and in the column order of the insert, so the
+writer hands them to ``executemany`` without copying: 1M events must not cost 1M dict copies).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import threading
+import time
+from array import array
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NamedTuple
+from urllib.parse import unquote, urlsplit
+
+import orjson
+
+from patchd.config import Config, GroupsConfig
+from patchd.exceptions import PathNotAllowedError, ValidationError
+
+REASONS = (
+    "malformed_json",
+    "missing_field",
+    "wrong_type",
+    "invalid_value",
+    "unknown_model",
+    "duplicate",
+    "path_not_allowed",
+    "too_large",
+    "queue_full",
+)
+MAX_ID_CHARS = 256
+MAX_EMBEDDING_DIMS = 8192
+MAX_GROUP_VALUE_CHARS = 64
+UNKNOWN_GROUP_VALUE = "unknown"
+NO_GROUPS_KEY = "all"
+_FLOAT32_MAX = 3.4e38
+_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"))
+
+
+class Prediction(NamedTuple):
+    """One validated prediction event, in the column order of ``predictions``."""
+
+    model: str
+    id: str
+    ts: float
+    model_version: str | None
+    pred: int
+    confidence: float | None
+    probs: bytes | None  # float32 array
+    group_key: str
+    groups: str  # JSON object of the capped attributes
+    input_uri: str | None
+    embedding: bytes | None  # float32 array
+    source: str
+    ingested_at: float
+    label: int | None
+
+
+class Label(NamedTuple):
+    model: str
+    id: str
+    label: int
+    received_at: float
+
+
+@dataclass(frozen=True)
+class RecordError:
+    """Why record ``index`` of a batch (0-based; the line in NDJSON and tail files) was rejected."""
+
+    index: int
+    reason: str
+    message: str
+
+
+def split_body(body: bytes, content_type: str = "") -> tuple[list[Any], list[RecordError]]:
+    """A JSON array, one JSON object, or NDJSON → (records, per-line errors).
+
+    A JSON array that does not parse is one ``malformed_json`` error for the whole body (index -1);
+    in NDJSON each bad line is its own error and the good lines are kept.
+    """
+    stripped = body.lstrip()
+    if stripped[:1] == b"[" and "ndjson" not in content_type:
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError as err:
+            return [], [RecordError(-1, "malformed_json", f"body is not valid JSON: {err}")]
+        if isinstance(parsed, list):
+            return parsed, []
+        return [parsed], []
+    return split_lines(body.split(b"\n"))
+
+
+def split_lines(lines: list[bytes], first_index: int = 0) -> tuple[list[Any], list[RecordError]]:
+    """Parse NDJSON lines; ``records[i]`` is line i (blank and bad lines are placeholders)."""
+    records: list[Any] = []
+    errors: list[RecordError] = []
+    loads = orjson.loads
+    for i, line in enumerate(lines, first_index):
+        if not line.strip():
+            records.append(_MALFORMED)  # keeps later indices equal to line numbers
+            continue
+        try:
+            records.append(loads(line))
+        except orjson.JSONDecodeError as err:
+            errors.append(
+                RecordError(i, "malformed_json", f"line {i + 1} is not valid JSON: {err}")
+            )
+            records.append(_MALFORMED)
+    return records, errors
+
+
+class _Malformed:
+    """Placeholder keeping indices aligned with the input for blank or unparsable lines."""
+
+
+_MALFORMED = _Malformed()
+PLACEHOLDER: object = _MALFORMED  # for callers that drop a record but keep indices aligned
+
+
+def is_malformed(record: object) -> bool:
+    return record is _MALFORMED
+
+
+class GroupCap:
+    """Maps an event's ``groups`` to bounded values: at most ``max_values`` per attribute.
+
+    Values are admitted first come, first served (or fixed by ``groups.values``); later new values
+    go to the overflow bucket (``other``). A missing attribute is ``unknown``. Thread-safe.
+    """
+
+    def __init__(self, config: GroupsConfig, admitted: dict[str, list[str]] | None = None) -> None:
+        self.attributes = tuple(config.attributes)
+        self.max_values = config.max_values
+        self.overflow = config.overflow
+        self._fixed = {a: frozenset(v) for a, v in config.values.items()}
+        self._admitted: dict[str, set[str]] = {a: set() for a in self.attributes}
+        for attr, values in (admitted or {}).items():
+            if attr in self._admitted and attr not in self._fixed:
+                self._admitted[attr].update(values[: self.max_values])
+        self._lock = threading.Lock()
+        self._memo: dict[tuple[str, ...], tuple[str, str]] = {}
+        self.version = 0  # bumped when a value is admitted (the pipeline persists the set)
+
+    def snapshot(self) -> dict[str, list[str]]:
+        with self._lock:
+            return {a: sorted(v) for a, v in self._admitted.items() if a not in self._fixed}
+
+    def key(self, groups: object) -> tuple[str, str]:
+        """``groups`` object → (group_key ``"a=x,b=y"``, JSON of the capped mapping)."""
+        if not self.attributes:
+            return NO_GROUPS_KEY, "{}"
+        if groups is None:
+            groups = {}
+        elif not isinstance(groups, dict):
+            raise ValidationError("wrong_type", "must be an object", field="groups")
+        raw = tuple(_group_value(a, groups.get(a)) for a in self.attributes)
+        found = self._memo.get(raw)
+        if found is None:
+            found = self._capped(raw)
+        return found
+
+    def _capped(self, raw: tuple[str, ...]) -> tuple[str, str]:
+        values = tuple(self._cap(a, v) for a, v in zip(self.attributes, raw, strict=True))
+        key = ",".join(f"{a}={v}" for a, v in zip(self.attributes, values, strict=True))
+        found = (key, orjson.dumps(dict(zip(self.attributes, values, strict=True))).decode())
+        if len(self._memo) > 50_000:
+            self._memo.clear()
+        self._memo[raw] = found
+        return found
+
+    def _cap(self, attr: str, value: str) -> str:
+        if value == UNKNOWN_GROUP_VALUE:
+            return value
+        fixed = self._fixed.get(attr)
+        if fixed is not None:
+            return value if value in fixed else self.overflow
+        admitted = self._admitted[attr]
+        if value in admitted:
+            return value
+        with self._lock:
+            if len(admitted) >= self.max_values:
+                return self.overflow
+            admitted.add(value)
+            self.version += 1
+            return value
+
+
+def _group_value(attr: str, value: object) -> str:
+    if value is None:
+        return UNKNOWN_GROUP_VALUE
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int):
+        text = str(value)
+    elif isinstance(value, float) and -_FLOAT32_MAX <= value <= _FLOAT32_MAX:
+        text = repr(value)
+    else:
+        raise ValidationError(
+            "wrong_type",
+            f"must be a string or number, got {type(value).__name__}",
+            field=f"groups.{attr}",
+        )
+    if len(text) > MAX_GROUP_VALUE_CHARS:
+        raise ValidationError(
+            "too_large", f"longer than {MAX_GROUP_VALUE_CHARS} characters", field=f"groups.{attr}"
+        )
+    if "," in text or "=" in text or not text:
+        raise ValidationError(
+            "invalid_value", f"{text!r} is empty or contains ',' or '='", field=f"groups.{attr}"
+        )
+    return text
+
+
+class EventParser:
+    """Validates schema-v1 dicts into :class:`Prediction` / :class:`Label` records."""
+
+    def __init__(self, config: Config, group_cap: GroupCap | None = None) -> None:
+        self.model = config.model.name
+        self.class_names = tuple(config.model.class_names)
+        self._class_index = {name: i for i, name in enumerate(self.class_names)}
+        self.n_classes = len(self.class_names)
+        self.groups_config = config.groups
+        self.groups = group_cap or GroupCap(config.groups)
+        self.roots = tuple(Path(r).resolve() for r in config.sources.allowed_roots)
+        self.inputs_dir = config.artifacts_root / "inputs"
+        self.max_inline_bytes = config.sources.max_inline_bytes
+
+    def prediction(self, obj: object, source: str, now: float | None = None) -> Prediction:
+        """Validate one event; raises :class:`ValidationError` naming the field and reason."""
+        if not isinstance(obj, dict):
+            raise ValidationError("wrong_type", f"an event must be an object, got {_kind(obj)}")
+        now = time.time() if now is None else now
+        schema = obj.get("schema")
+        if schema is not None and schema != 1:
+            raise ValidationError("invalid_value", f"unsupported schema {schema!r}", field="schema")
+        probs, confidence = self._probs(obj.get("probs"))
+        group_key, groups = self.groups.key(obj.get("groups"))
+        return Prediction(
+            self._model(obj.get("model")),
+            _ident(obj.get("id")),
+            _timestamp(obj.get("ts"), now),
+            _optional_str(obj.get("model_version"), "model_version", 128),
+            self._cls(obj.get("pred"), "pred", required=True),  # type: ignore[arg-type]
+            confidence,
+            probs,
+            group_key,
+            groups,
+            self._input(obj.get("input")),
+            _embedding(obj.get("embedding")),
+            source,
+            now,
+            self._cls(obj.get("label"), "label", required=False),
+        )
+
+    def label(self, obj: object, now: float | None = None) -> Label:
+        if not isinstance(obj, dict):
+            raise ValidationError("wrong_type", f"a label must be an object, got {_kind(obj)}")
+        return Label(
+            self._model(obj.get("model")),
+            _ident(obj.get("id")),
+            self._cls(obj.get("label"), "label", required=True),  # type: ignore[arg-type]
+            time.time() if now is None else now,
+        )
+
+    def _model(self, value: object) -> str:
+        if value is None or value == self.model:
+            return self.model
+        if not isinstance(value, str):
+            raise ValidationError(
+                "wrong_type", f"must be a string, got {_kind(value)}", field="model"
+            )
+        raise ValidationError(
+            "unknown_model",
+            f"{value[:64]!r} is not the model this serve watches ({self.model!r}); "
+            "run one serve per model or fix model.name in the config",
+            field="model",
+        )
+
+    def _cls(self, value: object, field: str, *, required: bool) -> int | None:
+        if type(value) is int:
+            if 0 <= value < self.n_classes:
+                return value
+            raise ValidationError(
+                "invalid_value", f"class index {value} outside 0..{self.n_classes - 1}", field=field
+            )
+        if value is None:
+            if required:
+                raise ValidationError("missing_field", "is required", field=field)
+            return None
+        if isinstance(value, str):
+            index = self._class_index.get(value)
+            if index is None:
+                raise ValidationError(
+                    "invalid_value", f"{value[:64]!r} is not one of {self.class_names}", field=field
+                )
+            return index
+        raise ValidationError(
+            "wrong_type", f"must be a class index or name, got {_kind(value)}", field=field
+        )
+
+    def _probs(self, value: object) -> tuple[bytes | None, float | None]:
+        if value is None:
+            return None, None
+        floats = _floats(value, "probs", MAX_EMBEDDING_DIMS)
+        if len(floats) != self.n_classes:
+            raise ValidationError(
+                "invalid_value",
+                f"has {len(floats)} values, expected {self.n_classes}",
+                field="probs",
+            )
+        top = max(floats)
+        if min(floats) < 0.0 or top > 1.0:
+            raise ValidationError(
+                "invalid_value", "probabilities must lie in [0, 1]", field="probs"
+            )
+        return array("f", floats).tobytes(), top
+
+    def _input(self, value: object) -> str | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return self._local_uri(value)
+        if not isinstance(value, dict):
+            raise ValidationError(
+                "wrong_type", f"must be an object, got {_kind(value)}", field="input"
+            )
+        if "base64" in value:
+            return self._store_inline(value["base64"])
+        uri = value.get("uri", value.get("path"))
+        if not isinstance(uri, str):
+            raise ValidationError("missing_field", "needs 'uri' or 'base64'", field="input")
+        return self._local_uri(uri)
+
+    def _local_uri(self, uri: str) -> str:
+        path = resolve_input_path(uri)
+        check_inside(path, self.roots, uri)
+        return path.as_uri()
+
+    def _store_inline(self, data: object) -> str:
+        if not isinstance(data, str):
+            raise ValidationError("wrong_type", "must be a base64 string", field="input.base64")
+        if len(data) > self.max_inline_bytes * 4 // 3 + 4:
+            raise ValidationError(
+                "too_large",
+                f"inline input over {self.max_inline_bytes} bytes",
+                field="input.base64",
+            )
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValidationError(
+                "invalid_value", "not valid base64", field="input.base64"
+            ) from None
+        ext = next((e for magic, e in _IMAGE_MAGIC if raw.startswith(magic)), None)
+        if ext is None:
+            raise ValidationError("invalid_value", "not a PNG or JPEG image", field="input.base64")
+        path = self.inputs_dir / f"{hashlib.sha256(raw).hexdigest()}.{ext}"
+        if not path.exists():
+            write_atomic(path, raw)
+        return path.as_uri()
+
+
+def resolve_input_path(uri: str) -> Path:
+    """``file://`` URI or absolute path → resolved path (symlinks followed). Other schemes fail."""
+    if "\x00" in uri:
+        raise ValidationError("invalid_value", "contains a NUL byte", field="input")
+    if uri.startswith("file:"):
+        parts = urlsplit(uri)
+        if parts.netloc not in ("", "localhost"):
+            raise ValidationError("invalid_value", f"remote file URI {uri[:200]!r}", field="input")
+        text = unquote(parts.path)
+    elif "://" in uri:
+        raise ValidationError(
+            "invalid_value",
+            f"only file:// URIs and local paths are accepted, got {uri[:200]!r}",
+            field="input",
+        )
+    else:
+        text = uri
+    if not text.startswith("/") or "\x00" in text:
+        raise ValidationError(
+            "invalid_value", f"{text[:200]!r} is not an absolute path", field="input"
+        )
+    return Path(os.path.realpath(text))
+
+
+def check_inside(path: Path, roots: tuple[Path, ...], shown: str) -> None:
+    """Raise :class:`PathNotAllowedError` unless the resolved ``path`` lies inside a root."""
+    if not any(path.is_relative_to(root) for root in roots):
+        raise PathNotAllowedError(shown[:200], [str(r) for r in roots])
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temp file, fsync, rename into place, fsync the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _kind(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _ident(value: object) -> str:
+    if isinstance(value, str):
+        if 0 < len(value) <= MAX_ID_CHARS:
+            return value
+        if not value:
+            raise ValidationError("invalid_value", "must not be empty", field="id")
+        raise ValidationError("too_large", f"longer than {MAX_ID_CHARS} characters", field="id")
+    if type(value) is int:
+        return str(value)
+    if value is None:
+        raise ValidationError("missing_field", "is required", field="id")
+    raise ValidationError("wrong_type", f"must be a string, got {_kind(value)}", field="id")
+
+
+def _timestamp(value: object, now: float) -> float:
+    if value is None:
+        return now
+    if type(value) is float or type(value) is int:
+        ts = float(value) if -1e18 < value < 1e18 else -1.0  # type: ignore[operator]
+    elif isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValidationError(
+                "invalid_value", f"{value[:64]!r} is not ISO 8601", field="ts"
+            ) from None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        ts = parsed.timestamp()
+    else:
+        raise ValidationError(
+            "wrong_type", f"must be ISO 8601 or a number, got {_kind(value)}", field="ts"
+        )
+    if not (0.0 < ts < 32503680000.0):  # 1970 .. 3000
+        raise ValidationError("invalid_value", f"{value!r} is out of range", field="ts")
+    return ts
+
+
+def _optional_str(value: object, field: str, limit: int) -> str | None:
+    if value is None or (isinstance(value, str) and len(value) <= limit):
+        return value
+    if isinstance(value, str):
+        raise ValidationError("too_large", f"longer than {limit} characters", field=field)
+    raise ValidationError("wrong_type", f"must be a string, got {_kind(value)}", field=field)
+
+
+def _floats(value: object, field: str, limit: int) -> list[float]:
+    if not isinstance(value, list):
+        raise ValidationError(
+            "wrong_type", f"must be a list of numbers, got {_kind(value)}", field=field
+        )
+    if len(value) > limit:
+        raise ValidationError("too_large", f"more than {limit} values", field=field)
+    out: list[float] = []
+    for v in value:
+        if type(v) is not float and type(v) is not int:
+            raise ValidationError(
+                "wrong_type", f"must contain numbers, got {_kind(v)}", field=field
+            )
+        if not -_FLOAT32_MAX <= v <= _FLOAT32_MAX:  # also false for NaN
+            raise ValidationError(
+                "invalid_value", "contains a non-finite or out-of-float32-range value", field=field
+            )
+        out.append(float(v))
+    return out
+
+
+def _embedding(value: object) -> bytes | None:
+    if value is None:
+        return None
+    floats = _floats(value, "embedding", MAX_EMBEDDING_DIMS)
+    return array("f", floats).tobytes()

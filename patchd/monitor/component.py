@@ -1,0 +1,163 @@
+"""``MonitorComponent``: the monitor inside ``patchd serve``.
+
+- an apscheduler interval job (``monitor.interval_s``, coalesce, max_instances=1, so a slow tick
+  is skipped rather than piled up) runs :meth:`ModelMonitor.tick` and publishes its domain events;
+- ``GroupDegraded`` (and ``GroupWarning`` when ``trigger.on`` lists "warning") go to
+  :func:`patchd.monitor.trigger.request_patch`;
+- ``ModelPromoted`` resets the reference (to the new version's evaluation when the registry has
+  one, else re-learned from the new model's first labeled events);
+- a scrape-time collector (:mod:`patchd.monitor.metrics`) and ``GET /v1/groups``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from patchd.abc import Component
+from patchd.domain import DomainEvent, GroupDegraded, GroupWarning, ModelPromoted
+from patchd.monitor import reference as refmod
+from patchd.monitor.engine import ModelMonitor, MonitorSnapshot
+from patchd.monitor.trigger import patch_requests, request_patch
+
+if TYPE_CHECKING:
+    from fastapi import APIRouter
+    from prometheus_client.registry import Collector
+
+    from patchd.services import Services
+
+log = logging.getLogger(__name__)
+
+JOB_ID = "monitor-tick"
+
+
+class MonitorComponent(Component):
+    name = "monitor"
+
+    def __init__(self, services: Services) -> None:
+        super().__init__(services)
+        self.model = services.config.model.name
+        self.engine = ModelMonitor(services.config, self.model)
+        self._promoted: ModelPromoted | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def snapshot(self) -> MonitorSnapshot | None:
+        return self.engine.snapshot
+
+    def routers(self) -> Sequence[APIRouter]:
+        from patchd.monitor.api import groups_router
+
+        return [groups_router(self.model, lambda: self.snapshot, self._requests)]
+
+    def collectors(self) -> Iterable[Collector]:
+        from patchd.monitor.metrics import MonitorCollector
+
+        classes = list(self.services.config.model.class_names)
+        return [
+            MonitorCollector(
+                self.model, classes, lambda: list(self.engine.groups.names), lambda: self.snapshot
+            )
+        ]
+
+    def start(self) -> None:
+        bus = self.services.bus
+        bus.subscribe(GroupDegraded, self._on_degraded)
+        if "warning" in self.services.config.trigger.on:
+            bus.subscribe(GroupWarning, self._on_degraded)
+        bus.subscribe(ModelPromoted, self._on_promoted)
+        self.services.scheduler.add_job(
+            self.tick,
+            "interval",
+            seconds=self.services.config.monitor.interval_s,
+            id=JOB_ID,
+            replace_existing=True,
+            coalesce=True,
+            max_instances=1,
+            misfire_grace_time=None,
+            next_run_time=dt.datetime.now(dt.UTC),
+        )
+
+    def stop(self) -> None:
+        scheduler = self.services.scheduler
+        if scheduler.get_job(JOB_ID) is not None:
+            scheduler.remove_job(JOB_ID)
+
+    def tick(self) -> MonitorSnapshot:
+        """One monitor pass (the scheduler job; tests may call it directly)."""
+        with self._lock:
+            self._apply_promotion()
+            snap, events = self.engine.tick(self.services.store)
+        for event in events:
+            _log_event(event)
+            self.services.bus.publish(event)
+        log.debug(
+            "model=%s: tick %.3fs, %d labeled events in window",
+            self.model,
+            snap.tick_seconds,
+            snap.n,
+        )
+        return snap
+
+    def _on_degraded(self, event: GroupDegraded | GroupWarning) -> None:
+        if event.model != self.model:
+            return
+        kind = "degraded" if isinstance(event, GroupDegraded) else "warning"
+        if kind not in self.services.config.trigger.on:
+            return
+        detail = (
+            f"accuracy {event.accuracy:.3f} vs reference {event.reference:.3f}, n={event.n}"
+            if isinstance(event, GroupDegraded)
+            else event.reason
+        )
+        request_patch(
+            self.services,
+            event.model,
+            f"group {kind}: class={event.cls} group={event.group} ({detail})",
+        )
+
+    def _on_promoted(self, event: ModelPromoted) -> None:
+        if event.model == self.model:
+            self._promoted = event  # applied by the next tick, in the tick's thread
+
+    def _apply_promotion(self) -> None:
+        event, self._promoted = self._promoted, None
+        if event is None:
+            return
+        evaluation = _production_evaluation(self.services, self.model)
+        ref = refmod.from_evaluation(self.model, evaluation, event.ts) if evaluation else None
+        self.engine.set_reference(ref or refmod.Learning(self.model, event.ts), self.services.store)
+        log.info(
+            "model=%s: promotion of %s resets the monitor reference (%s)",
+            self.model,
+            event.digest[:12],
+            "evaluation" if ref else "re-learning",
+        )
+
+    def _requests(self) -> list[dict[str, Any]]:
+        with self.services.store.read() as conn:
+            return [r for r in patch_requests(conn) if r["model"] == self.model]
+
+
+def _production_evaluation(services: Services, model: str) -> dict[str, Any] | None:
+    """The promoted version's evaluation cells (candidate side of a paired evaluation), if any."""
+    try:
+        from patchd.registry import Registry
+
+        version = Registry(services.config.registry_root).production(model, verify=False)
+    except Exception as err:  # a broken registry must not stop the monitor
+        log.warning("model=%s: cannot read the registry for the new reference: %s", model, err)
+        return None
+    evaluation = version.manifest.evaluation if version is not None else None
+    if not isinstance(evaluation, dict):
+        return None
+    candidate = evaluation.get("candidate")
+    return candidate if isinstance(candidate, dict) and "cells" in candidate else evaluation
+
+
+def _log_event(event: DomainEvent) -> None:
+    fields = {k: v for k, v in vars(event).items() if k != "ts"}
+    log.info("%s %s", type(event).__name__, " ".join(f"{k}={v}" for k, v in fields.items()))

@@ -1,0 +1,305 @@
+"""One model's monitor: window, reference, alert policy and drift, advanced by :meth:`tick`.
+
+A tick reads the events labeled since the last tick, advances every row's sequential test over
+them (in label order), recomputes the window's cell statistics and the label-free drift, and
+returns a frozen :class:`MonitorSnapshot` plus the domain events to publish. It never raises for
+bad data; store errors propagate to the scheduler job, which logs them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from patchd.config import Config
+from patchd.domain import DomainEvent, DriftDetected
+from patchd.monitor import reference as refmod
+from patchd.monitor.cells import CellStats, WindowStats, class_count, group_shares, window_stats
+from patchd.monitor.drift import DriftResult, all_drift
+from patchd.monitor.groups import ALL, GroupSpace
+from patchd.monitor.policy import AlertPolicy, Thresholds
+from patchd.monitor.reference import Learning, Reference
+from patchd.monitor.window import (
+    Cursor,
+    GroupIndex,
+    LabeledEvents,
+    Traffic,
+    Window,
+    fetch_labeled,
+    fetch_traffic,
+    newest_cursor_before,
+)
+
+if TYPE_CHECKING:
+    from patchd.store.db import Store
+
+log = logging.getLogger(__name__)
+
+FETCH_LIMIT = 200_000  # labeled events read per query (a tick loops until it has them all)
+
+
+@dataclass(frozen=True)
+class CellReport:
+    stats: CellStats
+    reference_accuracy: float | None  # the frozen reference's point estimate (None: no reference)
+    threshold: float  # in-control accuracy p0 the sequential test compares against
+    state: str  # ok | warning | degraded
+    evidence: float  # the CUSUM statistic (alarm at MonitorSnapshot.alarm_threshold)
+
+
+@dataclass(frozen=True)
+class MonitorSnapshot:
+    model: str
+    ts: float
+    n: int  # labeled events in the window (current model only)
+    reference: str  # "learning (k/N)" | "window" | "evaluation"
+    cells: tuple[CellReport, ...]
+    worst_group_accuracy: float | None
+    worst_cell: tuple[str, str] | None
+    shares: dict[str, float]  # subgroup -> share of recent traffic (label-free)
+    drift: tuple[DriftResult, ...]
+    alarm_threshold: float
+    tick_seconds: float = 0.0
+
+
+@dataclass
+class ModelMonitor:
+    config: Config
+    model: str
+    groups: GroupIndex = field(init=False)
+    window: Window = field(init=False)
+    policy: AlertPolicy = field(init=False)
+    cursor: Cursor | None = None
+    reference: Reference | Learning | None = None
+    learned: LabeledEvents = field(default_factory=LabeledEvents.empty)
+    drifting: set[tuple[str, str]] = field(default_factory=set)
+    snapshot: MonitorSnapshot | None = None
+
+    def __post_init__(self) -> None:
+        m = self.config.monitor
+        self.groups = GroupIndex(GroupSpace.from_config(self.config.groups))
+        self.window = Window(m.window, m.window_seconds)
+        self.policy = AlertPolicy(self.model, m)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.config.model.class_names)
+
+    @property
+    def epoch(self) -> float:
+        return self.reference.epoch_ts if self.reference is not None else float("-inf")
+
+    def tick(
+        self, store: Store, now: float | None = None
+    ) -> tuple[MonitorSnapshot, list[DomainEvent]]:
+        started = time.perf_counter()
+        now = time.time() if now is None else now
+        with store.read() as conn:
+            if self.reference is None:
+                self.reference = refmod.load(conn, self.model) or Learning(
+                    self.model, float("-inf")
+                )
+                self._register_reference_groups()
+            if self.cursor is None:
+                self.cursor = newest_cursor_before(conn, self.model, self.config.monitor.window)
+            new = self._fetch_new(conn)
+            traffic = fetch_traffic(
+                conn, self.model, self.config.monitor.drift_window, self.groups, self.epoch
+            )
+        snapshot, events = self.advance(new, traffic, now, store)
+        self.snapshot = snapshot = _timed(snapshot, time.perf_counter() - started)
+        return snapshot, events
+
+    def _fetch_new(self, conn) -> LabeledEvents:  # noqa: ANN001
+        batches = []
+        while True:
+            batch, self.cursor = fetch_labeled(
+                conn, self.model, self.cursor, FETCH_LIMIT, self.groups
+            )
+            batches.append(batch)
+            if len(batch) < FETCH_LIMIT:
+                break
+        out = LabeledEvents.empty()
+        for b in batches:
+            out = LabeledEvents.concat(out, b)
+        return out
+
+    def advance(
+        self, new: LabeledEvents, traffic: Traffic, now: float, store: Store | None = None
+    ) -> tuple[MonitorSnapshot, list[DomainEvent]]:
+        """The store-free part of a tick (the bench and unit tests drive it directly)."""
+        self.window.append(new, now)
+        current = new.take(new.ts >= self.epoch) if len(new) else new
+        if isinstance(self.reference, Learning | None):
+            self._learn(current, traffic, store)
+        ref = self.reference if isinstance(self.reference, Reference) else None
+        th = self._thresholds(ref)
+        transitions = self.policy.observe(current, th, self.classes, self.groups.names)
+        stats = window_stats(
+            self.window.since(self.epoch),
+            self.classes,
+            self.groups.names,
+            self.config.monitor.n_min,
+            self.config.monitor.confidence,
+        )
+        events = self.policy.events(transitions, stats, ref)
+        drift = (
+            all_drift(ref, traffic, self.groups.names, len(self.classes), self.config.monitor)
+            if ref
+            else ()
+        )
+        events.extend(self._drift_events(drift, traffic, ref))
+        return self._snapshot(stats, th, ref, traffic, drift, now), events
+
+    def _thresholds(self, ref: Reference | None) -> Thresholds:
+        k = max(len(self.classes), class_count(self.window.events, self.classes))
+        return self.policy.thresholds(ref, self.classes, self.groups.names, k)
+
+    def _learn(self, current: LabeledEvents, traffic: Traffic, store: Store | None) -> None:
+        need = self.config.monitor.reference_window
+        self.learned = LabeledEvents.concat(self.learned, current)
+        if len(self.learned) < need:
+            return
+        base = self.learned.take(slice(0, need))
+        stats = window_stats(
+            base,
+            self.classes,
+            self.groups.names,
+            self.config.monitor.n_min,
+            self.config.monitor.confidence,
+        )
+        profiles = refmod.profiles_from(traffic, self.groups.names, len(self.classes))
+        epoch = self.reference.epoch_ts if self.reference is not None else float("-inf")
+        self.set_reference(refmod.from_window(self.model, stats, epoch, profiles), store)
+
+    def set_reference(self, state: Reference | Learning, store: Store | None) -> None:
+        """Freeze a new reference (or start learning one); every row's test restarts."""
+        self.reference = state
+        self.learned = LabeledEvents.empty()
+        self.policy.reset()
+        self.drifting.clear()
+        self._register_reference_groups()
+        if store is not None:
+            with store.write() as conn:
+                refmod.save(conn, state)
+        log.info(
+            "model=%s: reference %s (epoch %.3f)",
+            self.model,
+            state.source if isinstance(state, Reference) else "learning",
+            state.epoch_ts,
+        )
+
+    def _register_reference_groups(self) -> None:
+        if isinstance(self.reference, Reference):
+            for name in {c.group for c in self.reference.cells} | {
+                p.group for p in self.reference.profiles
+            }:
+                if name in self.groups.names or self.groups.space.canonical(name) == name:
+                    self.groups.code(name)
+
+    def _drift_events(
+        self, drift: tuple[DriftResult, ...], traffic: Traffic, ref: Reference | None
+    ) -> list[DomainEvent]:
+        out: list[DomainEvent] = []
+        now_drifting = {(d.group, d.feature) for d in drift if d.drifted}
+        for d in drift:
+            if d.drifted and (d.group, d.feature) not in self.drifting:
+                out.append(
+                    DriftDetected(
+                        model=self.model,
+                        group=d.group,
+                        feature=d.feature,
+                        score=d.score,
+                        method=d.method,
+                    )
+                )
+        self.drifting = now_drifting
+        drop = self.config.monitor.warning_confidence_drop
+        for code, group in enumerate(self.groups.names):
+            current = _mean_confidence(traffic, code)
+            warning = self.policy.set_warning(
+                group, _warning_reason(group, drift, current, ref, drop)
+            )
+            if warning is not None:
+                out.append(warning)
+        return out
+
+    def _snapshot(
+        self,
+        stats: WindowStats,
+        th: Thresholds,
+        ref: Reference | None,
+        traffic: Traffic,
+        drift: tuple[DriftResult, ...],
+        now: float,
+    ) -> MonitorSnapshot:
+        rows = []
+        for c in stats.cells:
+            refcell = ref.cell(c.cls, c.group) if ref is not None else None
+            st = self.policy.rows.get((c.cls, c.group))
+            rows.append(
+                CellReport(
+                    stats=c,
+                    reference_accuracy=refcell.accuracy if refcell is not None else None,
+                    threshold=_p0(th, c, self.classes, self.groups.names),
+                    state=self.policy.state((c.cls, c.group)),
+                    evidence=st.evidence if st else 0.0,
+                )
+            )
+        return MonitorSnapshot(
+            model=self.model,
+            ts=now,
+            n=stats.n,
+            reference=self._reference_label(),
+            cells=tuple(rows),
+            worst_group_accuracy=stats.worst_group_accuracy,
+            worst_cell=stats.worst_cell,
+            shares=group_shares(traffic.group, self.groups.names),
+            drift=drift,
+            alarm_threshold=self.policy.alarm_h,
+        )
+
+    def _reference_label(self) -> str:
+        if isinstance(self.reference, Reference):
+            return self.reference.source
+        return f"learning ({len(self.learned)}/{self.config.monitor.reference_window})"
+
+
+def _p0(th: Thresholds, c: CellStats, classes: list[str], groups: list[str]) -> float:
+    gi = groups.index(c.group)
+    if c.cls == ALL:
+        return float(th.p0[:, gi].min())
+    ki = classes.index(c.cls) if c.cls in classes else int(c.cls)
+    return float(th.p0[ki, gi])
+
+
+def _mean_confidence(traffic: Traffic, code: int) -> float:
+    conf = traffic.confidence[traffic.group == code]
+    conf = conf[~np.isnan(conf)]
+    return float(conf.mean()) if len(conf) else float("nan")
+
+
+def _warning_reason(
+    group: str, drift: tuple[DriftResult, ...], current: float, ref: Reference | None, drop: float
+) -> str | None:
+    """Drift of the group's label-free signals together with a confidence drop, else None."""
+    if ref is None:
+        return None
+    drifted = sorted(d.feature for d in drift if d.group == group and d.drifted)
+    profile = ref.profile(group)
+    if not drifted or profile is None or np.isnan(current):
+        return None
+    fall = profile.mean_confidence - current
+    if fall < drop:
+        return None
+    return f"{'+'.join(drifted)} drift and mean confidence down {fall:.2f}"
+
+
+def _timed(s: MonitorSnapshot, seconds: float) -> MonitorSnapshot:
+    from dataclasses import replace
+
+    return replace(s, tick_seconds=seconds)

@@ -1,0 +1,235 @@
+"""The alert policy: which cells are degraded, warned or fine, with hysteresis and cooldown.
+
+- **Degraded**: a Bernoulli CUSUM per row (every class x group cell and each group's pooled row,
+  whose events use their own cell's parameters) tests H0 "accuracy >= p0" against
+  H1 "accuracy = p0 - m * margin" (one chart per m in 1, 2, 4: a multi-chart CUSUM), where
+  ``p0 = max(accuracy_floor, lower bound of the reference)``. The lower bound is one-sided at
+  ``monitor.confidence`` so an uncertain reference cannot cause alarms. The threshold keeps the
+  false-alarm probability of *all* rows within ``1 - confidence`` over ``monitor.horizon_events``
+  labeled events, under a look every tick (:mod:`patchd.monitor.sequential`).
+- **Recovered** (hysteresis): once degraded, an upward CUSUM tests "accuracy = p1" against
+  "accuracy = p1 + recover_margin"; it must cross its own threshold before the row is ok again.
+- **Cooldown**: a row that degrades again within ``cooldown_s`` of its last published
+  :class:`~patchd.domain.GroupDegraded` is shown degraded but publishes nothing (no new trigger).
+- **Warning**: label-free; a group whose predictions, confidences or embeddings drift *and* whose
+  mean confidence fell by ``warning_confidence_drop`` is in warning (never counted as accuracy).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from patchd.config import MonitorConfig
+from patchd.domain import DomainEvent, GroupDegraded, GroupRecovered, GroupWarning
+from patchd.monitor import sequential
+from patchd.monitor.cells import CellStats, WindowStats, class_name
+from patchd.monitor.groups import ALL
+from patchd.monitor.reference import Reference
+from patchd.monitor.window import LabeledEvents
+
+log = logging.getLogger(__name__)
+
+OK, WARNING, DEGRADED = "ok", "warning", "degraded"
+STATES = (OK, WARNING, DEGRADED)
+RowKey = tuple[str, str]  # (class name or "*", group)
+
+
+@dataclass
+class RowState:
+    degraded: bool = False
+    s: np.ndarray = field(default_factory=lambda: np.zeros(len(sequential.CHART_MULTIPLIERS)))
+    u: float = 0.0  # recovery CUSUM (while degraded)
+    since: float = 0.0  # when the row entered its current state
+    last_published: float = float("-inf")  # last GroupDegraded published for this row
+    warning: str | None = None  # reason, when the label-free signals warn
+
+    @property
+    def evidence(self) -> float:
+        """The statistic heading for its threshold (recovery while degraded)."""
+        return self.u if self.degraded else float(self.s.max())
+
+    @property
+    def state(self) -> str:
+        return DEGRADED if self.degraded else WARNING if self.warning else OK
+
+
+@dataclass(frozen=True)
+class Transition:
+    row: RowKey
+    degraded: bool  # True: became degraded; False: recovered
+    ts: float  # labeled_at of the event that decided it
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    p0: np.ndarray  # [K, G] in-control accuracy per cell
+    p1: np.ndarray  # [K, G] degraded level (p0 - margin)
+    charts: np.ndarray  # [C, K, G] the alternatives of the degradation charts
+    p_up: np.ndarray  # [K, G] recovery alternative
+
+
+@dataclass
+class AlertPolicy:
+    model: str
+    config: MonitorConfig
+    rows: dict[RowKey, RowState] = field(default_factory=dict)
+
+    @property
+    def alarm_h(self) -> float:
+        c = self.config
+        return sequential.alarm_threshold(c.confidence, c.horizon_events)
+
+    @property
+    def release_h(self) -> float:
+        return sequential.release_threshold(self.config.confidence)
+
+    def reset(self) -> None:
+        self.rows.clear()
+
+    def row(self, key: RowKey) -> RowState:
+        found = self.rows.get(key)
+        if found is None:
+            found = self.rows[key] = RowState()
+        return found
+
+    def thresholds(
+        self, ref: Reference | None, classes: list[str], groups: list[str], k: int
+    ) -> Thresholds:
+        c = self.config
+        p0 = np.full((k, len(groups)), c.accuracy_floor, dtype=np.float64)
+        if ref is not None:
+            for ki in range(k):
+                for gi, group in enumerate(groups):
+                    cell = ref.cell(class_name(ki, classes), group)
+                    if cell is not None:
+                        p0[ki, gi] = max(c.accuracy_floor, cell.lower_bound(c.confidence))
+        p0 = np.clip(p0, 2 * sequential.P_MIN, sequential.P_MAX)
+        margin = max(c.margin, 0.01)
+        charts = np.stack(
+            [np.maximum(p0 - m * margin, sequential.P_MIN) for m in sequential.CHART_MULTIPLIERS]
+        )
+        p1 = charts[0]
+        p_up = np.minimum(p1 + max(c.recover_margin, 0.01), sequential.P_MAX)
+        return Thresholds(p0, p1, charts, p_up)
+
+    def observe(
+        self, ev: LabeledEvents, th: Thresholds, classes: list[str], groups: list[str]
+    ) -> list[Transition]:
+        """Advance every row's statistics over new events (label order); return the transitions."""
+        if len(ev) == 0:
+            return []
+        correct = ev.pred == ev.label
+        down = np.stack([self._llr(correct, ev, th.p0, alt) for alt in th.charts])
+        up = self._llr(correct, ev, th.p1, th.p_up)
+        out: list[Transition] = []
+        k = th.p0.shape[0]
+        code = ev.label * len(groups) + ev.group
+        for key, index in _row_indices(code, ev.group, k, len(groups), classes, groups):
+            out.extend(self._advance(key, down[:, index], up[index], ev.labeled_at[index]))
+        return out
+
+    @staticmethod
+    def _llr(correct: np.ndarray, ev: LabeledEvents, h0: np.ndarray, h1: np.ndarray) -> np.ndarray:
+        w_ok, w_bad = sequential.llr_weights(h0[ev.label, ev.group], h1[ev.label, ev.group])
+        return np.where(correct, w_ok, w_bad)
+
+    def _advance(
+        self, key: RowKey, down: np.ndarray, up: np.ndarray, ts: np.ndarray
+    ) -> list[Transition]:
+        st, out, i = self.row(key), [], 0
+        while i < len(up):
+            if not st.degraded:
+                st.s, hit = sequential.run_charts_until_alarm(st.s, down[:, i:], self.alarm_h)
+            else:
+                st.u, hit = sequential.run_until_alarm(st.u, up[i:], self.release_h)
+            if hit < 0:
+                break
+            i += hit + 1
+            st.degraded, st.u, st.since = not st.degraded, 0.0, float(ts[i - 1])
+            st.s = np.zeros_like(st.s)
+            out.append(Transition(key, st.degraded, float(ts[i - 1])))
+        return out
+
+    def events(
+        self, transitions: list[Transition], stats: WindowStats, ref: Reference | None
+    ) -> list[DomainEvent]:
+        """Domain events for the transitions, with the cooldown applied."""
+        by_key = {(c.cls, c.group): c for c in stats.cells}
+        out: list[DomainEvent] = []
+        for t in transitions:
+            cell = by_key.get(t.row)
+            st = self.row(t.row)
+            if not t.degraded:
+                out.append(
+                    GroupRecovered(
+                        model=self.model,
+                        cls=t.row[0],
+                        group=t.row[1],
+                        accuracy=_acc(cell),
+                        n=cell.n if cell else 0,
+                    )
+                )
+            elif t.ts - st.last_published < self.config.cooldown_s:
+                log.info(
+                    "model=%s cell=%s|%s degraded again within cooldown_s=%.0f: not published",
+                    self.model,
+                    t.row[0],
+                    t.row[1],
+                    self.config.cooldown_s,
+                )
+            else:
+                st.last_published = t.ts
+                out.append(self._degraded(t.row, cell, ref))
+        return out
+
+    def _degraded(
+        self, key: RowKey, cell: CellStats | None, ref: Reference | None
+    ) -> GroupDegraded:
+        acc = _acc(cell)
+        refcell = ref.cell(*key) if ref is not None else None
+        reference = (
+            refcell.accuracy if refcell is not None and refcell.n else self.config.accuracy_floor
+        )
+        floor = acc < self.config.accuracy_floor or refcell is None
+        return GroupDegraded(
+            model=self.model,
+            cls=key[0],
+            group=key[1],
+            accuracy=acc,
+            reference=reference,
+            n=cell.n if cell else 0,
+            reason="floor" if floor else "reference",
+        )
+
+    def set_warning(self, group: str, reason: str | None) -> GroupWarning | None:
+        """Update a group's label-free warning; the event when it starts warning."""
+        st = self.row((ALL, group))
+        was, st.warning = st.warning, reason
+        if reason and not was:
+            return GroupWarning(model=self.model, cls=ALL, group=group, reason=reason)
+        return None
+
+    def state(self, key: RowKey) -> str:
+        st = self.rows.get(key)
+        return st.state if st else OK
+
+
+def _acc(cell: CellStats | None) -> float:
+    return cell.accuracy if cell is not None and cell.n else float("nan")
+
+
+def _row_indices(
+    code: np.ndarray, group: np.ndarray, k: int, g: int, classes: list[str], groups: list[str]
+):  # noqa: ANN202
+    """(row key, event indices) for every cell and pooled row that has events."""
+    for gi in np.unique(group):
+        in_group = np.flatnonzero(group == gi)
+        for ki in np.unique(code[in_group] // g):
+            yield (
+                (class_name(int(ki), classes), groups[gi]),
+                in_group[code[in_group] == ki * g + gi],
+            )
+        yield (ALL, groups[gi]), in_group

@@ -1,0 +1,97 @@
+"""Bernoulli CUSUM: a change detector that stays valid when it is looked at after every event.
+
+For a cell with in-control accuracy ``p0`` and the degraded alternative ``p1 = p0 - margin``, each
+labeled event adds its log-likelihood ratio ``x*log(p1/p0) + (1-x)*log((1-p1)/(1-p0))`` (x = 1 if
+correct) and the statistic is ``S_t = max(0, S_{t-1} + llr_t)``; the cell alarms when ``S >= h``.
+
+Why this is valid under repeated looks: ``S_t >= h`` means that for some start k the likelihood
+ratio of the events k..t exceeds ``e^h``. Under any accuracy ``p >= p0`` each such ratio is a
+non-negative supermartingale with mean <= 1, so by Ville's inequality it ever crosses ``e^h`` with
+probability <= ``e^-h``; a union over the at most N start points bounds the false-alarm
+probability within N events by ``N e^-h``. With ``h = log(R * N / (1 - confidence))`` every look at
+every one of the R statistic families (cells, pooled rows) stays within ``1 - confidence`` over a
+horizon of N labeled events, however often a tick looks.
+
+Several drop sizes at once (a multi-chart CUSUM): each row runs one chart per alternative
+``p0 - m * margin`` for m in :data:`CHART_MULTIPLIERS` and alarms when any chart crosses; the union
+bound adds the number of charts to R. A small drop is caught by the ``1 x margin`` chart, a large
+one sooner by the ``4 x margin`` chart.
+
+The statistic is computed for a whole batch at once with the closed form of Lindley's recursion,
+``S_t = C_t - min(0, min_{k<=t} C_k)`` with ``C_t = S_0 + sum_{i<=t} llr_i``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+P_MIN, P_MAX = 1e-3, 1.0 - 1e-3
+CHART_MULTIPLIERS = (1.0, 2.0, 4.0)  # alternatives p0 - m * margin
+
+
+def alarm_threshold(
+    confidence: float, horizon_events: int, families: int = 2, charts: int = len(CHART_MULTIPLIERS)
+) -> float:
+    """``h`` such that P(any false alarm within ``horizon_events`` events) <= 1 - confidence.
+
+    ``families``: statistic families each event feeds (its cell and its group's pooled row).
+    """
+    return math.log(families * charts * horizon_events / (1.0 - confidence))
+
+
+def release_threshold(confidence: float) -> float:
+    """Threshold of the recovery statistic (one SPRT-level decision at ``confidence``)."""
+    return math.log(1.0 / (1.0 - confidence))
+
+
+def llr_weights(p0: np.ndarray, p1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-event log-likelihood ratio of H1 (p1) to H0 (p0) for a correct / wrong event."""
+    p0 = np.clip(p0, P_MIN, P_MAX)
+    p1 = np.clip(p1, P_MIN, P_MAX)
+    return np.log(p1 / p0), np.log((1.0 - p1) / (1.0 - p0))
+
+
+def llr(correct: np.ndarray, w_correct: np.ndarray, w_wrong: np.ndarray) -> np.ndarray:
+    return np.where(correct, w_correct, w_wrong)
+
+
+def lindley(start: float, increments: np.ndarray) -> np.ndarray:
+    """The CUSUM path ``S_t = max(0, S_{t-1} + x_t)`` from ``S_0 = start`` (vectorised)."""
+    c = start + np.cumsum(increments)
+    return c - np.minimum(0.0, np.minimum.accumulate(c))
+
+
+def first_crossing(path: np.ndarray, threshold: float) -> int:
+    """Index of the first value >= threshold, or -1."""
+    hits = np.flatnonzero(path >= threshold)
+    return int(hits[0]) if len(hits) else -1
+
+
+def run_until_alarm(start: float, increments: np.ndarray, threshold: float) -> tuple[float, int]:
+    """Advance a CUSUM over ``increments``; return (statistic, index of the alarm or -1).
+
+    On an alarm the statistic returned is its value at the alarm; later increments are not used.
+    """
+    if len(increments) == 0:
+        return start, -1
+    path = lindley(start, increments)
+    hit = first_crossing(path, threshold)
+    return (float(path[hit]), hit) if hit >= 0 else (float(path[-1]), -1)
+
+
+def run_charts_until_alarm(
+    start: np.ndarray, increments: np.ndarray, threshold: float
+) -> tuple[np.ndarray, int]:
+    """Advance several CUSUM charts (rows of ``increments``); alarm at the first crossing of any.
+
+    Returns the charts' statistics (at the alarm, or after the last increment) and the alarm index
+    or -1.
+    """
+    if increments.shape[1] == 0:
+        return start, -1
+    paths = np.stack([lindley(s, inc) for s, inc in zip(start, increments, strict=True)])
+    hits = [first_crossing(p, threshold) for p in paths]
+    hit = min((h for h in hits if h >= 0), default=-1)
+    return (paths[:, hit] if hit >= 0 else paths[:, -1]), hit

@@ -1,0 +1,201 @@
+"""The sliding window of labeled events, kept in memory as numpy columns.
+
+Each tick reads only the events labeled since the last tick (a ``(labeled_at, id)`` cursor) and
+appends them; the window keeps the newest ``monitor.window`` events (and, when
+``monitor.window_seconds`` is set, only those labeled within that many seconds). So a tick costs
+O(new events) in SQLite and O(window) in numpy, never a full re-read.
+
+Queries here are the monitor's own reads of the ``predictions`` table (schema v1); the table is
+written only by :mod:`patchd.store.events`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from patchd.monitor.groups import GroupSpace
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """The last labeled event the monitor has consumed (``labeled_at``, then ``id``)."""
+
+    labeled_at: float = float("-inf")
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class LabeledEvents:
+    """Labeled events in label order; ``group`` holds codes into a :class:`GroupIndex`."""
+
+    ts: np.ndarray  # prediction time (float64, unix s)
+    labeled_at: np.ndarray  # float64
+    pred: np.ndarray  # int64
+    label: np.ndarray  # int64
+    confidence: np.ndarray  # float64, nan when the event had no probabilities
+    group: np.ndarray  # int64 group codes
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    @classmethod
+    def empty(cls) -> LabeledEvents:
+        f, i = np.zeros(0, np.float64), np.zeros(0, np.int64)
+        return cls(f, f, i, i, f, i)
+
+    def take(self, index: np.ndarray | slice) -> LabeledEvents:
+        return LabeledEvents(
+            self.ts[index],
+            self.labeled_at[index],
+            self.pred[index],
+            self.label[index],
+            self.confidence[index],
+            self.group[index],
+        )
+
+    @staticmethod
+    def concat(a: LabeledEvents, b: LabeledEvents) -> LabeledEvents:
+        if len(a) == 0:
+            return b
+        return LabeledEvents(*(np.concatenate((getattr(a, f), getattr(b, f))) for f in _FIELDS))
+
+
+_FIELDS = ("ts", "labeled_at", "pred", "label", "confidence", "group")
+
+
+@dataclass
+class GroupIndex:
+    """Group name <-> integer code, bounded by the :class:`GroupSpace` it maps through."""
+
+    space: GroupSpace
+    names: list[str] = field(default_factory=list)
+    _codes: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in self.space.known():
+            self.code(name)
+
+    def code(self, canonical: str) -> int:
+        found = self._codes.get(canonical)
+        if found is None:
+            found = self._codes[canonical] = len(self.names)
+            self.names.append(canonical)
+        return found
+
+    def encode(self, raw_keys: np.ndarray) -> np.ndarray:
+        """Raw ingest keys -> codes (each distinct key mapped once)."""
+        if len(raw_keys) == 0:
+            return np.zeros(0, np.int64)
+        uniq, inverse = np.unique(np.asarray(raw_keys, dtype=str), return_inverse=True)
+        codes = np.array([self.code(self.space.canonical(k)) for k in uniq], dtype=np.int64)
+        return codes[inverse]
+
+
+@dataclass
+class Window:
+    """The newest labeled events of one model (count and optional time bound)."""
+
+    max_events: int
+    max_age_s: float | None = None
+    events: LabeledEvents = field(default_factory=LabeledEvents.empty)
+
+    def append(self, new: LabeledEvents, now: float) -> None:
+        events = LabeledEvents.concat(self.events, new)
+        start = max(0, len(events) - self.max_events)
+        if self.max_age_s is not None and len(events):
+            start = max(start, int(np.searchsorted(events.labeled_at, now - self.max_age_s)))
+        self.events = events.take(slice(start, None)) if start else events
+
+    def since(self, epoch_ts: float) -> LabeledEvents:
+        """Events whose prediction was made at or after ``epoch_ts`` (the current model's)."""
+        if len(self.events) == 0 or epoch_ts <= self.events.ts.min():
+            return self.events
+        return self.events.take(self.events.ts >= epoch_ts)
+
+
+_NEW_SQL = """
+SELECT id, ts, labeled_at, pred, label, confidence, group_key FROM predictions
+WHERE model = ? AND label IS NOT NULL AND labeled_at >= ? AND (labeled_at > ? OR id > ?)
+ORDER BY labeled_at, id LIMIT ?
+"""
+
+
+def fetch_labeled(
+    conn: sqlite3.Connection, model: str, cursor: Cursor, limit: int, groups: GroupIndex
+) -> tuple[LabeledEvents, Cursor]:
+    """Events labeled after ``cursor`` (oldest first, at most ``limit``) and the new cursor."""
+    start = cursor.labeled_at if np.isfinite(cursor.labeled_at) else -1e300
+    rows = conn.execute(_NEW_SQL, (model, start, start, cursor.id, limit)).fetchall()
+    if not rows:
+        return LabeledEvents.empty(), cursor
+    return _columns(rows, groups), Cursor(float(rows[-1][2]), str(rows[-1][0]))
+
+
+def newest_cursor_before(conn: sqlite3.Connection, model: str, limit: int) -> Cursor:
+    """The cursor just before the newest ``limit`` labeled events (where a fresh monitor starts)."""
+    row = conn.execute(
+        "SELECT labeled_at, id FROM predictions WHERE model = ? AND label IS NOT NULL "
+        "ORDER BY labeled_at DESC, id DESC LIMIT 1 OFFSET ?",
+        (model, limit),
+    ).fetchone()
+    return Cursor(float(row[0]), str(row[1])) if row else Cursor()
+
+
+def _columns(rows: list[tuple], groups: GroupIndex) -> LabeledEvents:
+    _, ts, labeled_at, pred, label, conf, keys = zip(*rows, strict=True)
+    return LabeledEvents(
+        ts=np.asarray(ts, np.float64),
+        labeled_at=np.asarray(labeled_at, np.float64),
+        pred=np.asarray(pred, np.int64),
+        label=np.asarray(label, np.int64),
+        confidence=np.asarray([np.nan if c is None else c for c in conf], np.float64),
+        group=groups.encode(np.asarray(keys, dtype=object)),
+    )
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """The newest predictions (labeled or not): the label-free view drift and shares use."""
+
+    pred: np.ndarray
+    confidence: np.ndarray
+    group: np.ndarray  # codes
+    embedding: np.ndarray | None  # float32 [n, d] for rows that carry one, else None
+    embedding_group: np.ndarray | None  # codes of those rows
+
+    def __len__(self) -> int:
+        return len(self.pred)
+
+
+def fetch_traffic(
+    conn: sqlite3.Connection, model: str, limit: int, groups: GroupIndex, since_ts: float
+) -> Traffic:
+    rows = conn.execute(
+        "SELECT pred, confidence, group_key, embedding FROM predictions "
+        "WHERE model = ? AND ts >= ? ORDER BY ts DESC LIMIT ?",
+        (model, since_ts if np.isfinite(since_ts) else -1e300, limit),
+    ).fetchall()
+    if not rows:
+        z = np.zeros(0, np.int64)
+        return Traffic(z, np.zeros(0), z, None, None)
+    pred, conf, keys, emb = zip(*rows, strict=True)
+    codes = groups.encode(np.asarray(keys, dtype=object))
+    return Traffic(
+        np.asarray(pred, np.int64),
+        np.asarray([np.nan if c is None else c for c in conf], np.float64),
+        codes,
+        *_embeddings(emb, codes),
+    )
+
+
+def _embeddings(blobs: tuple, codes: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    keep = [i for i, b in enumerate(blobs) if b]
+    if not keep:
+        return None, None
+    dim = len(blobs[keep[0]]) // 4
+    keep = [i for i in keep if len(blobs[i]) == dim * 4]  # ignore rows of another width
+    matrix = np.frombuffer(b"".join(blobs[i] for i in keep), dtype=np.float32).reshape(-1, dim)
+    return matrix, codes[np.asarray(keep)]

@@ -1,0 +1,178 @@
+"""The SQLite store of ``patchd serve``: WAL mode, one writer connection, per-thread readers.
+
+Usage::
+
+    store = Store.open(config.store_path)
+    with store.write() as conn:      # BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error)
+        conn.execute("INSERT INTO kv ...")
+    with store.read() as conn:       # a consistent snapshot on this thread's reader connection
+        conn.execute("SELECT ...")
+    store.close()
+
+Serve is the only writer process. Migrations (:data:`patchd.store.schema.MIGRATIONS`) are applied
+at open, one transaction each, and tracked in ``PRAGMA user_version``.
+
+Durability: ``synchronous=NORMAL`` in WAL mode means a committed transaction survives a crash or a
+kill of the process; a power loss may lose the last transactions before the WAL checkpoint (the
+SQLite trade-off every WAL user makes). Set ``store.synchronous: FULL`` for power-loss durability.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from patchd.exceptions import StoreError
+from patchd.store.schema import MIGRATIONS
+
+log = logging.getLogger(__name__)
+
+_PRAGMAS = (
+    "PRAGMA busy_timeout = 10000",
+    "PRAGMA foreign_keys = ON",
+    "PRAGMA temp_store = MEMORY",
+    "PRAGMA cache_size = -16000",  # 16 MiB page cache per connection
+)
+
+
+def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+    except sqlite3.Error as err:
+        raise StoreError(f"cannot open the store at {path}: {err}") from None
+    for pragma in _PRAGMAS:
+        conn.execute(pragma)
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
+    return conn
+
+
+class Store:
+    """A SQLite database in WAL mode with one writer and a reader connection per thread."""
+
+    def __init__(self, path: Path, writer: sqlite3.Connection, synchronous: str) -> None:
+        self.path = path
+        self._writer = writer
+        self._synchronous = synchronous
+        self._write_lock = threading.RLock()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def open(cls, path: Path, *, synchronous: str = "NORMAL") -> Store:
+        """Open (creating if needed) and migrate the database at ``path``."""
+        if synchronous not in ("NORMAL", "FULL"):
+            raise StoreError(f"synchronous must be NORMAL or FULL, got {synchronous!r}")
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StoreError(f"cannot create the store directory {path.parent}: {err}") from None
+        writer = _connect(path, synchronous)
+        mode = writer.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            writer.close()
+            raise StoreError(
+                f"the store {path} cannot use WAL mode (got {mode!r}); use a local disk"
+            )
+        store = cls(path, writer, synchronous)
+        store.migrate()
+        return store
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._writer.execute("PRAGMA user_version").fetchone()[0])
+
+    def migrate(self) -> None:
+        """Apply every migration above ``user_version``, one transaction each."""
+        with self._write_lock:
+            current = self.schema_version
+            if current > len(MIGRATIONS):
+                raise StoreError(
+                    f"the store {self.path} has schema version {current} but this patchd knows "
+                    f"{len(MIGRATIONS)}; upgrade patchd or point store.path at another file"
+                )
+            for version in range(current + 1, len(MIGRATIONS) + 1):
+                self._apply(version, MIGRATIONS[version - 1])
+
+    def _apply(self, version: int, sql: str) -> None:
+        script = f"BEGIN IMMEDIATE;\n{sql}\n;PRAGMA user_version = {version};\nCOMMIT;"
+        try:
+            self._writer.executescript(script)
+        except sqlite3.Error as err:
+            if self._writer.in_transaction:
+                self._writer.execute("ROLLBACK")
+            raise StoreError(f"migration {version} of {self.path} failed: {err}") from None
+        log.info("store %s migrated to schema version %d", self.path, version)
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction on the single writer connection (serialised by a lock)."""
+        self._check_open()
+        with self._write_lock:
+            conn = self._writer
+            if conn.in_transaction:  # re-entrant use joins the outer transaction
+                yield conn
+                return
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction (one snapshot) on this thread's reader connection."""
+        self._check_open()
+        conn = self._reader()
+        if conn.in_transaction:
+            yield conn
+            return
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path, self._synchronous)
+            conn.execute("PRAGMA query_only = ON")
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"the store {self.path} is closed")
+
+    def checkpoint(self) -> None:
+        """Fold the WAL back into the database file (called on shutdown and by retention)."""
+        with self._write_lock:
+            self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def close(self) -> None:
+        """Checkpoint and close every connection. Idempotent."""
+        if self._closed:
+            return
+        with self._write_lock:
+            try:
+                self.checkpoint()
+            except sqlite3.Error as err:
+                log.warning("store %s: checkpoint on close failed: %s", self.path, err)
+            self._closed = True
+            with self._readers_lock:
+                for conn in self._readers:
+                    conn.close()
+                self._readers.clear()
+            self._writer.close()
+        log.info("store %s closed", self.path)

@@ -1,0 +1,108 @@
+"""Retention of the ``predictions`` and ``pending_labels`` tables (age and row cap).
+
+Rule, applied every ``store.retention_interval_s`` by serve's scheduler:
+
+1. Age: predictions with ``ts`` older than ``store.retention_days`` are deleted; so are pending
+   labels received longer ago than that (their prediction never came).
+2. Cap: when more than ``store.max_rows`` predictions remain, the oldest (by ``ts``) go.
+3. Protection: while a patch run is open (``runs.state`` in requested/queued/running), no
+   *labeled* prediction with ``ts >= min(created_at of open runs) - W`` is deleted by either
+   rule, where ``W`` is ``monitor.window_seconds`` or, when the window is count-based, the whole
+   retention period. Unlabeled rows are not protected (runs only use labeled events). The row cap
+   can therefore be exceeded while a run is open; it is enforced again once the run ends.
+
+Deletes run in chunks of ``CHUNK`` rows per transaction so that ingestion is never blocked for
+long (the writer lock is released between chunks).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from patchd.config import Config
+from patchd.store.db import Store
+
+log = logging.getLogger(__name__)
+
+CHUNK = 20_000
+INF = float("inf")
+OPEN_RUN_STATES = ("requested", "queued", "running")
+_DELETE = (
+    "DELETE FROM predictions WHERE model = ?1 AND id IN ("
+    "SELECT id FROM predictions WHERE model = ?1 AND ts < ?2 "
+    "AND (label IS NULL OR ts < ?3) ORDER BY ts LIMIT ?4)"
+)
+
+
+@dataclass(frozen=True)
+class RetentionResult:
+    deleted_by_age: int
+    deleted_by_cap: int
+    pending_expired: int
+    protected_from: float | None  # labeled events at/after this ts were kept for an open run
+
+
+class Retention:
+    def __init__(self, config: Config, store: Store) -> None:
+        self.config = config
+        self.store = store
+
+    def run(self, now: float | None = None) -> RetentionResult:
+        now = time.time() if now is None else now
+        cutoff = now - self.config.store.retention_days * 86400.0
+        protected = self.protected_from(cutoff)
+        keep_labeled = protected if protected is not None else float("inf")
+        by_age = by_cap = 0
+        for model in self._models():
+            by_age += self._delete(model, cutoff, keep_labeled)
+            by_cap += self._cap(model, keep_labeled)
+        with self.store.write() as conn:
+            before = conn.total_changes
+            conn.execute("DELETE FROM pending_labels WHERE received_at < ?", (cutoff,))
+            expired = conn.total_changes - before
+        result = RetentionResult(by_age, by_cap, expired, protected)
+        if by_age or by_cap or expired:
+            log.info("retention: %s", result)
+        return result
+
+    def protected_from(self, cutoff: float) -> float | None:
+        """The ts from which labeled events are kept for open runs (None: no open run)."""
+        marks = ",".join("?" * len(OPEN_RUN_STATES))
+        with self.store.read() as conn:
+            row = conn.execute(
+                f"SELECT MIN(created_at) FROM runs WHERE state IN ({marks})", OPEN_RUN_STATES
+            ).fetchone()
+        if row[0] is None:
+            return None
+        window = self.config.monitor.window_seconds
+        if window is None:
+            window = self.config.store.retention_days * 86400.0
+        return float(row[0]) - window
+
+    def _models(self) -> list[str]:
+        with self.store.read() as conn:
+            return [r[0] for r in conn.execute("SELECT DISTINCT model FROM predictions")]
+
+    def _delete(self, model: str, before_ts: float, keep_labeled: float, limit: float = INF) -> int:
+        """Delete up to ``limit`` oldest rows with ts < before_ts (labeled: ts < keep_labeled)."""
+        deleted = 0
+        while deleted < limit:
+            chunk = int(min(CHUNK, limit - deleted))
+            with self.store.write() as conn:
+                start = conn.total_changes
+                conn.execute(_DELETE, (model, before_ts, keep_labeled, chunk))
+                n = conn.total_changes - start
+            deleted += n
+            if n < chunk:
+                break
+        return deleted
+
+    def _cap(self, model: str, keep_labeled: float) -> int:
+        with self.store.read() as conn:
+            total = conn.execute(
+                "SELECT COUNT(*) FROM predictions WHERE model = ?", (model,)
+            ).fetchone()[0]
+        excess = total - self.config.store.max_rows
+        return self._delete(model, INF, keep_labeled, excess) if excess > 0 else 0

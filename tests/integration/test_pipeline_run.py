@@ -1,0 +1,162 @@
+"""A patch run end to end: real Redis, real `patchd serve`, real `patchd worker` processes.
+
+- a run on colored-digits passes every stage (svm miner, no augmenter, ERM, 1 epoch) and
+  finishes; an empty production slice fails the run with a clear error first;
+- re-running a finished stage (or re-enqueueing the run) is a no-op;
+- SIGKILL of the whole worker mid-stage, then a new worker: the run finishes with exactly one
+  verified output per stage.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from rq import Queue
+
+from patchd import jobqueue
+from patchd.workers import artifacts
+from tests.integration import pipeline_support as ps
+from tests.procs import ServeProcess, start_serve
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def incumbent(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("incumbent") / "incumbent.safetensors"
+    ps.make_incumbent(path, epochs=3)
+    return path
+
+
+def _ingest(client: httpx.Client, tmp_path: Path, n: int) -> None:
+    preds, labels = ps.write_events(tmp_path / "images", n)
+    assert client.post("/v1/predictions", json=preds).json()["accepted"] == n
+    assert client.post("/v1/labels", json=labels).json()["rejected"] == []
+
+
+def _run_dirs(serve: ServeProcess, run_id: str) -> Path:
+    return serve.state_dir / "artifacts" / "runs" / run_id
+
+
+def _assert_clean_outputs(run_dir: Path) -> dict[str, artifacts.StageManifest]:
+    names = sorted(p.name for p in run_dir.iterdir())
+    assert names == sorted([*jobqueue.STAGES, "slice.jsonl"]), names  # no .tmp-*, no .bad-*
+    return {s: artifacts.verify(run_dir / s) for s in jobqueue.STAGES}
+
+
+def _metric(client: httpx.Client, line_start: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_run_passes_every_stage_and_reruns_are_noops(
+    tmp_path: Path, clean_redis: str, incumbent: Path
+) -> None:
+    serve = start_serve(tmp_path, ps.base_config(tmp_path, clean_redis, incumbent))
+    worker = ps.worker(serve.config_path, tmp_path / "worker.log")
+    client = serve.client()
+    try:
+        empty = client.post("/v1/runs", json={"reason": "empty slice"}).json()
+        failed = ps.wait_run(client, empty["id"], ("failed",))
+        assert failed["stage"] == "collect"
+        assert "production slice" in failed["error"] and "no usable labeled events" in failed["error"]
+        assert "data.use_production_slice: false" in failed["error"]
+
+        _ingest(client, tmp_path, 60)
+        run = client.post("/v1/runs", json={"reason": "integration"}).json()
+        assert run["state"] == "queued" and run["recipe"]["slice_rows"] == 60
+        done = ps.wait_run(client, run["id"], ("succeeded",), timeout=120)
+    finally:
+        ps.stop_worker(worker)
+    try:
+        assert set(done["stage_times"]) == set(jobqueue.STAGES) and done["error"] is None
+        manifests = _assert_clean_outputs(_run_dirs(serve, run["id"]))
+        collect = manifests["collect"].result
+        assert collect["slice_used"] == 60 and collect["n_train"] > 60
+        assert {"mining.json", "groups.safetensors", "failure_report.png"} <= set(manifests["mine"].files)
+        assert set(manifests["train"].files) == {"model.safetensors", "history.json"}
+        evaluation = json.loads((_run_dirs(serve, run["id"]) / "evaluate" / "evaluation.json").read_text())
+        assert len(evaluation["cell"]) == done["result"]["result"]["n_heldout"] == collect["n_heldout"]
+        assert done["result"]["result"]["candidate_sha256"] == manifests["train"].result["sha256"]
+        assert _metric(client, 'patchd_runs_total{result="succeeded"}') == 1
+        assert _metric(client, 'patchd_runs_total{result="failed"}') == 1
+        assert _metric(client, 'patchd_run_stage_seconds_count{stage="train"}') == 1
+        _assert_rerun_is_noop(serve, done, clean_redis)
+    finally:
+        serve.stop()
+
+
+def _assert_rerun_is_noop(serve: ServeProcess, run: dict[str, Any], redis_url: str) -> None:
+    from patchd.config import load_config
+    from patchd.workers import jobs
+
+    config = load_config(serve.config_path, {})
+    conn = jobqueue.connect(redis_url)
+    recipe_json = jobqueue.job_state  # placeholder to keep the import used
+    from rq.job import Job
+
+    recipe_json = Job.fetch(run["job_ids"]["train"], connection=conn).args[2]
+    before = sorted(conn.keys("rq:job:*"))
+    assert jobqueue.enqueue_run(conn, config, run["id"], str(config.artifacts_root), recipe_json) == run["job_ids"]
+    assert sorted(conn.keys("rq:job:*")) == before and Queue("patchd", connection=conn).count == 0
+    model = _run_dirs(serve, run["id"]) / "train" / "model.safetensors"
+    stat = model.stat()
+    again = jobs.train(run["id"], str(config.artifacts_root), recipe_json)
+    assert again["reused"] and again["result"]["sha256"] == artifacts.sha256_file(model)
+    assert (model.stat().st_ino, model.stat().st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+
+
+def test_worker_sigkill_mid_stage_then_new_worker_finishes(
+    tmp_path: Path, clean_redis: str, incumbent: Path
+) -> None:
+    serve = start_serve(tmp_path, ps.base_config(tmp_path, clean_redis, incumbent))
+    client = serve.client()
+    first = ps.worker(serve.config_path, tmp_path / "worker1.log")
+    second = None
+    try:
+        _ingest(client, tmp_path, 40)
+        run = client.post("/v1/runs", json={"reason": "chaos", "recipe": {"budget": {"epochs": 40}}}).json()
+        started = _wait_started(client, run["id"], "train")
+        time.sleep(1.0)
+        run_dir = _run_dirs(serve, run["id"])
+        assert not (run_dir / "train").exists(), "train finished before the kill; raise epochs"
+        mine_mtime = (run_dir / "mine" / "manifest.json").stat().st_mtime_ns
+        ps.kill_worker_tree(first)
+        assert started["state"] == "running"
+        second = ps.worker(serve.config_path, tmp_path / "worker2.log")
+        done = ps.wait_run(client, run["id"], ("succeeded",), timeout=150)
+    finally:
+        ps.stop_worker(first)
+        if second is not None:
+            ps.stop_worker(second)
+    try:
+        manifests = _assert_clean_outputs(run_dir)
+        assert (run_dir / "mine" / "manifest.json").stat().st_mtime_ns == mine_mtime
+        assert len(list((run_dir / "train").iterdir())) == 3  # model, history, manifest
+        assert done["result"]["result"]["candidate_sha256"] == manifests["train"].result["sha256"]
+        conn = jobqueue.connect(clean_redis)
+        from rq.job import Job
+
+        train_job = Job.fetch(run["job_ids"]["train"], connection=conn)
+        assert train_job.retries_left == 1  # one retry was spent on the abandoned attempt
+        assert "abandoned" not in (done["error"] or "")
+    finally:
+        serve.stop()
+
+
+def _wait_started(client: httpx.Client, run_id: str, stage: str, timeout: float = 90) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = client.get(f"/v1/runs/{run_id}").json()
+        if run["state"] == "running" and (run.get("result") or {}).get("stage") == stage:
+            return run
+        assert run["state"] not in ("succeeded", "failed", "cancelled"), run
+        time.sleep(0.1)
+    raise AssertionError(f"run {run_id} never started {stage}")

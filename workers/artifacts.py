@@ -1,0 +1,272 @@
+"""Run artifacts: one directory per stage, published atomically with a verified manifest.
+
+Layout: ``<artifacts>/runs/<run_id>/<stage>/`` holding the stage's files and ``manifest.json``
+(``{"schema": 1, "stage", "run_id", "files": {relative name: sha256}, "result": {...}}``).
+
+A stage builds into ``<run_dir>/.tmp-<stage>-<random>/``, fsyncs every file, writes the manifest
+last, renames the directory into place and fsyncs the run directory, so a reader sees either no
+stage directory or a complete one. A stage whose directory already exists and verifies is done:
+re-running it returns the manifest (idempotent re-run after a crash or a retry).
+
+ImageSets and Augmentations are stored as safetensors plus a JSON sidecar (names, ids, info):
+no pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from patchd.exceptions import IntegrityError
+
+if TYPE_CHECKING:
+    from patchd.abc import Augmentation
+    from patchd.ml.data import ImageSet
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+MANIFEST = "manifest.json"
+TMP_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True)
+class StageManifest:
+    stage: str
+    run_id: str
+    files: dict[str, str]  # relative posix name -> sha256 hex
+    result: dict[str, Any] = field(default_factory=dict)
+    schema: int = SCHEMA
+
+    def to_json(self) -> str:
+        body = {
+            "schema": self.schema,
+            "stage": self.stage,
+            "run_id": self.run_id,
+            "files": self.files,
+            "result": self.result,
+        }
+        return json.dumps(body, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> StageManifest:
+        data = json.loads(text)
+        if data.get("schema") != SCHEMA:
+            raise IntegrityError(f"manifest schema {data.get('schema')!r} is not {SCHEMA}")
+        return cls(data["stage"], data["run_id"], dict(data["files"]), dict(data["result"]))
+
+
+def run_dir(artifacts_root: Path, run_id: str) -> Path:
+    return Path(artifacts_root) / "runs" / run_id
+
+
+def stage_dir(artifacts_root: Path, run_id: str, stage: str) -> Path:
+    return run_dir(artifacts_root, run_id) / stage
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def verify(directory: Path) -> StageManifest:
+    """The manifest of a stage directory after checking every file's sha256 (IntegrityError)."""
+    directory = Path(directory)
+    try:
+        manifest = StageManifest.from_json((directory / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise IntegrityError(f"{directory} has no {MANIFEST}") from None
+    except (KeyError, ValueError, TypeError) as err:
+        raise IntegrityError(f"{directory / MANIFEST} is unreadable: {err}") from None
+    present = {p.relative_to(directory).as_posix() for p in _files(directory)}
+    if present != set(manifest.files):
+        extra, missing = present - set(manifest.files), set(manifest.files) - present
+        raise IntegrityError(
+            f"{directory}: files differ from manifest (extra {sorted(extra)}, "
+            f"missing {sorted(missing)})"
+        )
+    for name, expected in manifest.files.items():
+        actual = sha256_file(directory / name)
+        if actual != expected:
+            raise IntegrityError(f"{directory / name}: sha256 {actual} != manifest {expected}")
+    return manifest
+
+
+def existing(directory: Path) -> StageManifest | None:
+    """The verified manifest when the stage is done, else None (a bad dir is moved aside)."""
+    if not directory.exists():
+        return None
+    try:
+        return verify(directory)
+    except IntegrityError as err:
+        aside = directory.with_name(f".bad-{directory.name}-{time.time_ns()}")
+        log.warning("stage dir %s does not verify (%s); moving it to %s", directory, err, aside)
+        os.replace(directory, aside)
+        return None
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def clear_stale_temps(parent: Path, stage: str) -> int:
+    """Remove temp dirs a killed attempt of ``stage`` left behind; returns how many."""
+    if not parent.exists():
+        return 0
+    stale = list(parent.glob(f"{TMP_PREFIX}{stage}-*"))
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(stale)
+
+
+@contextmanager
+def building(final: Path) -> Iterator[Path]:
+    """A fresh temp dir beside ``final``; removed if the block raises (see :func:`publish`)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    removed = clear_stale_temps(final.parent, final.name)
+    if removed:
+        log.info("removed %d stale temp dir(s) of %s", removed, final)
+    tmp = final.parent / f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def publish(tmp: Path, final: Path, run_id: str, result: dict[str, Any]) -> StageManifest:
+    """fsync the files, write the manifest, rename ``tmp`` to ``final``, fsync the parent."""
+    files = {}
+    for path in _files(tmp):
+        _fsync_path(path)
+        files[path.relative_to(tmp).as_posix()] = sha256_file(path)
+    manifest = StageManifest(final.name, run_id, files, result)
+    (tmp / MANIFEST).write_text(manifest.to_json())
+    _fsync_path(tmp / MANIFEST)
+    done = existing(final)
+    if done is not None:  # another attempt won the race: keep its output, drop ours
+        shutil.rmtree(tmp, ignore_errors=True)
+        return done
+    os.rename(tmp, final)
+    _fsync_path(final.parent)
+    return manifest
+
+
+# --- tensors as safetensors + JSON sidecar -------------------------------------------------
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+def save_imageset(data: ImageSet, path: Path) -> None:
+    """``path`` is ``<dir>/<name>.safetensors``; the names and ids go to ``<name>.json``."""
+    from safetensors.torch import save_file
+
+    tensors = {"x": data.x.contiguous(), "y": data.y.contiguous(), "g": data.g.contiguous()}
+    save_file(tensors, str(path))
+    meta = {
+        "schema": SCHEMA,
+        "class_names": list(data.class_names),
+        "group_names": list(data.group_names),
+        "ids": list(data.ids),
+    }
+    _write_json(path.with_suffix(".json"), meta)
+
+
+def load_imageset(path: Path) -> ImageSet:
+    from safetensors.torch import load_file
+
+    from patchd.ml.data import ImageSet
+
+    tensors = load_file(str(path))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    return ImageSet(
+        x=tensors["x"],
+        y=tensors["y"],
+        g=tensors["g"],
+        class_names=tuple(meta["class_names"]),
+        group_names=tuple(meta["group_names"]),
+        ids=tuple(meta["ids"]),
+    )
+
+
+def save_augmentation(aug: Augmentation, path: Path) -> None:
+    """Paired tensors as ``paired.<name>``, extra samples as ``extra.{x,y,g}``; JSON sidecar."""
+    from safetensors.torch import save_file
+
+    tensors = {f"paired.{k}": v.contiguous() for k, v in aug.paired.items()}
+    meta: dict[str, Any] = {
+        "schema": SCHEMA,
+        "kind": aug.kind,
+        "info": aug.info,
+        "previews": [p.name for p in aug.previews],
+        "extra": None,
+    }
+    if aug.extra is not None:
+        tensors.update(
+            {
+                "extra.x": aug.extra.x.contiguous(),
+                "extra.y": aug.extra.y.contiguous(),
+                "extra.g": aug.extra.g.contiguous(),
+            }
+        )
+        meta["extra"] = {
+            "class_names": list(aug.extra.class_names),
+            "group_names": list(aug.extra.group_names),
+            "ids": list(aug.extra.ids),
+        }
+    save_file(tensors, str(path))
+    _write_json(path.with_suffix(".json"), meta)
+
+
+def load_augmentation(path: Path) -> Augmentation:
+    from safetensors.torch import load_file
+
+    from patchd.abc import Augmentation
+    from patchd.ml.data import ImageSet
+
+    tensors = load_file(str(path))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    paired = {k.removeprefix("paired."): v for k, v in tensors.items() if k.startswith("paired.")}
+    extra = None
+    if meta.get("extra") is not None:
+        e = meta["extra"]
+        extra = ImageSet(
+            tensors["extra.x"],
+            tensors["extra.y"],
+            tensors["extra.g"],
+            tuple(e["class_names"]),
+            tuple(e["group_names"]),
+            tuple(e["ids"]),
+        )
+    previews = tuple(path.parent / "previews" / name for name in meta.get("previews", []))
+    return Augmentation(
+        kind=meta["kind"],
+        paired=paired,
+        extra=extra,
+        previews=previews,
+        info=dict(meta.get("info", {})),
+    )
