@@ -32,7 +32,7 @@ def kserve_headers(
         "ce-specversion": "1.0",
         "ce-id": ce_id,
         "ce-type": f"org.kubeflow.serving.inference.{half}",
-        "ce-source": f"http://localhost:9081/",
+        "ce-source": "http://localhost:9081/",
         "ce-time": "2026-11-23T10:00:00Z",
         "ce-inferenceservicename": isvc,
         "ce-namespace": "default",

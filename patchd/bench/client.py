@@ -25,7 +25,7 @@ import tempfile
 import time
 import tracemalloc
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -198,7 +198,7 @@ def run_phases(url: str, token: str, n: int, rate: float, max_queue: int) -> lis
 
 def report(phases: list[Phase], out: Path) -> None:
     machine = f"{os.cpu_count()}-core {platform.machine()}, no GPU"
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    date = datetime.now(UTC).strftime("%Y-%m-%d")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(

@@ -185,7 +185,7 @@ def _cell_table(report: CandidateReport) -> str:
             f'<td class="num">{_pct(r.candidate)}<span class="muted ci">{_pct(r.candidate_ci[0])}'
             f" &ndash; {_pct(r.candidate_ci[1])}</span></td>"
             f'<td class="num {_delta_tone(r.delta, report.decision.avg_tolerance)}">'
-            f"{_pp(r.delta)}</td><td>{_bar(r)}</td></tr>'
+            f"{_pp(r.delta)}</td><td>{_bar(r)}</td></tr>"
         )
     legend = (
         '<p class="legend muted"><span><i class="sw" style="background:#8c959f"></i>'
@@ -216,7 +216,7 @@ def _failure_section(report: CandidateReport) -> str:
     failures = [i for i in report.images if not i.caption.startswith("Synthesized")]
     return (
         f"<section><h2>What failed (mined failure directions)</h2>{table}"
-        f"{_gallery(failures)}</section>"
+        f"{_gallery(failures, 'failures')}</section>"
     )
 
 
@@ -235,16 +235,16 @@ def _gallery(images: Iterable[Image], kind: str) -> str:
 
 def _samples_section(report: CandidateReport) -> str:
     samples = [i for i in report.images if i.caption.startswith("Synthesized")]
-    body = _gallery(samples, "samples") or '<p class="muted">No synthesized samples (augmenter "none").</p>'
+    empty = '<p class="muted">No synthesized samples (augmenter "none").</p>'
+    body = _gallery(samples, "samples") or empty
     return f"<section><h2>Synthesized training samples</h2>{body}</section>"
 
 
-def _kv(rows: Iterable[tuple[str, str]]) -> str:
-    return (
-        '<table class="kv">'
-        + "".join(f"<tr><td>{escape(k)}</td><td>{v}</td></tr>" for k, v in rows)
-        + "</table>"
-    )
+def _kv(rows: Iterable[tuple[str, str]], empty: str = "") -> str:
+    body = "".join(f"<tr><td>{escape(k)}</td><td>{v}</td></tr>" for k, v in rows)
+    if not body:
+        return f'<p class="muted">{escape(empty)}</p>'
+    return f'<table class="kv">{body}</table>'
 
 
 def _recipe_section(report: CandidateReport) -> str:
@@ -266,8 +266,8 @@ def _recipe_section(report: CandidateReport) -> str:
     return (
         '<section><h2>Recipe, stage timings and provenance</h2><div class="cards" '
         'style="grid-template-columns:1fr 1fr;margin:0">'
-        f"<div>{_kv(recipe) or '<p class=muted>no recipe recorded</p>'}</div>"
-        f"<div>{_kv(stages)}</div></div>{_kv(prov)}</section>"
+        f"<div>{_kv(recipe, 'no recipe recorded for this run')}</div>"
+        f"<div>{_kv(stages, 'no stage timings recorded')}</div></div>{_kv(prov)}</section>"
     )
 
 

@@ -73,6 +73,7 @@ def test_run_passes_every_stage_and_reruns_are_noops(
         run = client.post("/v1/runs", json={"reason": "integration"}).json()
         assert run["state"] == "queued" and run["recipe"]["slice_rows"] == 60
         done = ps.wait_run(client, run["id"], ("succeeded",), timeout=120)
+        print("stage seconds (happy path):", done["stage_times"])
     finally:
         ps.stop_worker(worker)
     try:
@@ -99,10 +100,9 @@ def _assert_rerun_is_noop(serve: ServeProcess, run: dict[str, Any], redis_url: s
 
     config = load_config(serve.config_path, {})
     conn = jobqueue.connect(redis_url)
-    recipe_json = jobqueue.job_state  # placeholder to keep the import used
     from rq.job import Job
 
-    recipe_json = Job.fetch(run["job_ids"]["train"], connection=conn).args[2]
+    recipe_json: str = Job.fetch(run["job_ids"]["train"], connection=conn).args[2]
     before = sorted(conn.keys("rq:job:*"))
     assert jobqueue.enqueue_run(conn, config, run["id"], str(config.artifacts_root), recipe_json) == run["job_ids"]
     assert sorted(conn.keys("rq:job:*")) == before and Queue("patchd", connection=conn).count == 0
@@ -132,6 +132,7 @@ def test_worker_sigkill_mid_stage_then_new_worker_finishes(
         assert started["state"] == "running"
         second = ps.worker(serve.config_path, tmp_path / "worker2.log")
         done = ps.wait_run(client, run["id"], ("succeeded",), timeout=150)
+        print("stage seconds (after SIGKILL):", done["stage_times"])
     finally:
         ps.stop_worker(first)
         if second is not None:

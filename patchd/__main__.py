@@ -1,0 +1,5 @@
+"""``python -m patchd`` is the ``patchd`` command."""
+
+from patchd.cli import main
+
+main()

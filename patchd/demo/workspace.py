@@ -1,0 +1,122 @@
+"""Prepares the demo's working directory: data, the base model, the registry, the config, a token.
+
+Everything is reused on a second run: the base model is trained once, imported once.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from patchd.demo.plan import DemoPlan
+from patchd.demo.pool import ProductionPool
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "demo"
+FACTORY = "patchd.ml.models:small_cnn"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    plan: DemoPlan
+    token: str
+    before: ProductionPool  # traffic before promotion
+    after: ProductionPool  # traffic after promotion (disjoint images)
+    class_names: tuple[str, ...]
+    base_eval: dict[str, float]  # base model's per-cell accuracy on the test split
+
+
+def dataset_spec(plan: DemoPlan) -> dict[str, Any]:
+    spec: dict[str, Any] = {"kind": plan.dataset, "image_size": plan.image_size, "seed": 0}
+    if plan.n_train:
+        spec["n_train"] = plan.n_train
+    return spec
+
+
+def prepare(plan: DemoPlan, port: int) -> Workspace:
+    import torch
+
+    from patchd.config import DatasetSpec
+    from patchd.ml.datasets import load_splits
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    plan.root.mkdir(parents=True, exist_ok=True)
+    plan.images_dir.mkdir(parents=True, exist_ok=True)
+    splits = load_splits(DatasetSpec(**dataset_spec(plan)))
+    base_eval = _base_model(plan, splits)
+    _register(plan)
+    token = _token(plan.root / "admin.token")
+    write_config(plan, splits.train.class_names, port)
+    before, after = ProductionPool(splits.val, seed=7).halves()
+    return Workspace(plan, token, before, after, splits.train.class_names, base_eval)
+
+
+def _base_model(plan: DemoPlan, splits: Any) -> dict[str, float]:
+    """Train the base model with plain ERM on the colour-correlated train split (once)."""
+    from patchd.ml.evaluation import evaluate_model
+    from patchd.ml.models import build_from_factory, load_weights, pick_device, save_weights
+    from patchd.ml.training import fit
+
+    model = build_from_factory(FACTORY, {"num_classes": 2})
+    if plan.base_weights.is_file():
+        load_weights(model, plan.base_weights)
+        log.info("reusing base model %s", plan.base_weights)
+    else:
+        plan.base_weights.parent.mkdir(parents=True, exist_ok=True)
+        fit(model, splits.train, epochs=plan.base_epochs, batch_size=64, lr=1e-3,
+            device=pick_device(), seed=0)
+        save_weights(model.cpu(), plan.base_weights)
+    report = evaluate_model(model.cpu(), splits.test, train=splits.train)
+    return {f"{c.cls}/{c.group}": c.accuracy for c in report.cells}
+
+
+def _register(plan: DemoPlan) -> None:
+    from patchd.registry import Registry
+
+    registry = Registry(plan.state_dir / "registry")
+    if registry.production(MODEL_NAME, verify=False) is None:
+        registry.import_model(MODEL_NAME, plan.base_weights, approved_by="demo-setup")
+
+
+def _token(path: Path) -> str:
+    if path.is_file():
+        return path.read_text().strip()
+    token = secrets.token_urlsafe(24)
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return token
+
+
+def write_config(plan: DemoPlan, class_names: tuple[str, ...], port: int) -> None:
+    """The patchd.yaml the demo's serve and worker read."""
+    config = {
+        "state_dir": str(plan.state_dir),
+        "model": {
+            "name": MODEL_NAME,
+            "factory": FACTORY,
+            "factory_kwargs": {"num_classes": 2},
+            "class_names": list(class_names),
+        },
+        "groups": {"attributes": ["color"], "values": {"color": ["red", "green"]}},
+        "data": {"train": dataset_spec(plan)},
+        "sources": {"allowed_roots": [str(plan.images_dir)]},
+        "monitor": {
+            "interval_s": 1.0,
+            "window": plan.monitor_window,
+            "n_min": 20,
+            "reference_window": 200,
+            "cooldown_s": 30.0,
+        },
+        "trigger": {"min_interval_s": 0},
+        "patch": {**plan.recipe, "seed": 0},
+        "gate": {"n_min": 20, "auto_promote": False},
+        "redis": {"queue_prefix": "patchd-demo"},
+        "api": {"port": port},
+    }
+    plan.config_path.write_text(yaml.safe_dump(config, sort_keys=False))

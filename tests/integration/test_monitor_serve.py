@@ -1,0 +1,158 @@
+"""The monitor through a real ``patchd serve``: a stationary stream, then the minority subgroup's
+share grows and its accuracy drops. ``GroupDegraded`` (seen as the ``degraded`` state of
+``/v1/groups`` and ``patchd_alert_state``) and the patch trigger must come within a bounded number
+of that group's labeled events, and never during the stationary part. Per-cell accuracies are
+checked against a direct computation over the events the test sent."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.procs import ServeProcess, start_serve
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+CLASSES = ["a", "b"]
+BATCH = 250
+DETECTION_BOUND = 400  # labeled events of the affected group after the change
+
+
+class Stream:
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.i = 0
+        self.sent: list[tuple[int, int, str]] = []  # (label, pred, group) of every labeled event
+
+    def batch(
+        self, n: int, share_b: float, acc: dict[str, float]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:  # noqa: E501
+        preds, labels = [], []
+        now = datetime.now(UTC).isoformat()
+        for _ in range(n):
+            site = "B" if self.rng.random() < share_b else "A"
+            y = int(self.rng.integers(0, 2))
+            pred = y if self.rng.random() < acc[site] else 1 - y
+            conf = float(self.rng.uniform(0.6, 0.99))
+            probs = [conf, 1 - conf] if pred == 0 else [1 - conf, conf]
+            rid = f"r-{self.i}"
+            self.i += 1
+            preds.append(
+                {"id": rid, "ts": now, "pred": pred, "probs": probs, "groups": {"site": site}}
+            )
+            labels.append({"id": rid, "label": y})
+            self.sent.append((y, pred, f"site={site}"))
+        return preds, labels
+
+
+def post(client: httpx.Client, preds: list[dict[str, Any]], labels: list[dict[str, Any]]) -> None:
+    for path, body in (("/v1/predictions", preds), ("/v1/labels", labels)):
+        r = client.post(path, json=body)
+        assert r.status_code in (200, 202), r.text
+        assert r.json()["rejected"] == [], r.text
+
+
+def wait_for_monitor(client: httpx.Client, n_labeled: int, timeout: float = 30) -> dict[str, Any]:
+    """/v1/groups once the monitor's window holds all ``n_labeled`` events."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        doc = client.get("/v1/groups").json()
+        if doc["n"] >= n_labeled:
+            return doc
+        time.sleep(0.1)
+    raise AssertionError(f"monitor did not reach {n_labeled} labeled events: {doc}")
+
+
+def degraded_rows(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(c["class"], c["group"]) for c in doc["cells"] if c["state"] == "degraded"]
+
+
+def direct_accuracy(sent: list[tuple[int, int, str]]) -> dict[tuple[str, str], tuple[int, float]]:
+    counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for y, pred, group in sent:
+        for key in ((CLASSES[y], group), ("*", group)):
+            counts[key][0] += 1
+            counts[key][1] += int(pred == y)
+    return {k: (n, ok / n) for k, (n, ok) in counts.items()}
+
+
+@pytest.fixture
+def served(tmp_path: Path, clean_redis: str) -> ServeProcess:
+    overrides = {
+        "redis": {"url": clean_redis, "embedded": "never"},
+        "model": {"name": "m", "class_names": CLASSES},
+        "groups": {"attributes": ["site"], "values": {"site": ["A", "B"]}},
+        "monitor": {
+            "interval_s": 0.2,
+            "window": 50_000,
+            "reference_window": 2000,
+            "cooldown_s": 0,
+            "drift_window": 2000,
+        },
+        "trigger": {"min_interval_s": 0},
+    }
+    proc = start_serve(tmp_path, overrides)
+    yield proc
+    proc.stop()
+
+
+def test_minority_group_drop_is_detected_and_triggers_a_patch(served: ServeProcess) -> None:
+    stream, client = Stream(seed=7), served.client()
+    stationary = {"A": 0.92, "B": 0.90}
+    for _ in range(24):  # 6000 stationary events, B at 10% of traffic
+        post(client, *stream.batch(BATCH, 0.10, stationary))
+        doc = wait_for_monitor(client, len(stream.sent))
+        assert degraded_rows(doc) == [], f"false alarm in the stationary part: {doc['cells']}"
+    assert doc["reference"] == "window"
+    assert doc["patch_requests"] == []
+
+    changed_at = len(stream.sent)
+    b_after = 0
+    while b_after <= 3 * DETECTION_BOUND:
+        post(client, *stream.batch(100, 0.40, {"A": 0.92, "B": 0.55}))
+        b_after = sum(1 for _, _, g in stream.sent[changed_at:] if g == "site=B")
+        doc = wait_for_monitor(client, len(stream.sent))
+        if degraded_rows(doc):
+            break
+    assert degraded_rows(doc), "the drop of site=B was never detected"
+    assert all(g == "site=B" for _, g in degraded_rows(doc)), degraded_rows(doc)
+    print(f"site=B detected after {b_after} of its labeled events (posted in batches of 100)")
+    assert b_after <= DETECTION_BOUND, f"detected only after {b_after} labeled site=B events"
+
+    expected = direct_accuracy(stream.sent)
+    for cell in doc["cells"]:
+        n, acc = expected.get((cell["class"], cell["group"]), (0, None))
+        assert cell["n"] == n
+        if n:
+            assert cell["accuracy"] == pytest.approx(acc, abs=1e-12)
+            assert cell["ci_low"] <= acc <= cell["ci_high"]
+
+    _assert_triggered(served, client)
+    metrics = httpx.get(served.url + "/metrics").text
+    assert 'patchd_alert_state{class="*",group="site=B",model="m",state="degraded"} 1.0' in metrics
+    assert 'patchd_group_samples{class="a",group="site=other",model="m"} 0.0' in metrics
+
+
+def _assert_triggered(served: ServeProcess, client: httpx.Client, timeout: float = 10) -> None:
+    """The trigger created a run (runs API) or recorded the request (kv, via /v1/groups)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        requests = client.get("/v1/groups").json()["patch_requests"]
+        if requests:
+            assert len(requests) == 1, requests  # one open run/request per model
+            assert "site=B" in requests[0]["reason"]
+            print("patch request:", requests[0])
+            if requests[0]["run_id"]:
+                runs = client.get("/v1/runs").json()
+                runs = runs.get("runs", runs) if isinstance(runs, dict) else runs
+                assert any(r["id"] == requests[0]["run_id"] for r in runs), runs
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no patch request after degradation:\n{served.log()[-3000:]}")
