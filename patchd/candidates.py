@@ -177,7 +177,7 @@ class CandidatesComponent(Component):
         except PatchdError as err:
             log.error("candidate for run %s not created: %s", event.run_id, err)
 
-    # -- reads ---------------------------------------------------------------------------------------
+    # -- reads ---------------------------------------------------------------------------------
     def get(self, candidate_id: str) -> Candidate:
         with self.services.store.read() as conn:
             row = conn.execute(
@@ -208,7 +208,7 @@ class CandidatesComponent(Component):
             ).fetchone()[0]
         return counts, (time.time() - oldest) if oldest else 0.0
 
-    # -- evaluation ----------------------------------------------------------------------------------
+    # -- evaluation ----------------------------------------------------------------------------
     def evaluate_run(self, run_id: str, model: str) -> Candidate:
         """Gate a finished run and register its model as a candidate (idempotent per run)."""
         if not _RUN_ID.match(run_id or ""):
@@ -226,7 +226,7 @@ class CandidatesComponent(Component):
             self._insert(cid, model, run_id, digest, inputs.parent)
             try:
                 return self._gate(cid, model, run_id, digest, inputs)
-            except PatchdError as err:
+            except Exception as err:  # never leave a candidate stuck in `evaluating`
                 self._finish(cid, "fail", None, None, note=f"evaluation error: {err}")
                 self.audit.append(
                     AuditEntry(
@@ -252,7 +252,8 @@ class CandidatesComponent(Component):
             conn.execute(
                 "INSERT INTO candidates (id, model, run_id, digest, state, created_at, updated_at,"
                 " parent) VALUES (?, ?, ?, ?, 'evaluating', ?, ?, ?) ON CONFLICT(id) DO UPDATE SET"
-                " digest = excluded.digest, parent = excluded.parent, updated_at = excluded.updated_at",
+                " digest = excluded.digest, parent = excluded.parent,"
+                " updated_at = excluded.updated_at",
                 (cid, model, run_id, digest, now, now, parent),
             )
 
@@ -332,7 +333,7 @@ class CandidatesComponent(Component):
                 ),
             )
 
-    # -- reports ---------------------------------------------------------------------------------------
+    # -- reports -------------------------------------------------------------------------------
     def report(self, candidate_id: str) -> Any:
         """The :class:`~patchd.report.CandidateReport` of a gated candidate, current state."""
         from patchd.candidates_inputs import candidate_report
@@ -353,9 +354,9 @@ class CandidatesComponent(Component):
         except (PatchdError, OSError) as err:
             log.warning("report of candidate %s not written: %s", candidate_id, err)
 
-    # -- decisions -------------------------------------------------------------------------------------
+    # -- decisions -----------------------------------------------------------------------------
     def approve(self, candidate_id: str, digest: str, actor: str) -> Candidate:
-        """Promote an awaiting candidate; ``digest`` must be the candidate's (no stale approvals)."""
+        """Promote an awaiting candidate; ``digest`` must be the candidate's (no stale ones)."""
         with self._lock:
             cand = self._awaiting(candidate_id, "approve")
             if digest != cand.digest:
@@ -432,15 +433,29 @@ class CandidatesComponent(Component):
                 raise NotFoundError("production model", model)
             with self.services.store.write() as conn:
                 pointer = self.registry.rollback(model, actor, expect=digest)
-                conn.execute(
-                    "UPDATE candidates SET state = 'rolled_back', decided_by = ?, decided_at = ?,"
-                    " updated_at = ? WHERE model = ? AND digest = ? AND state = 'promoted'",
-                    (actor, time.time(), time.time(), model, current.sha256),
-                )
+                rolled = [
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT id FROM candidates WHERE model = ? AND digest = ? AND state = "
+                        "'promoted'",
+                        (model, current.sha256),
+                    )
+                ]
+                for cid in rolled:
+                    self._transition(conn, cid, "promoted", "rolled_back", actor)
             self.audit.append(
-                AuditEntry(actor, "rolled_back", model, pointer.sha256, previous=current.sha256)
+                AuditEntry(
+                    actor,
+                    "rolled_back",
+                    model,
+                    pointer.sha256,
+                    ",".join(rolled) or None,
+                    current.sha256,
+                )
             )
             self.promotions.labels("rolled_back").inc()
+        for cid in rolled:
+            self.write_report(cid)
         self.services.bus.publish(
             ModelRolledBack(
                 model=model, digest=pointer.sha256, rolled_back_from=current.sha256, by=actor
@@ -509,7 +524,7 @@ class CandidatesComponent(Component):
         weights = self.registry.version_dir(model, digest) / "model.safetensors"
         self.hooks.fire(HookEvent(event, model, digest, previous, weights))
 
-    # -- housekeeping ------------------------------------------------------------------------------------
+    # -- housekeeping --------------------------------------------------------------------------
     def tick(self) -> None:
         """Expire overdue approvals; garbage-collect old registry versions."""
         now = time.time()

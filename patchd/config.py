@@ -125,6 +125,7 @@ class MonitorConfig(Section):
     reference_window: int = Field(2000, ge=10)
     # false alarms of all cells together stay within 1 - confidence over this many labeled events
     horizon_events: int = Field(1_000_000, ge=1000)
+    drift_interval_s: float = Field(60.0, gt=0)  # the label-free drift pass (evidently)
     drift_window: int = Field(5000, ge=100)  # newest predictions (labeled or not) drift looks at
     drift_min_samples: int = Field(200, ge=5)  # per group, in reference and current, to test drift
     warning_confidence_drop: float = Field(0.05, ge=0, le=1)  # drift + this drop -> warning

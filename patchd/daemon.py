@@ -40,7 +40,7 @@ from patchd.auth import TokenStore
 from patchd.components import COMPONENTS
 from patchd.config import Config
 from patchd.domain import EventBus
-from patchd.exceptions import PatchdError, PluginError
+from patchd.exceptions import ConfigError, PatchdError, PluginError
 from patchd.exporter import BuildInfoCollector, IngestCollector, metrics_router
 from patchd.ingest import IngestPipeline
 from patchd.services import Services
@@ -162,6 +162,13 @@ class Daemon:
     def start(self) -> None:
         self._transition(RunState.STARTING)
         config = self.config
+        for i, source in enumerate(config.sources.tail):  # fail fast, before anything starts
+            from patchd.tailer import check_glob
+
+            try:
+                check_glob(source.glob, config.sources.allowed_roots)
+            except ConfigError as err:
+                raise ConfigError(f"sources.tail.{i}.glob: {err}") from None
         config.state_dir.mkdir(parents=True, exist_ok=True)
         redis_url = self._start_redis()
         store = Store.open(config.store_path, synchronous=config.store.synchronous)

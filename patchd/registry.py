@@ -271,7 +271,7 @@ class Registry:
         return self.get(model, sha)
 
     def write_files(self, model: str, sha256: str, files: Mapping[str, bytes]) -> None:
-        """Atomically add or replace files (reports) of a published version; updates its manifest."""
+        """Atomically add or replace files (reports) of a published version and its manifest."""
         version = self.get(model, sha256)
         digests = dict(version.manifest.files)
         for name, data in files.items():

@@ -2,7 +2,7 @@
 load generator (closed loop, keep-alive connections, one thread per connection).
 
     python -m uvicorn tests.capture_apps:app --port P      # env PATCHD_URL, PATCHD_TOKEN
-    python -m tests.capture_apps loadgen URL SECONDS THREADS OUT.json
+    python -m tests.capture_apps loadgen URL STOP_FILE THREADS OUT.json   # runs until STOP_FILE exists
 """
 
 from __future__ import annotations
@@ -49,16 +49,23 @@ def build_app() -> Any:
     return api
 
 
-def loadgen(url: str, seconds: float, threads: int, out: str) -> None:
-    """Closed-loop load; writes per-request (start wall time, latency s, status, id)."""
+def loadgen(url: str, stop_file: str, threads: int, out: str) -> None:
+    """Closed-loop load until ``stop_file`` exists (checked every 0.1 s; at most 300 s);
+    writes per-request (start wall time, latency s, status, id)."""
     parts = urlsplit(url)
     results: list[list[tuple[float, float, int, str]]] = [[] for _ in range(threads)]
-    deadline = time.time() + seconds
+    stop = threading.Event()
+
+    def watch() -> None:
+        deadline = time.monotonic() + 300
+        while not os.path.exists(stop_file) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stop.set()
 
     def worker(k: int) -> None:
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
         n = 0
-        while time.time() < deadline:
+        while not stop.is_set():
             rid = f"L{k}-{n}"
             body = json.dumps({"x": n}).encode()
             headers = {"Content-Type": "application/json", "x-request-id": rid,
@@ -76,6 +83,7 @@ def loadgen(url: str, seconds: float, threads: int, out: str) -> None:
             results[k].append((t0, time.time() - t0, status, rid))
             n += 1
 
+    threading.Thread(target=watch, daemon=True).start()
     pool = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
     for t in pool:
         t.start()
@@ -86,6 +94,6 @@ def loadgen(url: str, seconds: float, threads: int, out: str) -> None:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["loadgen"]:
-    loadgen(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+    loadgen(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
 elif os.environ.get("PATCHD_URL"):  # imported by uvicorn as tests.capture_apps:app
     app = build_app()

@@ -42,8 +42,15 @@ def evaluation(
         cell += [k] * n
         inc += list(rng.permutation(ia))
         cand += list(rng.permutation(ca))
-    return paired(np.array(inc), np.array(cand), np.array(cell), class_names, group_names,
-                  confidence=0.95, n_min=1)
+    return paired(
+        np.array(inc),
+        np.array(cand),
+        np.array(cell),
+        class_names,
+        group_names,
+        confidence=0.95,
+        n_min=1,
+    )
 
 
 def safetensors_bytes(values: Sequence[float], name: str = "linear.weight") -> bytes:
@@ -63,22 +70,47 @@ def write_weights(path: Path, seed: float) -> str:
 
 
 def fake_run(
-    artifacts: Path, run_id: str, ev: PairedEvaluation, weights_seed: float, png: bytes | None = None
+    artifacts: Path,
+    run_id: str,
+    ev: PairedEvaluation,
+    weights_seed: float,
+    png: bytes | None = None,
 ) -> str:
     """A finished run's artifacts: train/model.safetensors (+manifest), evaluate/evaluation.json."""
     rdir = artifacts / "runs" / run_id
     sha = write_weights(rdir / "train" / "model.safetensors", weights_seed)
-    (rdir / "train" / "manifest.json").write_text(json.dumps(
-        {"schema": 1, "stage": "train", "run_id": run_id,
-         "files": {"model.safetensors": sha}, "result": {}}))
+    (rdir / "train" / "manifest.json").write_text(
+        json.dumps(
+            {
+                "schema": 1,
+                "stage": "train",
+                "run_id": run_id,
+                "files": {"model.safetensors": sha},
+                "result": {},
+            }
+        )
+    )
     (rdir / "evaluate").mkdir(parents=True, exist_ok=True)
     (rdir / "evaluate" / "evaluation.json").write_text(ev.to_json())
     if png is not None:
         (rdir / "mine").mkdir(parents=True, exist_ok=True)
         (rdir / "mine" / "failure_report.png").write_bytes(png)
-        (rdir / "mine" / "mining.json").write_text(json.dumps({"modes": [
-            {"cls": 0, "class_name": "top", "description": "color=red (82% of errors)",
-             "strength": 0.91, "n_wrong": 41, "n_total": 50}]}))
+        (rdir / "mine" / "mining.json").write_text(
+            json.dumps(
+                {
+                    "modes": [
+                        {
+                            "cls": 0,
+                            "class_name": "top",
+                            "description": "color=red (82% of errors)",
+                            "strength": 0.91,
+                            "n_wrong": 41,
+                            "n_total": 50,
+                        }
+                    ]
+                }
+            )
+        )
         (rdir / "synthesize" / "previews").mkdir(parents=True, exist_ok=True)
         for i in range(3):
             (rdir / "synthesize" / "previews" / f"top_red_to_green_{i}.png").write_bytes(png)
@@ -94,8 +126,7 @@ def failing() -> PairedEvaluation:
 
 
 def make_config(tmp: Path, **gate: object) -> Config:
-    return build_config({"state_dir": str(tmp / "state"), "model": {"name": "m"},
-                         "gate": gate})
+    return build_config({"state_dir": str(tmp / "state"), "model": {"name": "m"}, "gate": gate})
 
 
 def png_bytes(width: int = 96, height: int = 64) -> bytes:
@@ -108,9 +139,17 @@ def png_bytes(width: int = 96, height: int = 64) -> bytes:
     )
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )

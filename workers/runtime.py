@@ -61,8 +61,8 @@ def build_model(config: Config) -> torch.nn.Module:
 
     try:
         return _build(config.model)
-    except PatchdError as err:
-        raise StageError(f"model.factory {config.model.factory!r}: {err}") from err
+    except PatchdError:
+        raise  # its message already names the factory
     except Exception as err:
         raise StageError(
             f"model.factory {config.model.factory!r} failed ({type(err).__name__}: {err}); "

@@ -74,6 +74,7 @@ def build_worker(config: Config, queues: list[str] | None = None) -> PatchWorker
 
 PRELOAD = (
     "torch",
+    "torch._dynamo",  # imported lazily by the first optimizer: seconds per forked horse otherwise
     "patchd.workers.jobs",
     "patchd.ml.models",
     "patchd.ml.datasets",

@@ -166,17 +166,19 @@ CELL_STATE = (
 )
 
 
-def fleet() -> dict[str, Any]:
-    health = [
+def _fleet_health() -> list[Panel]:
+    return [
         Panel("serve up", "stat", (Query('up{job="patchd"}', "{{instance}}"),), width=4,
               height=4, mappings=({"type": "value", "options": {
                   "0": {"text": "DOWN", "color": "red"}, "1": {"text": "UP", "color": "green"}}},)),
         Panel("Version", "stat", (Query("patchd_build_info", "{{version}}", instant=True),),
               width=4, height=4,
               options={"textMode": "name", "reduceOptions": {"calcs": ["lastNotNull"]}}),
-        Panel("Degraded cells", "stat", (Query('sum(patchd_alert_state{state="degraded"})'),),
+        Panel("Degraded cells", "stat",
+              (Query('sum(patchd_alert_state{class!="*",state="degraded"})'),),
               width=4, height=4, thresholds=(("green", None), ("red", 1))),
-        Panel("Warning cells", "stat", (Query('sum(patchd_alert_state{state="warning"})'),),
+        Panel("Warning cells", "stat",
+              (Query('sum(patchd_alert_state{class!="*",state="warning"})'),),
               width=4, height=4, thresholds=(("green", None), ("orange", 1))),
         Panel("Awaiting approval", "stat",
               (Query('sum(patchd_candidates{state="awaiting_approval"})'),), width=4, height=4,
@@ -185,7 +187,10 @@ def fleet() -> dict[str, Any]:
               (Query("max(patchd_awaiting_approval_seconds)"),), width=4, height=4, unit="s",
               thresholds=(("green", None), ("orange", 172800))),
     ]  # fmt: skip
-    ingest = [
+
+
+def _fleet_ingest() -> list[Panel]:
+    return [
         Panel("Predictions ingested / s by source", "timeseries", (Query(
             "sum by (source) (rate(patchd_predictions_ingested_total[$__rate_interval]))",
             "{{source}}"),), width=8, unit="reqps"),
@@ -196,23 +201,30 @@ def fleet() -> dict[str, Any]:
             "sum(rate(patchd_labels_joined_total[$__rate_interval]))", "joined"),),
             width=8, unit="reqps"),
     ]  # fmt: skip
-    models = [
+
+
+def _fleet_models() -> list[Panel]:
+    return [
         Panel("Worst-group accuracy per model", "timeseries",
               (Query("patchd_worst_group_accuracy_ratio", "{{model}}"),), width=12,
               thresholds=ACC_STEPS, description="Accuracy of the worst (class x subgroup) cell "
               "with at least monitor.n_min labeled samples.", **RATIO),
         Panel("Cells per state and model", "bargauge",
-              (Query("sum by (model, state) (patchd_alert_state)", "{{model}} {{state}}",
-                     instant=True),), width=12,
+              (Query('sum by (model, state) (patchd_alert_state{class!="*"})',
+                     "{{model}} {{state}}", instant=True),), width=12,
               options={"displayMode": "basic", "orientation": "horizontal"}),
-        Panel("Cells not ok", "table", (Query(
+        Panel("Rows not ok (class * pools a subgroup's classes)", "table", (Query(
             'patchd_alert_state{state!="ok"} == 1', instant=True, table=True),), width=24,
             transformations=({"id": "organize", "options": {"excludeByName": {
                 "Time": True, "Value": True, "__name__": True, "job": True, "instance": True}}},)),
     ]  # fmt: skip
+
+
+def fleet() -> dict[str, Any]:
     return dashboard(
         "patchd-fleet", "patchd / Fleet overview",
-        [("Health", health), ("Ingest", ingest), ("Models", models)], [],
+        [("Health", _fleet_health()), ("Ingest", _fleet_ingest()), ("Models", _fleet_models())],
+        [],
         "Is patchd up, is it ingesting, and which models have a failing subgroup.",
     )  # fmt: skip
 

@@ -229,7 +229,7 @@ def report(phases: list[Phase], out: Path) -> None:
 @click.command("client")
 @click.option("--calls", default=100_000, show_default=True, help="log() calls per phase")
 @click.option("--rate", default=10_000.0, show_default=True, help="calls per second (paced)")
-@click.option("--max-queue", default=20_000, show_default=True, help="PatchdLogger.max_queue")
+@click.option("--max-queue", default=100_000, show_default=True, help="PatchdLogger.max_queue")
 @click.option("--url", default=None, help="a running patchd serve (default: start one here)")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS, show_default=True)
 def client(calls: int, rate: float, max_queue: int, url: str | None, out: Path) -> None:

@@ -14,6 +14,8 @@ BENCHES: dict[str, str] = {
     "ingest": "patchd.bench.ingest:ingest",
     "monitor": "patchd.bench.monitor:monitor",
     "client": "patchd.bench.client:client",
+    "quality": "patchd.bench.quality:quality",
+    "mining": "patchd.bench.mining:mining",
 }
 
 

@@ -2,6 +2,7 @@
 
 - an apscheduler interval job (``monitor.interval_s``, coalesce, max_instances=1, so a slow tick
   is skipped rather than piled up) runs :meth:`ModelMonitor.tick` and publishes its domain events;
+  a second job (``monitor.drift_interval_s``) runs the label-free drift pass (evidently);
 - ``GroupDegraded`` (and ``GroupWarning`` when ``trigger.on`` lists "warning") go to
   :func:`patchd.monitor.trigger.request_patch`;
 - ``ModelPromoted`` resets the reference (to the new version's evaluation when the registry has
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 JOB_ID = "monitor-tick"
+DRIFT_JOB_ID = "monitor-drift"
 
 
 class MonitorComponent(Component):
@@ -69,31 +71,37 @@ class MonitorComponent(Component):
         if "warning" in self.services.config.trigger.on:
             bus.subscribe(GroupWarning, self._on_degraded)
         bus.subscribe(ModelPromoted, self._on_promoted)
+        monitor = self.services.config.monitor
+        self._every(self.tick, JOB_ID, monitor.interval_s, dt.timedelta(0))
+        self._every(
+            self.drift_pass, DRIFT_JOB_ID, monitor.drift_interval_s, dt.timedelta(seconds=1)
+        )
+
+    def _every(self, func: Any, job_id: str, seconds: float, delay: dt.timedelta) -> None:
         self.services.scheduler.add_job(
-            self.tick,
+            func,
             "interval",
-            seconds=self.services.config.monitor.interval_s,
-            id=JOB_ID,
+            seconds=seconds,
+            id=job_id,
             replace_existing=True,
             coalesce=True,
             max_instances=1,
             misfire_grace_time=None,
-            next_run_time=dt.datetime.now(dt.UTC),
+            next_run_time=dt.datetime.now(dt.UTC) + delay,
         )
 
     def stop(self) -> None:
         scheduler = self.services.scheduler
-        if scheduler.get_job(JOB_ID) is not None:
-            scheduler.remove_job(JOB_ID)
+        for job_id in (JOB_ID, DRIFT_JOB_ID):
+            if scheduler.get_job(job_id) is not None:
+                scheduler.remove_job(job_id)
 
     def tick(self) -> MonitorSnapshot:
         """One monitor pass (the scheduler job; tests may call it directly)."""
         with self._lock:
             self._apply_promotion()
             snap, events = self.engine.tick(self.services.store)
-        for event in events:
-            _log_event(event)
-            self.services.bus.publish(event)
+        self._publish(events)
         log.debug(
             "model=%s: tick %.3fs, %d labeled events in window",
             self.model,
@@ -101,6 +109,18 @@ class MonitorComponent(Component):
             snap.n,
         )
         return snap
+
+    def drift_pass(self) -> None:
+        """The label-free drift pass (the second scheduler job; tests may call it directly)."""
+        ref, drift = self.engine.compute_drift()  # slow (evidently), outside the lock
+        with self._lock:
+            events = self.engine.apply_drift(ref, drift)
+        self._publish(events)
+
+    def _publish(self, events: list[DomainEvent]) -> None:
+        for event in events:
+            _log_event(event)
+            self.services.bus.publish(event)
 
     def _on_degraded(self, event: GroupDegraded | GroupWarning) -> None:
         if event.model != self.model:

@@ -1,7 +1,11 @@
-"""One model's monitor: window, reference, alert policy and drift, advanced by :meth:`tick`.
+"""One model's monitor: window, reference, alert policy and drift.
+
+:meth:`ModelMonitor.tick` is the accuracy pass (cheap, every ``monitor.interval_s``);
+:meth:`ModelMonitor.compute_drift` + :meth:`ModelMonitor.apply_drift` are the label-free drift
+pass (evidently; a separate, slower job, so importing or running evidently never delays an alarm).
 
 A tick reads the events labeled since the last tick, advances every row's sequential test over
-them (in label order), recomputes the window's cell statistics and the label-free drift, and
+them (in label order), recomputes the window's cell statistics and the traffic shares, and
 returns a frozen :class:`MonitorSnapshot` plus the domain events to publish. It never raises for
 bad data; store errors propagate to the scheduler job, which logs them.
 """
@@ -77,6 +81,8 @@ class ModelMonitor:
     reference: Reference | Learning | None = None
     learned: LabeledEvents = field(default_factory=LabeledEvents.empty)
     drifting: set[tuple[str, str]] = field(default_factory=set)
+    traffic: Traffic | None = None  # the newest predictions, as the last tick read them
+    drift: tuple[DriftResult, ...] = ()
     snapshot: MonitorSnapshot | None = None
 
     def __post_init__(self) -> None:
@@ -147,13 +153,26 @@ class ModelMonitor:
             self.config.monitor.confidence,
         )
         events = self.policy.events(transitions, stats, ref)
-        drift = (
-            all_drift(ref, traffic, self.groups.names, len(self.classes), self.config.monitor)
-            if ref
-            else ()
+        self.traffic = traffic
+        return self._snapshot(stats, th, ref, traffic, self.drift, now), events
+
+    def compute_drift(self) -> tuple[Reference | None, tuple[DriftResult, ...]]:
+        """Drift of the last tick's traffic against the reference (slow; call outside locks)."""
+        ref, traffic = self.reference, self.traffic
+        if not isinstance(ref, Reference) or traffic is None:
+            return None, ()
+        return ref, all_drift(
+            ref, traffic, self.groups.names, len(self.classes), self.config.monitor
         )
-        events.extend(self._drift_events(drift, traffic, ref))
-        return self._snapshot(stats, th, ref, traffic, drift, now), events
+
+    def apply_drift(
+        self, ref: Reference | None, drift: tuple[DriftResult, ...]
+    ) -> list[DomainEvent]:
+        """Adopt drift results (unless the reference changed meanwhile); the events to publish."""
+        if ref is None or ref is not self.reference or self.traffic is None:
+            return []
+        self.drift = drift
+        return self._drift_events(drift, self.traffic, ref)
 
     def _thresholds(self, ref: Reference | None) -> Thresholds:
         k = max(len(self.classes), class_count(self.window.events, self.classes))
@@ -182,6 +201,7 @@ class ModelMonitor:
         self.learned = LabeledEvents.empty()
         self.policy.reset()
         self.drifting.clear()
+        self.drift = ()
         self._register_reference_groups()
         if store is not None:
             with store.write() as conn:

@@ -27,7 +27,8 @@ _CSS = """
 margin:0;color:#1f2328;background:#f6f8fa}main{max-width:1180px;margin:0 auto;padding:0 24px 48px}
 .banner{color:#fff;padding:22px 24px;margin:0 0 20px}.banner .inner{max-width:1180px;margin:0 auto}
 .banner h1{margin:0 0 4px;font-size:28px;letter-spacing:.2px}.banner .sub{opacity:.92}
-.banner ul{margin:10px 0 0;padding-left:20px}.banner code{background:rgba(255,255,255,.18);
+.banner ul{margin:10px 0 0;padding-left:20px}.banner .next{margin-top:10px;font-weight:500}
+.banner code{background:rgba(255,255,255,.18);
 padding:1px 6px;border-radius:4px;color:#fff}
 .cards{display:grid;grid-template-columns:repeat(3,1fr);gap:14px;margin-bottom:20px}
 .card{background:#fff;border:1px solid #d0d7de;border-radius:8px;padding:14px 16px}
@@ -80,20 +81,21 @@ def _delta_tone(value: float | None, tolerance: float) -> str:
 def _banner(report: CandidateReport) -> str:
     verdict = report.decision.verdict.value
     reasons = "".join(f"<li>{escape(r)}</li>" for r in report.decision.reasons)
-    action = ""
     by = f" by {escape(report.decided_by)}" if report.decided_by else ""
+    action = ""
     if report.state == "awaiting_approval":
+        cid = escape(report.candidate_id)
+        closes = f" &middot; window closes {_when(report.expires_at)}" if report.expires_at else ""
         action = (
-            f" &middot; approve: <code>patchd approve {escape(report.candidate_id)}</code>"
-            f" &middot; reject: <code>patchd reject {escape(report.candidate_id)}</code>"
+            f'<div class="next">Next: <code>patchd approve {cid}</code> or '
+            f"<code>patchd reject {cid}</code>{closes}</div>"
         )
     return (
         f'<div class="banner" style="background:{_COLORS[verdict]}"><div class="inner">'
         f"<h1>{escape(_TITLES[verdict])}</h1>"
         f'<div class="sub">Candidate <b>{escape(report.candidate_id)}</b> for model '
-        f"<b>{escape(report.model)}</b> &middot; state <b>{escape(report.state)}</b>{by}{action}"
-        "</div>"
-        f"<ul>{reasons}</ul></div></div>"
+        f"<b>{escape(report.model)}</b> &middot; state <b>{escape(report.state)}</b>{by}</div>"
+        f"<ul>{reasons}</ul>{action}</div></div>"
     )
 
 
@@ -111,8 +113,8 @@ def _cards(report: CandidateReport) -> str:
             d.candidate_worst[1],
             f'<span class="{_tone(wg_lo, d.min_improvement)}">{_pp(d.worst_group_delta)}</span> '
             f"({d.confidence:.0%} bounds {_pp(wg_lo)} .. {_pp(wg_hi)}; needs &ge; "
-            f"{_pp(d.min_improvement)})<br>was <b>{escape(d.incumbent_worst[0])}</b>, now "
-            f"<b>{escape(d.candidate_worst[0])}</b>",
+            f"{_pp(d.min_improvement)})<br>"
+            + _worst_cells(d.incumbent_worst[0], d.candidate_worst[0]),
         )
         + _card(
             "Average accuracy",
@@ -127,6 +129,12 @@ def _cards(report: CandidateReport) -> str:
         f"{len(report.rows)} cells; smallest cell n={n_small} (n_min={d.n_min})<br>"
         f"{escape(d.method)}, B={d.n_bootstrap}</div></div></div>"
     )
+
+
+def _worst_cells(before: str, after: str) -> str:
+    if before == after:
+        return f"worst cell: <b>{escape(before)}</b>"
+    return f"worst cell was <b>{escape(before)}</b>, now <b>{escape(after)}</b>"
 
 
 def _card(title: str, before: float, after: float, detail: str) -> str:
@@ -249,7 +257,7 @@ def _kv(rows: Iterable[tuple[str, str]], empty: str = "") -> str:
 
 def _recipe_section(report: CandidateReport) -> str:
     recipe = [
-        (k, f"<code>{escape(json.dumps(v, sort_keys=True))}</code>")
+        (k, f"<code>{escape(v if isinstance(v, str) else json.dumps(v, sort_keys=True))}</code>")
         for k, v in sorted(report.recipe.items())
     ]
     total = sum(report.stage_seconds.values())

@@ -86,7 +86,7 @@ class Region:
     label: int  # default: majority source class of its codes
     label_name: str
     predicted: str  # the model's majority (wrong) prediction on the region's samples
-    preview: str
+    preview: str  # relative to the stage directory
 
 
 def train_vae(train: ImageSet, params: dict[str, Any], steps: int, device: torch.device, gen: torch.Generator) -> VAE:
@@ -176,7 +176,7 @@ class VAEAugmenter(Augmenter):
         dpgmm = fit_regions(codes, params, ctx.seed)
         extra, regions = self.sample_regions(ctx, vae, model, train, dpgmm, codes, labels, params)
         (ctx.out_dir / "regions.json").write_text(json.dumps([asdict(r) for r in regions], indent=2))
-        previews = tuple(Path(r.preview) for r in regions)
+        previews = tuple(ctx.out_dir / r.preview for r in regions)
         info = {"flips": len(codes), "regions": len(regions)}
         return Augmentation(kind=self.name, extra=extra, previews=previews, info=info)
 
@@ -197,7 +197,7 @@ class VAEAugmenter(Augmenter):
             pred = int(torch.bincount(predict(model, x)).argmax())
             png = save_grid(x[:16], ctx.out_dir / "previews" / f"region_{rid}.png", nrow=8)
             regions.append(Region(rid, float(dpgmm.weights_[k]), int((assign == k).sum()), label,
-                                  train.class_names[label], train.class_names[pred], str(png)))
+                                  train.class_names[label], train.class_names[pred], png.relative_to(ctx.out_dir).as_posix()))
             images.append(x)
         extra = ImageSet(
             x=torch.cat(images),

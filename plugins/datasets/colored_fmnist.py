@@ -37,6 +37,8 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
         raise StageError(f"{path} is not an IDX file (bad magic {raw[:4].hex()})")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise StageError(f"{path}: IDX header truncated ({len(raw)} bytes for {ndim} dimensions)")
     dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(np.int64)
     dtype = np.dtype(IDX_DTYPES[raw[2]])
     offset = 4 + 4 * ndim

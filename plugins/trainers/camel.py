@@ -129,7 +129,7 @@ class CamelTrainer(Trainer):
                 robust = dro.loss(
                     F.cross_entropy(logits, y, reduction="none"), cells[idx].to(device)
                 )
-                return robust, {"loss": float(robust), "robust": float(robust)}
+                return robust, {"loss": float(robust.detach()), "robust": float(robust.detach())}
             n = len(idx)
             both = torch.cat([x, views[0][idx].to(device), views[1][idx].to(device)])
             logits = net(both)
@@ -139,7 +139,7 @@ class CamelTrainer(Trainer):
             probs = torch.softmax(logits, dim=1)
             cons = consistency_terms(probs[:n], probs[n : 2 * n], probs[2 * n :]).mean() * n_cells
             loss = robust + lam * cons
-            return loss, {"loss": float(loss), "robust": float(robust), "consistency": float(cons)}
+            return loss, {"loss": float(loss.detach()), "robust": float(robust.detach()), "consistency": float(cons.detach())}
 
         steps = max(1, len(train) // budget.batch_size)
         optimizer = make_optimizer(net, params, budget.lr)

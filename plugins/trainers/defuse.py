@@ -79,7 +79,7 @@ class DefuseTrainer(Trainer):
             base = F.cross_entropy(net(train.x[i].to(device)), train.y[i].to(device))
             region = F.cross_entropy(net(regions.x[j].to(device)), regions.y[j].to(device))
             loss = base + lam * region
-            return loss, {"loss": float(loss), "train_ce": float(base), "region_ce": float(region)}
+            return loss, {"loss": float(loss.detach()), "train_ce": float(base.detach()), "region_ce": float(region.detach())}
 
         steps = max(1, len(train) // bs)
         optimizer = make_optimizer(net, params, budget.lr)

@@ -73,7 +73,7 @@ class GroupDROTrainer(Trainer):
             logits = net(train.x[idx].to(device))
             losses = F.cross_entropy(logits, train.y[idx].to(device), reduction="none")
             loss = dro.loss(losses, cells[idx].to(device))
-            return loss, {"loss": float(loss)}
+            return loss, {"loss": float(loss.detach())}
 
         steps = max(1, len(train) // budget.batch_size)
         optimizer = make_optimizer(net, params, budget.lr)

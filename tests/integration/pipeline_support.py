@@ -49,8 +49,15 @@ def write_events(root: Path, n: int) -> tuple[list[dict[str, Any]], list[dict[st
         arr = (test.x[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         Image.fromarray(arr).save(path)
         color = test.group_names[int(test.g[i])].split("=")[1]
-        preds.append({"id": f"e{i}", "pred": 0, "probs": [0.6, 0.4], "groups": {"color": color},
-                      "input": {"uri": path.as_uri()}})
+        preds.append(
+            {
+                "id": f"e{i}",
+                "pred": 0,
+                "probs": [0.6, 0.4],
+                "groups": {"color": color},
+                "input": {"uri": path.as_uri()},
+            }
+        )
         labels.append({"id": f"e{i}", "label": int(test.y[i])})
     return preds, labels
 
@@ -58,22 +65,39 @@ def write_events(root: Path, n: int) -> tuple[list[dict[str, Any]], list[dict[st
 def base_config(tmp_path: Path, redis_url: str, weights: Path, **patch: Any) -> dict[str, Any]:
     return {
         "redis": {"url": redis_url, "embedded": "never"},
-        "model": {"name": "digits", "factory": "patchd.ml.models:small_cnn",
-                  "factory_kwargs": FACTORY_KWARGS, "weights": str(weights),
-                  "class_names": CLASS_NAMES},
+        "model": {
+            "name": "digits",
+            "factory": "patchd.ml.models:small_cnn",
+            "factory_kwargs": FACTORY_KWARGS,
+            "weights": str(weights),
+            "class_names": CLASS_NAMES,
+        },
         "groups": {"attributes": ["color"]},
         "data": {"train": {"kind": "colored-digits"}, "use_production_slice": True},
         "sources": {"allowed_roots": [str(tmp_path / "images")]},
         "trigger": {"enabled": False},
-        "patch": {"miner": "svm", "augmenter": "none", "trainer": "erm",
-                  "budget": {"epochs": 1, "batch_size": 64}, "retries": 2,
-                  "poll_interval_s": 0.5, "job_monitoring_interval_s": 1,
-                  "heartbeat_grace_s": 3, "torch_threads": 1, **patch},
+        "patch": {
+            "miner": "svm",
+            "augmenter": "none",
+            "trainer": "erm",
+            "budget": {"epochs": 1, "batch_size": 64},
+            "retries": 2,
+            "poll_interval_s": 0.5,
+            "job_monitoring_interval_s": 1,
+            "heartbeat_grace_s": 3,
+            "torch_threads": 1,
+            **patch,
+        },
     }
 
 
-def wait_run(client: httpx.Client, run_id: str, until: tuple[str, ...],
-             timeout: float = 90, stage: str | None = None) -> dict[str, Any]:
+def wait_run(
+    client: httpx.Client,
+    run_id: str,
+    until: tuple[str, ...],
+    timeout: float = 90,
+    stage: str | None = None,
+) -> dict[str, Any]:
     """Poll ``GET /v1/runs/{id}`` until its state is in ``until`` (and at ``stage`` if given)."""
     deadline = time.monotonic() + timeout
     run: dict[str, Any] = {}

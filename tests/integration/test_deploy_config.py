@@ -189,6 +189,41 @@ def test_dockerfiles_serve_without_torch_worker_with_extra() -> None:
     assert "HEALTHCHECK" in serve
 
 
+def _requirement_closure(dist: str) -> set[str]:
+    """Normalised names of every distribution `pip install DIST` (no extras) pulls in."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    seen: set[str] = set()
+    stack: list[tuple[str, tuple[str, ...]]] = [(dist, ())]
+    while stack:
+        name, extras = stack.pop()
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            requirements = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for text in requirements:
+            req = Requirement(text)
+            active = ("", *extras)
+            if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in active):
+                stack.append((req.name, tuple(req.extras)))
+    return seen
+
+
+def test_serve_image_install_pulls_no_heavy_ml_stack() -> None:
+    """Dockerfile.serve runs `pip install .`: its dependency closure (from this venv's
+    metadata) must hold no torch, torchvision, diffusers, transformers or open_clip."""
+    closure = _requirement_closure("patchd")
+    assert "fastapi" in closure and "prometheus-client" in closure  # the walk works
+    heavy = {"torch", "torchvision", "diffusers", "transformers", "open-clip-torch"}
+    assert not closure & heavy, sorted(closure & heavy)
+
+
 # -- Kubernetes ---------------------------------------------------------------------------------
 
 

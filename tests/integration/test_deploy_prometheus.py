@@ -51,7 +51,7 @@ def _prometheus_binary() -> str:
     return found
 
 
-def test_config(serve_addr: str, prom_addr: str) -> dict[str, Any]:
+def rewritten_config(serve_addr: str, prom_addr: str) -> dict[str, Any]:
     """The shipped prometheus.yml with only target addresses and intervals rewritten."""
     config = yaml.safe_load(SHIPPED_CONFIG.read_text())
     config["global"]["scrape_interval"] = INTERVAL
@@ -67,9 +67,6 @@ def test_config(serve_addr: str, prom_addr: str) -> dict[str, Any]:
     return config
 
 
-test_config.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
-
-
 class Prometheus:
     def __init__(self, tmp_path: Path, serve_addr: str) -> None:
         self.port = _free_port()
@@ -77,7 +74,7 @@ class Prometheus:
         workdir = tmp_path / "prometheus"
         (workdir / "rules").mkdir(parents=True)
         shutil.copy(SHIPPED_RULES, workdir / "rules" / SHIPPED_RULES.name)
-        config = test_config(serve_addr, f"127.0.0.1:{self.port}")
+        config = rewritten_config(serve_addr, f"127.0.0.1:{self.port}")
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
         self.log_path = workdir / "prometheus.log"
         with open(self.log_path, "wb") as log:
@@ -123,17 +120,19 @@ class Prometheus:
             self.proc.wait()
 
 
-@pytest.fixture
-def serve(tmp_path: Path, clean_redis: str) -> Iterator[ServeProcess]:
-    """serve with a fast monitor: ticks every 0.3 s, small cells count, short alarm horizon."""
+@pytest.fixture(scope="module")
+def serve(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[ServeProcess]:
+    """One serve for the module's tests (starting one costs ~10 s on a busy 2-core box), with a
+    fast monitor: ticks every 0.3 s, small cells count, short alarm horizon. Its own Redis database
+    (15) on the session's private redis-server, so no other test's queues are touched."""
     overrides = {
-        "redis": {"url": clean_redis, "embedded": "never"},
+        "redis": {"url": redis_url.rsplit("/", 1)[0] + "/15", "embedded": "never"},
         "model": {"name": MODEL, "class_names": ["zero", "one"]},
         "groups": {"attributes": ["color"], "values": {"color": ["red", "green"]}},
         "monitor": {"interval_s": 0.3, "n_min": 10, "window": 1000, "horizon_events": 1000},
         "trigger": {"enabled": False},  # no patch run: this test is about the alert path
     }
-    proc = start_serve(tmp_path, overrides)
+    proc = start_serve(tmp_path_factory.mktemp("deploy-serve"), overrides)
     yield proc
     proc.stop()
 
@@ -186,33 +185,13 @@ def test_serve_exports_every_listed_metric(serve: ServeProcess) -> None:
 def test_prometheus_scrapes_patchd_and_fires_on_degraded_subgroup(
     serve: ServeProcess, prometheus: Prometheus
 ) -> None:
-    catalog = load_catalog()
-    up = prometheus.wait_until("a successful scrape of job patchd",
-                               lambda: prometheus.query('up{job="patchd"} == 1'))  # fmt: skip
-    assert up[0]["metric"]["instance"] == serve.url.removeprefix("http://")
-
-    # before any data: every series serve exports with a sample is in Prometheus, nothing fires
-    metrics_text = httpx.get(serve.url + "/metrics", timeout=10).text
-    with_samples = {
-        ln.split("{")[0].split()[0] for ln in metrics_text.splitlines() if ln[:1].isalnum()
-    }
-    expected = {n for m in catalog.load_metrics() for n in m.series_names()} & with_samples
-    assert {"patchd_build_info", "patchd_alert_state", "patchd_candidates"} <= expected
-    prometheus.wait_until(
-        "patchd's series in Prometheus", lambda: expected <= _scraped_names(prometheus)
-    )
-    time.sleep(2)  # a few rule evaluations over the healthy state
-    assert not _firing(prometheus, "PatchdSubgroupDegraded")
-    assert not _firing(prometheus, "PatchdDaemonDown")
-
-    # one cell fails: the model is wrong on every (class "one", color "red") event
-    preds, labels = _events(800, failing=("one", "red"))
+    _scraped_and_quiet(serve, prometheus)
+    preds, labels = _events(800, failing=("one", "red"))  # the model fails one cell only
     with serve.client() as client:
         for path, body in (("/v1/predictions", preds), ("/v1/labels", labels)):
             response = client.post(path, json=body)
             assert response.status_code == 200, response.text
             assert response.json()["rejected"] == []
-
     alerts = prometheus.wait_until(
         "PatchdSubgroupDegraded firing", lambda: _firing(prometheus, "PatchdSubgroupDegraded")
     )
@@ -222,22 +201,39 @@ def test_prometheus_scrapes_patchd_and_fires_on_degraded_subgroup(
     alert = next(a for a in alerts if a["labels"]["class"] == "one")
     assert alert["labels"]["severity"] == "critical" and alert["labels"]["model"] == MODEL
     assert alert["annotations"]["runbook_url"] == "README.md#runbook-patchdsubgroupdegraded"
-    assert (
-        "one" in alert["annotations"]["summary"] and "color=red" in alert["annotations"]["summary"]
-    )
-
-    # patchd's numbers as Prometheus sees them
-    ingested = prometheus.query('sum(patchd_predictions_ingested_total{job="patchd"})')
-    assert float(ingested[0]["value"][1]) == 800
-    worst = prometheus.query(f'patchd_worst_group_accuracy_ratio{{model="{MODEL}"}}')
-    assert float(worst[0]["value"][1]) == 0.0
-    # the worst-group alert (15 m `for:`) is pending: the sample guard let it through
-    pending = [a for a in prometheus.api("alerts")["alerts"]
-               if a["labels"]["alertname"] == "PatchdWorstGroupAccuracyLow"]  # fmt: skip
-    assert [a["state"] for a in pending] == ["pending"]
-
+    assert alert["annotations"]["summary"].endswith("on class one, group color=red")
+    _numbers_as_prometheus_sees_them(prometheus)
     _rules_are_healthy(prometheus)
     _dashboard_queries_run(prometheus)
+
+
+def _scraped_and_quiet(serve: ServeProcess, prom: Prometheus) -> None:
+    """Before any data: the scrape works, every listed series that serve exports with a sample
+    is in Prometheus, and the degraded/down alerts stay silent over a few evaluations."""
+    up = prom.wait_until("a scrape of job patchd", lambda: prom.query('up{job="patchd"} == 1'))
+    assert up[0]["metric"]["instance"] == serve.url.removeprefix("http://")
+    text = httpx.get(serve.url + "/metrics", timeout=10).text
+    with_samples = {ln.split("{")[0].split()[0] for ln in text.splitlines() if ln[:1].isalnum()}
+    catalog = load_catalog()
+    expected = {n for m in catalog.load_metrics() for n in m.series_names()} & with_samples
+    assert {"patchd_build_info", "patchd_alert_state", "patchd_candidates"} <= expected
+    prom.wait_until("patchd's series in Prometheus", lambda: expected <= _scraped_names(prom))
+    time.sleep(2)
+    assert not _firing(prom, "PatchdSubgroupDegraded")
+    assert not _firing(prom, "PatchdDaemonDown")
+
+
+def _numbers_as_prometheus_sees_them(prom: Prometheus) -> None:
+    ingested = prom.query('sum(patchd_predictions_ingested_total{job="patchd"})')
+    assert float(ingested[0]["value"][1]) == 800
+    worst = prom.query(f'patchd_worst_group_accuracy_ratio{{model="{MODEL}"}}')
+    assert float(worst[0]["value"][1]) == 0.0
+    # the worst-group alert (`for: 15m`) is pending: its sample guard let the cell through
+    alerts = prom.api("alerts")["alerts"]
+    states = [
+        a["state"] for a in alerts if a["labels"]["alertname"] == "PatchdWorstGroupAccuracyLow"
+    ]
+    assert states == ["pending"]
 
 
 def _rules_are_healthy(prom: Prometheus) -> None:

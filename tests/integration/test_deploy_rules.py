@@ -142,3 +142,16 @@ def test_kubernetes_prometheusrule_is_in_sync() -> None:
         "run `python deploy/monitoring/catalog.py sync-k8s`"
     )
     assert catalog.K8S_RULE_FILE.read_text() == catalog.render_k8s_rule(catalog.load_rules())
+
+
+def test_runbook_links_resolve_in_readme() -> None:
+    """The alerts link to README.md anchors: the README must carry the runbook headings
+    (the same `Runbook: <AlertName>` sections as docs/operating.md)."""
+    catalog = load_catalog()
+    anchors = doc_anchors(ROOT / "README.md")
+    missing = [
+        rule["alert"]
+        for rule in catalog.alert_rules(catalog.load_rules())
+        if f"runbook-{rule['alert'].lower()}" not in anchors
+    ]
+    assert not missing, f"README.md lacks the headings 'Runbook: <name>' for {missing}"

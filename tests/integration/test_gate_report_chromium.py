@@ -25,16 +25,23 @@ RUN = "m-20261123T160000-abc123"
 
 def _add_run_record(store: Store) -> None:
     """A runs row as the pipeline writes it (recipe + stage timings) for the report to show."""
-    recipe = {"miner": "svm", "augmenter": "cyclegan", "trainer": "camel",
-              "incumbent_sha256": "x", "slice_rows": 5000,
-              "config": {"patch": {"budget": {"epochs": 4, "batch_size": 64}}}}
+    recipe = {
+        "miner": "svm",
+        "augmenter": "cyclegan",
+        "trainer": "camel",
+        "incumbent_sha256": "x",
+        "slice_rows": 5000,
+        "config": {"patch": {"budget": {"epochs": 4, "batch_size": 64}}},
+    }
     times = {"collect": 3.2, "mine": 11.5, "synthesize": 94.0, "train": 61.3, "evaluate": 2.1}
     now = time.time()
     with store.write() as conn:
         conn.execute(
             "INSERT INTO runs (id, model, state, reason, recipe, job_ids, stage_times, created_at,"
             " updated_at) VALUES (?, 'm', 'succeeded', 'GroupDegraded top|color=green', ?, '{}',"
-            " ?, ?, ?)", (RUN, json.dumps(recipe), json.dumps(times), now, now))
+            " ?, ?, ?)",
+            (RUN, json.dumps(recipe), json.dumps(times), now, now),
+        )
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -53,8 +60,14 @@ def _pixel_rows_differ(path: Path) -> bool:
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium not installed")
 def test_report_renders_in_chromium(tmp_path: Path) -> None:
     config = make_config(tmp_path)
-    services = Services(config, Store.open(config.store_path), EventBus(), CollectorRegistry(),
-                        BackgroundScheduler(), "redis://unused")
+    services = Services(
+        config,
+        Store.open(config.store_path),
+        EventBus(),
+        CollectorRegistry(),
+        BackgroundScheduler(),
+        "redis://unused",
+    )
     comp = CandidatesComponent(services)
     write_weights(tmp_path / "inc.safetensors", 9.0)
     comp.registry.import_model("m", tmp_path / "inc.safetensors", "setup")
@@ -67,11 +80,24 @@ def test_report_renders_in_chromium(tmp_path: Path) -> None:
     assert "camel" in text and "synthesize" in text
     shot = tmp_path / "report.png"
     subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", f"--user-data-dir={tmp_path / 'chromium'}", f"--screenshot={shot}",
-         "--window-size=1280,1600", html.as_uri()],
-        check=True, capture_output=True, timeout=120,
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'chromium'}",
+            f"--screenshot={shot}",
+            "--window-size=1280,1600",
+            html.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     assert _png_size(shot) == (1280, 1600)
     assert _pixel_rows_differ(shot)

@@ -95,6 +95,7 @@ def served(tmp_path: Path, clean_redis: str) -> ServeProcess:
             "reference_window": 2000,
             "cooldown_s": 0,
             "drift_window": 2000,
+            "drift_interval_s": 1,
         },
         "trigger": {"min_interval_s": 0},
     }
@@ -135,6 +136,8 @@ def test_minority_group_drop_is_detected_and_triggers_a_patch(served: ServeProce
             assert cell["ci_low"] <= acc <= cell["ci_high"]
 
     _assert_triggered(served, client)
+    _assert_group_mix_drift(client)
+    _assert_cli_status(served)
     metrics = httpx.get(served.url + "/metrics").text
     assert 'patchd_alert_state{class="*",group="site=B",model="m",state="degraded"} 1.0' in metrics
     assert 'patchd_group_samples{class="a",group="site=other",model="m"} 0.0' in metrics
@@ -156,3 +159,33 @@ def _assert_triggered(served: ServeProcess, client: httpx.Client, timeout: float
             return
         time.sleep(0.1)
     raise AssertionError(f"no patch request after degradation:\n{served.log()[-3000:]}")
+
+
+def _assert_group_mix_drift(client: httpx.Client, timeout: float = 60) -> None:
+    """The drift job (evidently) sees site=B's share grow from 10% to 40% (label-free)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        drift = client.get("/v1/groups").json()["drift"]
+        mix = [d for d in drift if d["feature"] == "group_mix"]
+        if mix and mix[0]["drifted"]:
+            assert all(d["label_free"] for d in drift)
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no group_mix drift: {drift}")
+
+
+def _assert_cli_status(served: ServeProcess) -> None:
+    from click.testing import CliRunner
+
+    from patchd.cli import cli
+
+    env = {"PATCHD_CONFIG": str(served.config_path), "PATCHD_TOKEN": served.token}
+    table = CliRunner().invoke(cli, ["status"], env=env, terminal_width=200)
+    assert table.exit_code == 0, table.output
+    assert "site=B" in table.output and "degraded" in table.output
+    as_json = CliRunner().invoke(cli, ["status", "--json"], env=env)
+    assert as_json.exit_code == 0, as_json.output
+    import json
+
+    doc = json.loads(as_json.output)
+    assert doc["status"]["model"] == "m" and doc["groups"]["model"] == "m"

@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from patchd.workers.artifacts import sha256_file
 from PIL import Image
 
 from patchd import jobqueue
 from patchd.config import build_config
 from patchd.recipe import build_recipe
 from patchd.runs import assess
-from patchd.workers.artifacts import sha256_file
 from tests.integration import pipeline_support as ps
 
 pytestmark = pytest.mark.integration
@@ -44,17 +45,31 @@ def _cases(tmp_path: Path, weights: Path) -> dict[str, tuple[dict[str, Any], str
     unknown = _csv_dataset(tmp_path / "csv-unknown", [*ok_rows, "ok0.png,cat,train"])
     no_slice = {"data": {"use_production_slice": True}}
     return {
-        "factory": ({"model": {"factory": "no_such_package.nets:tiny"}}, "mine",
-                    ["model.factory 'no_such_package.nets:tiny'", "cannot import module"]),
-        "weights": ({"model": {"factory_kwargs": {"width": 16}}}, "mine",
-                    [str(weights), "do not match the architecture", "factory_kwargs"]),
-        "csv-missing": ({"data": {"train": missing}}, "collect",
-                        ["data.train (image-csv)", "gone.png", "does not exist"]),
-        "csv-unknown": ({"data": {"train": unknown}}, "collect",
-                        ["label 'cat' is not a known class", "class_names"]),
-        "empty-slice": (no_slice, "collect",
-                        ["production slice", "no usable labeled events",
-                         "data.use_production_slice: false"]),
+        "factory": (
+            {"model": {"factory": "no_such_package.nets:tiny"}},
+            "collect",
+            ["factory 'no_such_package.nets:tiny'", "cannot import module"],
+        ),
+        "weights": (
+            {"model": {"factory_kwargs": {"width": 16}}},
+            "collect",
+            [str(weights), "do not match the architecture", "factory_kwargs"],
+        ),
+        "csv-missing": (
+            {"data": {"train": missing}},
+            "collect",
+            ["data.train (image-csv)", "gone.png", "does not exist"],
+        ),
+        "csv-unknown": (
+            {"data": {"train": unknown}},
+            "collect",
+            ["label 'cat' is not a known class", "class_names"],
+        ),
+        "empty-slice": (
+            no_slice,
+            "collect",
+            ["production slice", "no usable labeled events", "data.use_production_slice: false"],
+        ),
     }
 
 
@@ -77,26 +92,39 @@ def test_bad_inputs_fail_their_run_clearly_and_the_worker_survives(
     runs = {}
     for name, (extra, _, _) in cases.items():
         config = _config(tmp_path, clean_redis, weights, extra)
-        recipe = build_recipe(config, (weights, sha256_file(weights), "config"),
-                              tmp_path / "none.jsonl", 0)
+        recipe = build_recipe(
+            config, (weights, sha256_file(weights), "config"), tmp_path / "none.jsonl", 0
+        )
         run_id = f"bad-{name}"
-        runs[name] = jobqueue.enqueue_run(conn, config, run_id, str(config.artifacts_root),
-                                          recipe.to_json())
+        runs[name] = jobqueue.enqueue_run(
+            conn, config, run_id, str(config.artifacts_root), recipe.to_json()
+        )
     config_path = tmp_path / "worker.yaml"
-    config_path.write_text(yaml.safe_dump({"redis": {"url": clean_redis},
-                                           "patch": {"torch_threads": 1}}))
-    proc = subprocess.run([PATCHD, "worker", "-c", str(config_path), "--burst"],
-                          capture_output=True, text=True, timeout=240)
+    config_path.write_text(
+        yaml.safe_dump({"redis": {"url": clean_redis}, "patch": {"torch_threads": 1}})
+    )
+    started = time.monotonic()
+    proc = subprocess.run(
+        [PATCHD, "worker", "-c", str(config_path), "--burst"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    print(f"burst worker drained 5 bad runs in {time.monotonic() - started:.1f}s")
     for name, (_, stage, needles) in cases.items():
         states = {s: jobqueue.job_state(conn, j) for s, j in runs[name].items()}
         prog = assess(states)
+        print(f"{name}: {prog.error}")
         assert (prog.state, prog.stage) == ("failed", stage), (name, prog)
         assert prog.error is not None and prog.error.startswith(f"{stage}: ")
         for needle in needles:
             assert needle in prog.error, (name, needle, prog.error)
         assert "Traceback" not in prog.error
         assert states[stage].status == "failed"
-        assert all(states[s].status == "deferred" for s in jobqueue.STAGES[jobqueue.STAGES.index(stage) + 1:])
+        assert all(
+            states[s].status == "deferred"
+            for s in jobqueue.STAGES[jobqueue.STAGES.index(stage) + 1 :]
+        )
     assert proc.stderr.count("Work-horse terminated unexpectedly") == 0
     assert proc.stderr.count("enqueued for retry") == 0  # bad input is not retried

@@ -16,10 +16,10 @@ from typing import Any
 
 import httpx
 import pytest
+from patchd.workers import artifacts
 from rq import Queue
 
 from patchd import jobqueue
-from patchd.workers import artifacts
 from tests.integration import pipeline_support as ps
 from tests.procs import ServeProcess, start_serve
 
@@ -66,7 +66,9 @@ def test_run_passes_every_stage_and_reruns_are_noops(
         empty = client.post("/v1/runs", json={"reason": "empty slice"}).json()
         failed = ps.wait_run(client, empty["id"], ("failed",))
         assert failed["stage"] == "collect"
-        assert "production slice" in failed["error"] and "no usable labeled events" in failed["error"]
+        assert (
+            "production slice" in failed["error"] and "no usable labeled events" in failed["error"]
+        )
         assert "data.use_production_slice: false" in failed["error"]
 
         _ingest(client, tmp_path, 60)
@@ -81,10 +83,16 @@ def test_run_passes_every_stage_and_reruns_are_noops(
         manifests = _assert_clean_outputs(_run_dirs(serve, run["id"]))
         collect = manifests["collect"].result
         assert collect["slice_used"] == 60 and collect["n_train"] > 60
-        assert {"mining.json", "groups.safetensors", "failure_report.png"} <= set(manifests["mine"].files)
+        assert {"mining.json", "groups.safetensors", "failure_report.png"} <= set(
+            manifests["mine"].files
+        )
         assert set(manifests["train"].files) == {"model.safetensors", "history.json"}
-        evaluation = json.loads((_run_dirs(serve, run["id"]) / "evaluate" / "evaluation.json").read_text())
-        assert len(evaluation["cell"]) == done["result"]["result"]["n_heldout"] == collect["n_heldout"]
+        evaluation = json.loads(
+            (_run_dirs(serve, run["id"]) / "evaluate" / "evaluation.json").read_text()
+        )
+        assert (
+            len(evaluation["cell"]) == done["result"]["result"]["n_heldout"] == collect["n_heldout"]
+        )
         assert done["result"]["result"]["candidate_sha256"] == manifests["train"].result["sha256"]
         assert _metric(client, 'patchd_runs_total{result="succeeded"}') == 1
         assert _metric(client, 'patchd_runs_total{result="failed"}') == 1
@@ -95,8 +103,9 @@ def test_run_passes_every_stage_and_reruns_are_noops(
 
 
 def _assert_rerun_is_noop(serve: ServeProcess, run: dict[str, Any], redis_url: str) -> None:
-    from patchd.config import load_config
     from patchd.workers import jobs
+
+    from patchd.config import load_config
 
     config = load_config(serve.config_path, {})
     conn = jobqueue.connect(redis_url)
@@ -104,7 +113,10 @@ def _assert_rerun_is_noop(serve: ServeProcess, run: dict[str, Any], redis_url: s
 
     recipe_json: str = Job.fetch(run["job_ids"]["train"], connection=conn).args[2]
     before = sorted(conn.keys("rq:job:*"))
-    assert jobqueue.enqueue_run(conn, config, run["id"], str(config.artifacts_root), recipe_json) == run["job_ids"]
+    assert (
+        jobqueue.enqueue_run(conn, config, run["id"], str(config.artifacts_root), recipe_json)
+        == run["job_ids"]
+    )
     assert sorted(conn.keys("rq:job:*")) == before and Queue("patchd", connection=conn).count == 0
     model = _run_dirs(serve, run["id"]) / "train" / "model.safetensors"
     stat = model.stat()
@@ -122,7 +134,9 @@ def test_worker_sigkill_mid_stage_then_new_worker_finishes(
     second = None
     try:
         _ingest(client, tmp_path, 40)
-        run = client.post("/v1/runs", json={"reason": "chaos", "recipe": {"budget": {"epochs": 40}}}).json()
+        run = client.post(
+            "/v1/runs", json={"reason": "chaos", "recipe": {"budget": {"epochs": 40}}}
+        ).json()
         started = _wait_started(client, run["id"], "train")
         time.sleep(1.0)
         run_dir = _run_dirs(serve, run["id"])
@@ -152,7 +166,9 @@ def test_worker_sigkill_mid_stage_then_new_worker_finishes(
         serve.stop()
 
 
-def _wait_started(client: httpx.Client, run_id: str, stage: str, timeout: float = 90) -> dict[str, Any]:
+def _wait_started(
+    client: httpx.Client, run_id: str, stage: str, timeout: float = 90
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         run = client.get(f"/v1/runs/{run_id}").json()

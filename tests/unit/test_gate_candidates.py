@@ -14,7 +14,6 @@ from prometheus_client import CollectorRegistry, generate_latest
 from patchd.candidates import CandidatesComponent
 from patchd.domain import CandidateEvaluated, EventBus, ModelPromoted, ModelRolledBack, RunFinished
 from patchd.exceptions import ConflictError, NotFoundError
-from patchd.registry import Registry
 from patchd.services import Services
 from patchd.store.db import Store
 from tests.gate_support import (
@@ -34,8 +33,14 @@ def make(tmp_path: Path) -> Iterator:
 
     def build(**gate: object) -> CandidatesComponent:
         config = make_config(tmp_path, **gate)
-        services = Services(config, Store.open(config.store_path), EventBus(),
-                            CollectorRegistry(), BackgroundScheduler(), "redis://unused")
+        services = Services(
+            config,
+            Store.open(config.store_path),
+            EventBus(),
+            CollectorRegistry(),
+            BackgroundScheduler(),
+            "redis://unused",
+        )
         built.append(services)
         comp = CandidatesComponent(services)
         for collector in comp.collectors():
@@ -64,7 +69,11 @@ def test_pass_then_approve_promotes_once(make, tmp_path: Path) -> None:
     comp.services.bus.publish(RunFinished(run_id="r1", model="m", result="succeeded"))
     cand = comp.get("c-r1")
     assert (cand.state, cand.verdict, cand.digest, cand.parent) == (
-        "awaiting_approval", "pass", sha, parent)
+        "awaiting_approval",
+        "pass",
+        sha,
+        parent,
+    )
     version = comp.registry.get("m", sha)
     assert {"report.json", "report.html"} <= set(version.manifest.files)
     assert version.manifest.gate["verdict"] == "pass" and version.manifest.parent == parent
@@ -84,8 +93,12 @@ def test_fail_and_inconclusive_are_final(make) -> None:
     comp = make()
     root = comp.services.config.artifacts_root
     fake_run(root, "bad", failing(), 2.0)
-    fake_run(root, "small", evaluation([200, 5, 200, 200], [0.9, 0.3, 0.9, 0.9],
-                                       [0.9, 0.9, 0.9, 0.9]), 3.0)
+    fake_run(
+        root,
+        "small",
+        evaluation([200, 5, 200, 200], [0.9, 0.3, 0.9, 0.9], [0.9, 0.9, 0.9, 0.9]),
+        3.0,
+    )
     assert comp.evaluate_run("bad", "m").state == "fail"
     small = comp.evaluate_run("small", "m")
     assert small.state == "inconclusive"
@@ -176,8 +189,11 @@ def test_concurrent_approve_reject_rollback_one_outcome(make, tmp_path: Path) ->
         except ConflictError:
             results.append((kind, "conflict"))
 
-    threads = [threading.Thread(target=act, args=(k, i))
-               for i in range(8) for k in ("approve", "reject", "rollback")]
+    threads = [
+        threading.Thread(target=act, args=(k, i))
+        for i in range(8)
+        for k in ("approve", "reject", "rollback")
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -34,8 +34,9 @@ def test_fail_when_worst_group_confidently_does_not_improve() -> None:
 
 
 def test_inconclusive_on_small_cell() -> None:
-    d = decide(gate_input([300, 10, 300, 300], [0.95, 0.30, 0.92, 0.95],
-                          [0.95, 0.90, 0.92, 0.95]), CFG)
+    d = decide(
+        gate_input([300, 10, 300, 300], [0.95, 0.30, 0.92, 0.95], [0.95, 0.90, 0.92, 0.95]), CFG
+    )
     assert d.verdict is Verdict.INCONCLUSIVE
     assert any("n_min=20" in r for r in d.reasons)
 

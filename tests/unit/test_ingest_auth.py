@@ -15,7 +15,9 @@ from patchd.exceptions import ConfigError
 
 def test_env_and_file_tokens_with_scopes(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
-    tokens.write_text("# comment\nreadtoken-0123456789ab read grafana\ningesttoken-0123456789 ingest\n")
+    tokens.write_text(
+        "# comment\nreadtoken-0123456789ab read grafana\ningesttoken-0123456789 ingest\n"
+    )
     config = build_config({"state_dir": str(tmp_path), "api": {"token_file": str(tokens)}})
     store = TokenStore.from_config(config, {"PATCHD_TOKEN": "envtoken-0123456789abcdef"})
     assert store.authenticate("envtoken-0123456789abcdef").scopes == SCOPES  # type: ignore[union-attr]
@@ -38,7 +40,9 @@ def test_comparison_is_constant_time_over_every_token(monkeypatch: pytest.Monkey
     monkeypatch.setattr("patchd.auth.hmac.compare_digest", spy)
     from patchd.auth import Principal
 
-    store = TokenStore([(f"token-{i}-0123456789abcdef", Principal(str(i), SCOPES)) for i in range(3)])
+    store = TokenStore(
+        [(f"token-{i}-0123456789abcdef", Principal(str(i), SCOPES)) for i in range(3)]
+    )
     assert store.authenticate("token-0-0123456789abcdef") is not None
     assert len(calls) == 3  # no early exit on the first match
     calls.clear()

@@ -37,10 +37,7 @@ def test_every_error_is_listed_with_its_field_path(tmp_path: Path) -> None:
 
 
 def test_tail_glob_outside_roots_fails_the_check(tmp_path: Path) -> None:
-    text = (
-        f"sources:\n  allowed_roots: [{tmp_path / 'logs'}]\n"
-        "  tail: [{glob: /etc/*.conf}]\n"
-    )
+    text = f"sources:\n  allowed_roots: [{tmp_path / 'logs'}]\n  tail: [{{glob: /etc/*.conf}}]\n"
     result = run(tmp_path, text)
     assert result.exit_code == 1
     assert "sources.tail.0.glob" in result.output and "outside" in result.output

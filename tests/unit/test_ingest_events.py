@@ -58,7 +58,9 @@ GOOD = {
 
 
 def test_valid_event_parses_to_a_typed_record(tmp_path: Path, roots: Path) -> None:
-    rec = make_parser(tmp_path).prediction({**GOOD, "input": {"uri": f"file://{roots}/a.png"}}, "http", 5.0)
+    rec = make_parser(tmp_path).prediction(
+        {**GOOD, "input": {"uri": f"file://{roots}/a.png"}}, "http", 5.0
+    )
     assert isinstance(rec, Prediction)
     assert (rec.model, rec.id, rec.pred, rec.label, rec.source) == ("skin", "r-1", 1, None, "http")
     assert rec.ts == 1795428000.0
@@ -71,7 +73,9 @@ def test_valid_event_parses_to_a_typed_record(tmp_path: Path, roots: Path) -> No
 
 
 def test_defaults_model_ts_and_class_names(tmp_path: Path) -> None:
-    rec = make_parser(tmp_path).prediction({"id": 7, "pred": "malignant", "label": "benign"}, "t", 9.0)
+    rec = make_parser(tmp_path).prediction(
+        {"id": 7, "pred": "malignant", "label": "benign"}, "t", 9.0
+    )
     assert (rec.model, rec.id, rec.pred, rec.label, rec.ts) == ("skin", "7", 1, 0, 9.0)
     assert rec.group_key == "site=unknown"
 
@@ -114,7 +118,11 @@ def test_defaults_model_ts_and_class_names(tmp_path: Path) -> None:
         ({"input": "relative/a.png"}, "invalid_value", "input"),
         ({"input": "file://remotehost/a.png"}, "invalid_value", "input"),
         ({"input": {"base64": "@@@"}}, "invalid_value", "input.base64"),
-        ({"input": {"base64": base64.b64encode(b"GIF89a").decode()}}, "invalid_value", "input.base64"),
+        (
+            {"input": {"base64": base64.b64encode(b"GIF89a").decode()}},
+            "invalid_value",
+            "input.base64",
+        ),
         ({"input": {"base64": "A" * 10000}}, "too_large", "input.base64"),
     ],
 )
@@ -184,8 +192,12 @@ def test_fixed_group_values(tmp_path: Path) -> None:
 def test_labels(tmp_path: Path) -> None:
     parser = make_parser(tmp_path)
     assert parser.label({"id": "a", "label": 1}, 3.0) == ("skin", "a", 1, 3.0)
-    for bad, reason in [({"id": "a"}, "missing_field"), ({"label": 1}, "missing_field"),
-                        ({"id": "a", "label": 1, "model": "x"}, "unknown_model"), ("a", "wrong_type")]:
+    for bad, reason in [
+        ({"id": "a"}, "missing_field"),
+        ({"label": 1}, "missing_field"),
+        ({"id": "a", "label": 1, "model": "x"}, "unknown_model"),
+        ("a", "wrong_type"),
+    ]:
         with pytest.raises(ValidationError) as info:
             parser.label(bad)
         assert info.value.reason == reason
@@ -204,7 +216,9 @@ def test_split_body_array_object_ndjson() -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 event_like = st.fixed_dictionaries(
@@ -224,7 +238,9 @@ event_like = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(obj=st.one_of(event_like, json_values))
 def test_fuzz_parser_only_raises_validation_errors(tmp_path: Path, obj: object) -> None:
     """Any JSON value: a valid record (round-trips) or a ValidationError with a known reason."""
@@ -233,7 +249,11 @@ def test_fuzz_parser_only_raises_validation_errors(tmp_path: Path, obj: object) 
         rec = parser.prediction(obj, "fuzz", 1.0)
     except ValidationError as err:
         assert err.reason in {
-            "missing_field", "wrong_type", "invalid_value", "unknown_model", "path_not_allowed",
+            "missing_field",
+            "wrong_type",
+            "invalid_value",
+            "unknown_model",
+            "path_not_allowed",
             "too_large",
         }
         return
@@ -248,3 +268,42 @@ def test_fuzz_parser_only_raises_validation_errors(tmp_path: Path, obj: object) 
 def test_fuzz_split_body_never_crashes(body: bytes) -> None:
     records, errors = split_body(body)
     assert all(e.reason == "malformed_json" for e in errors)
+
+
+near_valid = st.fixed_dictionaries(
+    {
+        "id": st.one_of(st.text(min_size=1, max_size=4), st.integers(), st.just("")),
+        "pred": st.one_of(st.integers(-1, 2), st.booleans(), st.sampled_from(["benign", 1.0])),
+    },
+    optional={
+        "ts": st.one_of(st.none(), st.floats(), st.integers(), st.sampled_from(["2026-01-01", "x"])),
+        "model": st.sampled_from([None, "skin", "other", 1]),
+        "label": st.one_of(st.none(), st.integers(-1, 2), st.booleans()),
+        "probs": st.one_of(st.none(), st.lists(st.one_of(st.floats(), st.integers()), max_size=3)),
+        "groups": st.one_of(st.none(), st.dictionaries(st.just("site"), st.sampled_from(
+            ["A", "B", "C", 1, True, None, "a,b"]))),
+        "model_version": st.one_of(st.none(), st.text(max_size=3), st.integers()),
+        "schema": st.sampled_from([None, 1, 2]),
+    },
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(obj=near_valid)
+def test_fuzz_fast_path_agrees_with_full_validation(tmp_path: Path, obj: dict[str, Any]) -> None:
+    """The fast path either declines (None) or returns exactly what full validation returns."""
+    parser = make_parser(tmp_path)
+    for value in ("A", "B"):  # warm the group memo so the fast path can hit
+        parser.groups.key({"site": value})
+    fast = parser._fast(obj, "fuzz", 1.0)
+    if fast is None:
+        return
+    assert fast == parser._full(obj, "fuzz", 1.0)
+    assert type(fast) is Prediction
+
+
+def test_fast_path_is_taken_for_clean_events(tmp_path: Path) -> None:
+    parser = make_parser(tmp_path)
+    parser.prediction(GOOD | {"embedding": None}, "h")  # admits site=B into the memo
+    clean = {k: v for k, v in GOOD.items() if k != "embedding"}
+    assert parser._fast(clean, "h", 1.0) == parser._full(clean, "h", 1.0)

@@ -28,8 +28,11 @@ READER = "reader-token-0123456789abcdef"
 @pytest.fixture
 def pipeline(tmp_path: Path) -> Iterator[IngestPipeline]:
     cfg = build_config(
-        {"state_dir": str(tmp_path), "model": {"name": "m"},
-         "api": {"ingest_queue_max": 100, "max_body_bytes": 4096}}
+        {
+            "state_dir": str(tmp_path),
+            "model": {"name": "m"},
+            "api": {"ingest_queue_max": 100, "max_body_bytes": 4096},
+        }
     )
     store = Store.open(cfg.store_path)
     p = IngestPipeline(cfg, store)
@@ -49,13 +52,20 @@ def test_submit_returns_after_commit_with_per_record_errors(pipeline: IngestPipe
         [{"id": "a", "pred": 0}, {"id": "b"}, {"id": "a", "pred": 1}, "x"], "test"
     )
     assert (result.accepted, result.duplicates) == (1, 1)
-    assert [(e.index, e.reason) for e in result.rejected] == [(1, "missing_field"), (3, "wrong_type")]
+    assert [(e.index, e.reason) for e in result.rejected] == [
+        (1, "missing_field"),
+        (3, "wrong_type"),
+    ]
     assert stored(pipeline) == 1  # visible to a fresh reader: it was committed before the answer
     labels = pipeline.submit_labels([{"id": "a", "label": 1}, {"id": "later", "label": 0}], "test")
     assert (labels.joined, labels.pending) == (1, 1)
     ingested, rejected, joined = pipeline.stats.snapshot()
     assert ingested == {"test": 1} and joined == 1
-    assert rejected == {("test", "missing_field"): 1, ("test", "wrong_type"): 1, ("test", "duplicate"): 1}
+    assert rejected == {
+        ("test", "missing_field"): 1,
+        ("test", "wrong_type"): 1,
+        ("test", "duplicate"): 1,
+    }
 
 
 def test_concurrent_submitters_lose_nothing(pipeline: IngestPipeline) -> None:
@@ -98,8 +108,10 @@ def test_queue_full_and_shutdown(pipeline: IngestPipeline) -> None:
 
 def app_for(pipeline: IngestPipeline) -> TestClient:
     tokens = TokenStore(
-        [(ADMIN, Principal("admin", frozenset({"read", "ingest", "approve"}))),
-         (READER, Principal("reader", frozenset({"read"})))]
+        [
+            (ADMIN, Principal("admin", frozenset({"read", "ingest", "approve"}))),
+            (READER, Principal("reader", frozenset({"read"}))),
+        ]
     )
     from prometheus_client import CollectorRegistry
 
@@ -120,7 +132,8 @@ def test_http_ingest_array_ndjson_and_errors(pipeline: IngestPipeline) -> None:
     assert r.status_code == 200
     assert r.json()["accepted"] == 1 and r.json()["rejected"][0]["reason"] == "invalid_value"
     r = client.post(
-        "/v1/predictions", content=b'{"id":"c","pred":0}\n{oops\n{"id":"d","pred":0}\n',
+        "/v1/predictions",
+        content=b'{"id":"c","pred":0}\n{oops\n{"id":"d","pred":0}\n',
         headers={"Content-Type": "application/x-ndjson"},
     )
     assert r.json()["accepted"] == 2
@@ -141,7 +154,10 @@ def test_http_ingest_array_ndjson_and_errors(pipeline: IngestPipeline) -> None:
 def test_http_auth_host_and_body_limits(pipeline: IngestPipeline) -> None:
     client = app_for(pipeline)
     body = b'[{"id":"a","pred":1}]'
-    assert client.post("/v1/predictions", content=body, headers={"Authorization": ""}).status_code == 401
+    assert (
+        client.post("/v1/predictions", content=body, headers={"Authorization": ""}).status_code
+        == 401
+    )
     r = client.post("/v1/predictions", content=body, headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
     r = client.post("/v1/predictions", content=body, headers={"Authorization": f"Bearer {READER}"})

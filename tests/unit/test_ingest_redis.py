@@ -45,12 +45,17 @@ def test_auto_starts_a_private_redis_with_aof_and_stops_it(tmp_path: Path) -> No
 def test_never_does_not_start_one(tmp_path: Path) -> None:
     port = free_port()
     config = build_config(
-        {"state_dir": str(tmp_path), "redis": {"url": f"redis://127.0.0.1:{port}/0", "embedded": "never"}}
+        {
+            "state_dir": str(tmp_path),
+            "redis": {"url": f"redis://127.0.0.1:{port}/0", "embedded": "never"},
+        }
     )
     assert ensure_redis(config)[0] is None
 
 
-def test_missing_binary_gives_the_install_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_binary_gives_the_install_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr("patchd.redis_embedded.shutil.which", lambda name: None)
     config = build_config(
         {"state_dir": str(tmp_path), "redis": {"url": f"redis://127.0.0.1:{free_port()}/0"}}

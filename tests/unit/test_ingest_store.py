@@ -29,15 +29,21 @@ def store(tmp_path: Path) -> Store:
 
 def config(tmp_path: Path, **store_cfg: object):  # type: ignore[no-untyped-def]
     return build_config(
-        {"state_dir": str(tmp_path), "model": {"name": "m"}, "groups": {"attributes": ["g"]},
-         "store": store_cfg}
+        {
+            "state_dir": str(tmp_path),
+            "model": {"name": "m"},
+            "groups": {"attributes": ["g"]},
+            "store": store_cfg,
+        }
     )
 
 
 def preds(tmp_path: Path, ids: list[str], ts: float = 1000.0, **extra: object) -> list:  # type: ignore[type-arg]
     parser = EventParser(config(tmp_path))
-    return [parser.prediction({"id": i, "pred": 1, "ts": ts, "groups": {"g": "a"}, **extra}, "t")
-            for i in ids]
+    return [
+        parser.prediction({"id": i, "pred": 1, "ts": ts, "groups": {"g": "a"}, **extra}, "t")
+        for i in ids
+    ]
 
 
 def test_open_sets_wal_and_migrates(store: Store) -> None:
@@ -170,8 +176,16 @@ def test_export_slice_writes_schema_v1_jsonl(store: Store, tmp_path: Path) -> No
     lines = [orjson.loads(x) for x in out.read_bytes().splitlines()]
     assert [x["id"] for x in lines] == ["b", "a"]
     assert lines[0] == {
-        "schema": 1, "id": "b", "ts": "1970-01-01T00:16:40Z", "model": "m", "model_version": None,
-        "pred": 1, "probs": [0.25, 0.75], "groups": {"g": "a"}, "input": None, "embedding": None,
+        "schema": 1,
+        "id": "b",
+        "ts": "1970-01-01T00:16:40Z",
+        "model": "m",
+        "model_version": None,
+        "pred": 1,
+        "probs": [0.25, 0.75],
+        "groups": {"g": "a"},
+        "input": None,
+        "embedding": None,
         "label": 0,
     }
     assert not list(out.parent.glob(".*tmp"))
@@ -188,7 +202,8 @@ def test_retention_age_and_cap_never_drop_what_an_open_run_uses(tmp_path: Path) 
         ev.insert_labels(conn, [Label("m", "o0", 1, now), Label("m", "r0", 1, now)])
         conn.execute(
             "INSERT INTO runs (id, model, state, reason, recipe, job_ids, created_at, updated_at) "
-            "VALUES ('run1', 'm', 'running', 'test', '{}', '{}', ?, ?)", (now - 2 * 86400, now),
+            "VALUES ('run1', 'm', 'running', 'test', '{}', '{}', ?, ?)",
+            (now - 2 * 86400, now),
         )
         ev.insert_labels(conn, [Label("m", "nopred", 1, old)])
     result = Retention(cfg, store).run(now)

@@ -191,6 +191,8 @@ def test_glob_outside_roots_is_a_config_error(tmp_path: Path, pattern: str, mess
 
 
 def test_tailer_refuses_a_bad_glob_at_construction(tmp_path: Path) -> None:
-    config = build_config({"state_dir": str(tmp_path), "sources": {"allowed_roots": [str(tmp_path / "r")]}})
+    config = build_config(
+        {"state_dir": str(tmp_path), "sources": {"allowed_roots": [str(tmp_path / "r")]}}
+    )
     with pytest.raises(ConfigError):
         Tailer(TailSourceConfig(glob="/var/log/*.log"), config, None, None)  # type: ignore[arg-type]

@@ -7,10 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from patchd.config import DatasetSpec
-from patchd.exceptions import ConfigError, DatasetError, DependencyMissingError
+from patchd.exceptions import ConfigError, DatasetError, DependencyMissingError, StageError
 from patchd.ml.datasets import COLOR_GROUPS, load_splits
 
 torch.set_num_threads(1)
@@ -170,3 +172,59 @@ def test_wilds_metadata_waterbirds_layout(tmp_path: Path) -> None:
     assert s.train.group_names == ("place=0", "place=1")
     assert s.train.class_names == ("0", "1")
     assert np.array_equal(s.train.y.numpy(), [0, 1]) and s.train.g.tolist() == [1, 0]
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(raw=st.binary(max_size=64))
+def test_idx_reader_never_crashes_on_garbage(tmp_path: Path, raw: bytes) -> None:
+    from patchd.plugins.datasets.colored_fmnist import read_idx
+
+    path = tmp_path / "x.idx"
+    path.write_bytes(raw)
+    try:
+        arr = read_idx(path)
+    except StageError:
+        return
+    assert arr.size * arr.dtype.itemsize == len(raw) - 4 - 4 * raw[3]
+
+
+def test_idx_reader_roundtrip(tmp_path: Path) -> None:
+    import gzip
+
+    from patchd.plugins.datasets.colored_fmnist import read_idx
+
+    data = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    header = bytes([0, 0, 0x08, 3]) + np.array([2, 3, 4], dtype=">u4").tobytes()
+    with gzip.open(tmp_path / "a.gz", "wb") as fh:
+        fh.write(header + data.tobytes())
+    assert np.array_equal(read_idx(tmp_path / "a.gz"), data)
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(text=st.text(alphabet=st.sampled_from('ab,.\n"/01x '), max_size=80))
+def test_csv_table_parser_only_raises_dataset_errors(tmp_path: Path, text: str) -> None:
+    from patchd.plugins.datasets.image_csv import Columns, read_rows
+
+    path = tmp_path / "t.csv"
+    path.write_text("path,label,split\n" + text)
+    try:
+        rows = read_rows(path, Columns(), [])
+    except DatasetError:
+        return
+    assert all(r.split in (0, 1, 2) and r.line >= 2 for r in rows)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", bytes([0, 0, 8, 3, 0]), bytes([1, 0, 8, 1]), bytes([0, 0, 8, 1, 0, 0, 0, 5, 1])],
+)
+def test_idx_reader_rejects_truncated_files(tmp_path: Path, raw: bytes) -> None:
+    from patchd.plugins.datasets.colored_fmnist import read_idx
+
+    (tmp_path / "x").write_bytes(raw)
+    with pytest.raises(StageError, match="IDX"):
+        read_idx(tmp_path / "x")

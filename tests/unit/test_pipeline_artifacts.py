@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 import torch
+from patchd.workers import artifacts, jobs
 
 from patchd.abc import Augmentation
 from patchd.config import build_config
 from patchd.exceptions import IntegrityError, StageError
 from patchd.ml.data import ImageSet
 from patchd.recipe import build_recipe
-from patchd.workers import artifacts, jobs
 
 
 def _publish(tmp_path: Path, files: dict[str, bytes]) -> Path:
@@ -85,8 +85,14 @@ def test_publish_keeps_the_first_complete_output(tmp_path: Path) -> None:
 
 def _imageset(n: int = 5) -> ImageSet:
     g = torch.tensor([0, 1, -1, 0, 1][:n])
-    return ImageSet(torch.rand(n, 3, 4, 4), torch.arange(n) % 2, g, ("a", "b"),
-                    ("color=red", "color=green"), tuple(f"i{i}" for i in range(n)))
+    return ImageSet(
+        torch.rand(n, 3, 4, 4),
+        torch.arange(n) % 2,
+        g,
+        ("a", "b"),
+        ("color=red", "color=green"),
+        tuple(f"i{i}" for i in range(n)),
+    )
 
 
 def test_imageset_and_augmentation_round_trip(tmp_path: Path) -> None:
@@ -95,8 +101,9 @@ def test_imageset_and_augmentation_round_trip(tmp_path: Path) -> None:
     back = artifacts.load_imageset(tmp_path / "train.safetensors")
     assert torch.equal(back.x, data.x) and torch.equal(back.g, data.g)
     assert back.ids == data.ids and back.group_names == data.group_names
-    aug = Augmentation(kind="cyclegan", paired={"F": torch.rand(5, 3, 4, 4)}, extra=data,
-                       info={"steps": 3})
+    aug = Augmentation(
+        kind="cyclegan", paired={"F": torch.rand(5, 3, 4, 4)}, extra=data, info={"steps": 3}
+    )
     artifacts.save_augmentation(aug, tmp_path / "augmentation.safetensors")
     got = artifacts.load_augmentation(tmp_path / "augmentation.safetensors")
     assert got.kind == "cyclegan" and got.info == {"steps": 3}
@@ -109,8 +116,9 @@ def test_imageset_and_augmentation_round_trip(tmp_path: Path) -> None:
 
 def _recipe_json(tmp_path: Path) -> str:
     config = build_config({"state_dir": str(tmp_path)})
-    return build_recipe(config, (tmp_path / "w.safetensors", "0" * 64, "config"),
-                        tmp_path / "slice.jsonl", 0).to_json()
+    return build_recipe(
+        config, (tmp_path / "w.safetensors", "0" * 64, "config"), tmp_path / "slice.jsonl", 0
+    ).to_json()
 
 
 def test_run_stage_is_idempotent(tmp_path: Path) -> None:

@@ -15,7 +15,10 @@ from patchd.runs import assess
 
 
 def test_job_ids_are_deterministic_and_rq_safe() -> None:
-    assert jobqueue.job_id("skin-20261123T100000-ab12cd", "train") == "skin-20261123T100000-ab12cd-train"
+    assert (
+        jobqueue.job_id("skin-20261123T100000-ab12cd", "train")
+        == "skin-20261123T100000-ab12cd-train"
+    )
     for bad in ("a:b", "a.b", "", "x" * 81, "a b"):
         with pytest.raises(ValidationError):
             jobqueue.job_id(bad, "train")
@@ -24,9 +27,15 @@ def test_job_ids_are_deterministic_and_rq_safe() -> None:
 
 
 def test_queues_and_timeouts_come_from_config() -> None:
-    config = build_config({"redis": {"queue_prefix": "pd"},
-                           "patch": {"queues": {"train": "pd-gpu", "synthesize": "pd-gpu"},
-                                     "stage_timeout_s": {"train": 60}}})
+    config = build_config(
+        {
+            "redis": {"queue_prefix": "pd"},
+            "patch": {
+                "queues": {"train": "pd-gpu", "synthesize": "pd-gpu"},
+                "stage_timeout_s": {"train": 60},
+            },
+        }
+    )
     assert jobqueue.queue_name(config, "collect") == "pd"
     assert jobqueue.queue_name(config, "train") == "pd-gpu"
     assert jobqueue.queue_names(config) == ["pd", "pd-gpu"]
@@ -96,8 +105,10 @@ def test_assess_failures_carry_a_clear_error() -> None:
     prog = assess(states)
     assert (prog.state, prog.stage, prog.error) == ("failed", "synthesize", "synthesize: boom")
     states["synthesize"] = JobState(
-        "r-synthesize", "failed",
-        error="Moved to FailedJobRegistry, due to AbandonedJobError, at 2026-11-23")
+        "r-synthesize",
+        "failed",
+        error="Moved to FailedJobRegistry, due to AbandonedJobError, at 2026-11-23",
+    )
     prog = assess(states)
     assert prog.abandoned and "died" in (prog.error or "")
     states["synthesize"] = JobState("r-synthesize", "missing")

@@ -7,10 +7,10 @@ import types
 from collections.abc import Iterator
 
 import pytest
+from patchd.plugins import registry
 
 from patchd.abc import Trainer
 from patchd.exceptions import PluginError
-from patchd.plugins import registry
 
 
 @pytest.fixture
@@ -59,7 +59,11 @@ def test_builtin_erm_and_none_load() -> None:
         ("widget", "x", r"unknown plugin kind 'widget'"),
         ("miner", "no_such_pkg.mod:Miner", r"miner 'no_such_pkg.mod:Miner': cannot import module"),
         ("trainer", "patchd.plugins.trainers.erm:Nope", r"has no 'Nope'"),
-        ("trainer", "patchd_test_fake_plugins:NotATrainer", r"not a subclass of patchd.abc.Trainer"),
+        (
+            "trainer",
+            "patchd_test_fake_plugins:NotATrainer",
+            r"not a subclass of patchd.abc.Trainer",
+        ),
         ("trainer", "patchd_test_fake_plugins:Exploding", r"constructing Exploding failed .*GPU"),
         ("trainer", "patchd.plugins.trainers.erm:", r"expected 'module:Class'"),
     ],

@@ -28,8 +28,12 @@ def make_runs(tmp_path: Path, clean_redis: str) -> Iterator[Any]:
     def make(weights: bool = True, **extra: Any) -> tuple[RunsComponent, list[DomainEvent]]:
         w = tmp_path / "w.safetensors"
         w.write_bytes(b"not really weights")
-        data = {"state_dir": str(tmp_path / "state"), "redis": {"url": clean_redis},
-                "model": {"name": "digits", "weights": str(w) if weights else None}, **extra}
+        data = {
+            "state_dir": str(tmp_path / "state"),
+            "redis": {"url": clean_redis},
+            "model": {"name": "digits", "weights": str(w) if weights else None},
+            **extra,
+        }
         config = build_config(data)
         store = Store.open(config.store_path)
         bus, events = EventBus(), []

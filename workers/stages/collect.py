@@ -11,6 +11,7 @@ Rules (documented for users in the run's manifest ``result``):
   inside ``sources.allowed_roots`` is loaded, converted to the training images' channels and
   resized to their size. A stable hash of the event id sends 70 % of the usable events to
   train and 30 % to held-out, so the candidate is judged on production data it never saw.
+- The incumbent (factory + weights) is loaded first so a broken model fails the run at once.
 - An empty slice (no usable labeled events) is an error when ``data.use_production_slice`` is
   true: patching without production data would only re-fit the training set. Set it to false to
   patch from ``data.train`` alone.
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
-from patchd.workers import artifacts
+from patchd.workers import artifacts, runtime
 
 from patchd.exceptions import StageError
 
@@ -190,6 +191,7 @@ def _load_splits(spec: Any, what: str) -> Any:
 
 
 def run(*, run_id: str, run_dir: Path, out: Path, recipe: Recipe, config: Config) -> dict[str, Any]:
+    runtime.load_incumbent(recipe, config)  # fail fast: factory and weights must fit
     base = _load_splits(config.data.train, "data.train")
     heldout = base.test
     if config.data.heldout is not None:

@@ -1,0 +1,268 @@
+"""``patchd bench ingest``: sustained ingest throughput of a real ``patchd serve`` process.
+
+1. Batched HTTP: ``--events`` prediction events in JSON-array batches of ``--batch``, sent by
+   ``--concurrency`` client threads. A request returns after its batch committed, so events/s is
+   durable throughput; request latency p50/p99 is per batch.
+2. JSONL tailing: the same number of events in one file, moved into the tailed directory at
+   once; events/s until the tailer's committed count reaches it.
+3. serve's peak RSS (psutil, sampled every 100 ms), and RSS with ``--events`` rows stored.
+
+Writes ``benchmarks/results/ingest.json`` and prints a markdown table row. The client runs on the
+same machine and competes with serve for the CPU; the load average is recorded alongside.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+import httpx
+import orjson
+import yaml
+
+TOKEN = "bench-token-0123456789abcdef0123"
+TARGET_EVENTS_PER_S = 100_000
+TARGET_RSS_MIB = 300
+
+
+@dataclass(frozen=True)
+class IngestBench:
+    date: str
+    machine: str
+    load_avg_1m_before: float
+    events: int
+    batch: int
+    concurrency: int
+    http_events_per_s: float
+    http_p50_ms: float
+    http_p99_ms: float
+    tail_events_per_s: float
+    rss_after_http_mib: float
+    rss_peak_mib: float
+    stored: int
+    targets_met: dict[str, bool]
+
+
+def machine() -> str:
+    gpu = "no GPU"
+    return f"{os.cpu_count()}-core {platform.machine()}, {gpu}"
+
+
+def _event(i: int, prefix: str) -> dict[str, object]:
+    return {
+        "id": f"{prefix}{i}",
+        "ts": 1795428000.0 + i * 0.001,
+        "model": "model",
+        "pred": i & 1,
+        "probs": [0.25, 0.75] if i & 1 else [0.75, 0.25],
+        "groups": {"site": "ABCD"[i & 3]},
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        import psutil
+
+        self.process = psutil.Process(pid)
+        self.peak = 0
+        self.stop_event = threading.Event()
+
+    def current(self) -> int:
+        return int(self.process.memory_info().rss)
+
+    def run(self) -> None:
+        while not self.stop_event.wait(0.1):
+            try:
+                self.peak = max(self.peak, self.current())
+            except Exception:
+                return
+
+
+def start_serve(workdir: Path, port: int) -> subprocess.Popen[bytes]:
+    config = {
+        "state_dir": str(workdir / "state"),
+        "model": {"name": "model"},
+        "groups": {"attributes": ["site"]},
+        "redis": {"embedded": "never"},
+        "api": {"port": port, "max_body_bytes": 64 << 20},
+        "sources": {
+            "allowed_roots": [str(workdir / "logs")],
+            "tail": [{"glob": str(workdir / "logs" / "*.jsonl"), "poll_interval_s": 0.05}],
+        },
+        "monitor": {"interval_s": 3600},
+    }
+    path = workdir / "patchd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PATCHD_TOKEN": TOKEN}
+    log = open(workdir / "serve.log", "wb")  # noqa: SIM115 - kept open for the process
+    exe = str(Path(sys.executable).with_name("patchd"))
+    proc = subprocess.Popen([exe, "serve", "-c", str(path)], stdout=log, stderr=log, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise click.ClickException(f"serve exited; see {workdir / 'serve.log'}")
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise click.ClickException("serve did not become ready")
+
+
+def run_http(url: str, events: int, batch: int, concurrency: int) -> tuple[float, list[float]]:
+    bodies = [
+        orjson.dumps([_event(i, "h") for i in range(start, min(start + batch, events))])
+        for start in range(0, events, batch)
+    ]
+    latencies: list[float] = []
+    lock = threading.Lock()
+    next_body = iter(range(len(bodies)))
+
+    def worker() -> None:
+        headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+        with httpx.Client(base_url=url, headers=headers, timeout=300) as client:
+            while True:
+                with lock:
+                    index = next(next_body, None)
+                if index is None:
+                    return
+                t0 = time.perf_counter()
+                r = client.post("/v1/predictions", content=bodies[index])
+                if r.status_code == 429:
+                    time.sleep(float(r.headers.get("retry-after", "1")))
+                    r = client.post("/v1/predictions", content=bodies[index])
+                r.raise_for_status()
+                with lock:
+                    latencies.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return events / (time.perf_counter() - start), latencies
+
+
+def jsonl_count(url: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=30).text
+    for line in text.splitlines():
+        if line.startswith('patchd_predictions_ingested_total{source="jsonl"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def run_tail(url: str, workdir: Path, events: int) -> float:
+    staging = workdir / "logs" / "staging.tmp"
+    with open(staging, "wb") as fh:
+        for start in range(0, events, 10_000):
+            chunk = range(start, min(start + 10_000, events))
+            fh.write(b"".join(orjson.dumps(_event(i, "t")) + b"\n" for i in chunk))
+    t0 = time.perf_counter()
+    os.rename(staging, workdir / "logs" / "bench.jsonl")
+    while jsonl_count(url) < events:
+        time.sleep(0.1)
+    return events / (time.perf_counter() - t0)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+@click.command()
+@click.option("--events", type=click.IntRange(1000), default=1_000_000, show_default=True)
+@click.option("--batch", type=click.IntRange(1), default=10_000, show_default=True)
+@click.option("--concurrency", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("benchmarks/results/ingest.json"), show_default=True,
+)
+def ingest(events: int, batch: int, concurrency: int, out: Path) -> None:
+    """Batched HTTP and JSONL tail throughput, p99 request latency, serve's peak RSS."""
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="patchd-bench-") as tmp:
+        workdir = Path(tmp)
+        (workdir / "logs").mkdir()
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = start_serve(workdir, port)
+        sampler = RssSampler(proc.pid)
+        sampler.start()
+        try:
+            http_rate, latencies = run_http(url, events, batch, concurrency)
+            rss_after_http = sampler.current()
+            tail_rate = run_tail(url, workdir, events)
+            with httpx.Client(headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+                stored = c.get(url + "/v1/status", timeout=60).json()["store"]["predictions"]
+        finally:
+            sampler.stop_event.set()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(120)
+    result = _result(load, events, batch, concurrency, http_rate, latencies, tail_rate,
+                     rss_after_http, sampler.peak, stored)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(orjson.dumps(asdict(result), option=orjson.OPT_INDENT_2) + b"\n")
+    _print(result, out)
+
+
+def _result(load: float, events: int, batch: int, concurrency: int, http_rate: float,
+            latencies: list[float], tail_rate: float, rss_http: int, rss_peak: int,
+            stored: int) -> IngestBench:  # fmt: skip
+    mib = 1 << 20
+    peak = max(rss_peak, rss_http) / mib
+    return IngestBench(
+        date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        machine=machine(),
+        load_avg_1m_before=round(load, 2),
+        events=events,
+        batch=batch,
+        concurrency=concurrency,
+        http_events_per_s=round(http_rate),
+        http_p50_ms=round(percentile(latencies, 0.50) * 1000, 1),
+        http_p99_ms=round(percentile(latencies, 0.99) * 1000, 1),
+        tail_events_per_s=round(tail_rate),
+        rss_after_http_mib=round(rss_http / mib, 1),
+        rss_peak_mib=round(peak, 1),
+        stored=stored,
+        targets_met={
+            "http_events_per_s": http_rate >= TARGET_EVENTS_PER_S,
+            "tail_events_per_s": tail_rate >= TARGET_EVENTS_PER_S,
+            "rss_mib": peak < TARGET_RSS_MIB,
+        },
+    )
+
+
+def _print(r: IngestBench, out: Path) -> None:
+    click.echo("| date | machine | events | HTTP events/s (batch) | p50 / p99 request ms "
+               "| tail events/s | serve RSS after 1M / peak MiB |")  # fmt: skip
+    click.echo("|---|---|---|---|---|---|---|")
+    click.echo(
+        f"| {r.date} | {r.machine}, load {r.load_avg_1m_before} | {r.events:,} "
+        f"| {r.http_events_per_s:,.0f} ({r.batch:,}) | {r.http_p50_ms} / {r.http_p99_ms} "
+        f"| {r.tail_events_per_s:,.0f} | {r.rss_after_http_mib} / {r.rss_peak_mib} |"
+    )
+    missed = [k for k, ok in r.targets_met.items() if not ok]
+    click.echo(f"targets missed: {', '.join(missed)}" if missed else "all targets met")
+    click.echo(f"results: {out}")
