@@ -213,7 +213,7 @@ class ApiConfig(Section):
         None  # lines of `token scope[,scope]`; env PATCHD_TOKEN adds one admin
     )
     max_body_bytes: int = Field(16 << 20, ge=1024)
-    ingest_queue_max: int = Field(1_000_000, ge=1)  # events waiting to be written
+    ingest_queue_max: int = Field(200_000, ge=1)  # events waiting to be written (~300 B each)
 
 
 class ArtifactsConfig(Section):

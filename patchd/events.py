@@ -30,9 +30,11 @@ import os
 import threading
 import time
 from array import array
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
@@ -146,7 +148,7 @@ def is_malformed(record: object) -> bool:
     return record is _MALFORMED
 
 
-_NO_GROUPS: dict[str, object] = {}
+_NO_GROUPS: Mapping[str, object] = MappingProxyType({})
 
 
 class GroupCap:
@@ -287,7 +289,11 @@ class EventParser:
         n = self.n_classes
         if type(ident) is not str or not 0 < len(ident) <= MAX_ID_CHARS:
             return None
-        if (model is not None and model != self.model) or type(pred) is not int or not 0 <= pred < n:
+        if (
+            (model is not None and model != self.model)
+            or type(pred) is not int
+            or not 0 <= pred < n
+        ):
             return None
         if type(ts) is float:
             if not 0.0 < ts < _MAX_TS:
@@ -318,7 +324,21 @@ class EventParser:
         found = self.groups.fast_key(get("groups"))
         if found is None:
             return None
-        row = (self.model, ident, ts, version, pred, top, blob, *found, None, None, source, now, label)
+        row = (
+            self.model,
+            ident,
+            ts,
+            version,
+            pred,
+            top,
+            blob,
+            *found,
+            None,
+            None,
+            source,
+            now,
+            label,
+        )
         return tuple.__new__(Prediction, row)  # type: ignore[type-var]
 
     def _full(self, obj: object, source: str, now: float) -> Prediction:

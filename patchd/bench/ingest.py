@@ -196,8 +196,10 @@ def percentile(values: list[float], q: float) -> float:
 @click.option("--batch", type=click.IntRange(1), default=10_000, show_default=True)
 @click.option("--concurrency", type=click.IntRange(1, 64), default=2, show_default=True)
 @click.option(
-    "--out", type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("benchmarks/results/ingest.json"), show_default=True,
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("benchmarks/results/ingest.json"),
+    show_default=True,
 )
 def ingest(events: int, batch: int, concurrency: int, out: Path) -> None:
     """Batched HTTP and JSONL tail throughput, p99 request latency, serve's peak RSS."""
@@ -220,8 +222,18 @@ def ingest(events: int, batch: int, concurrency: int, out: Path) -> None:
             sampler.stop_event.set()
             proc.send_signal(signal.SIGTERM)
             proc.wait(120)
-    result = _result(load, events, batch, concurrency, http_rate, latencies, tail_rate,
-                     rss_after_http, sampler.peak, stored)
+    result = _result(
+        load,
+        events,
+        batch,
+        concurrency,
+        http_rate,
+        latencies,
+        tail_rate,
+        rss_after_http,
+        sampler.peak,
+        stored,
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(orjson.dumps(asdict(result), option=orjson.OPT_INDENT_2) + b"\n")
     _print(result, out)

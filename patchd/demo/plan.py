@@ -1,4 +1,4 @@
-"""The demo's sizes and recipe, for the full run (colored-fmnist) and ``--fast`` (colored-digits)."""
+"""The demo's sizes and recipe: the full run (colored-fmnist) and ``--fast`` (colored-digits)."""
 
 from __future__ import annotations
 

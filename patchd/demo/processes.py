@@ -75,8 +75,9 @@ def patchd_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "patchd", *args]
 
 
-def wait_http(url: str, ready: Callable[[httpx.Response], bool], children: Children,
-              timeout: float = 60.0) -> None:
+def wait_http(
+    url: str, ready: Callable[[httpx.Response], bool], children: Children, timeout: float = 60.0
+) -> None:
     """Poll ``url`` until ``ready(response)``; fail early when a child died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -68,18 +68,38 @@ class Demo:
         children.start("serve", patchd_argv("serve", "-c", config))
         wait_http(self.patchd_url + "/readyz", lambda r: r.status_code == 200, children)
         children.start("worker", patchd_argv("worker", "-c", config))
-        children.start("model-server", [sys.executable, "-m", "patchd.demo.model_server",
-                                        "-c", config, "--port", str(self.server_port),
-                                        "--patchd-url", self.patchd_url])
+        children.start(
+            "model-server",
+            [
+                sys.executable,
+                "-m",
+                "patchd.demo.model_server",
+                "-c",
+                config,
+                "--port",
+                str(self.server_port),
+                "--patchd-url",
+                self.patchd_url,
+            ],
+        )
         wait_http(self.server_url + "/health", lambda r: r.status_code == 200, children)
-        self.say(f"serve {self.patchd_url} (metrics at /metrics), model server {self.server_url}, "
-                 f"logs in {children.log_dir}")
+        self.say(
+            f"serve {self.patchd_url} (metrics at /metrics), model server {self.server_url}, "
+            f"logs in {children.log_dir}"
+        )
 
     def loop(self, ws: Workspace, children: Children) -> DemoResult:
-        api = httpx.Client(base_url=self.patchd_url, timeout=30,
-                           headers={"Authorization": f"Bearer {ws.token}"})
-        stream = Stream(self.server_url, self.patchd_url, ws.token, self.plan.images_dir,
-                        self.plan.label_delay_s, self.plan.rate_per_s)
+        api = httpx.Client(
+            base_url=self.patchd_url, timeout=30, headers={"Authorization": f"Bearer {ws.token}"}
+        )
+        stream = Stream(
+            self.server_url,
+            self.patchd_url,
+            ws.token,
+            self.plan.images_dir,
+            self.plan.label_delay_s,
+            self.plan.rate_per_s,
+        )
         try:
             live_before = self.replay_until_triggered(ws, stream, api, children)
             worst_before = self.monitor_worst(api)
@@ -92,23 +112,34 @@ class Demo:
         finally:
             stream.close()
             api.close()
-        return DemoResult(run["id"], candidate["id"], worst_before, worst_after,
-                          live_before.worst(), live_after.worst(),
-                          time.monotonic() - self.started)
+        return DemoResult(
+            run["id"],
+            candidate["id"],
+            worst_before,
+            worst_after,
+            live_before.worst(),
+            live_after.worst(),
+            time.monotonic() - self.started,
+        )
 
     # ------------------------------------------------------------------ phases
-    def replay_until_triggered(self, ws: Workspace, stream: Stream, api: httpx.Client,
-                               children: Children) -> LiveAccuracy:
+    def replay_until_triggered(
+        self, ws: Workspace, stream: Stream, api: httpx.Client, children: Children
+    ) -> LiveAccuracy:
         live = LiveAccuracy()
-        self.say(f"[bold]1. stationary traffic[/]: {self.plan.stationary_events} predictions, "
-                 f"{self.plan.minority_before:.0%} minority colour")
+        self.say(
+            f"[bold]1. stationary traffic[/]: {self.plan.stationary_events} predictions, "
+            f"{self.plan.minority_before:.0%} minority colour"
+        )
         for _ in range(self.plan.stationary_events):
             live.add(stream.send(ws.before, self.plan.minority_before, "a"))
             self.maybe_table(api, children)
         if self.open_run(api) is not None:
             raise PatchdError("a patch run was triggered during stationary traffic (false alarm)")
-        self.say(f"[bold]2. the mix shifts[/]: {self.plan.minority_after:.0%} minority colour; "
-                 "waiting for the monitor to flag the failing subgroup")
+        self.say(
+            f"[bold]2. the mix shifts[/]: {self.plan.minority_after:.0%} minority colour; "
+            "waiting for the monitor to flag the failing subgroup"
+        )
         for i in range(self.plan.shift_events_max):
             live.add(stream.send(ws.before, self.plan.minority_after, "b"))
             self.maybe_table(api, children)
@@ -120,11 +151,14 @@ class Demo:
         self.table(api, force=True)
         return live
 
-    def replay_after(self, ws: Workspace, stream: Stream, api: httpx.Client,
-                     children: Children) -> LiveAccuracy:
+    def replay_after(
+        self, ws: Workspace, stream: Stream, api: httpx.Client, children: Children
+    ) -> LiveAccuracy:
         live = LiveAccuracy()
-        self.say(f"[bold]5. traffic continues[/] on the patched model: "
-                 f"{self.plan.after_events} predictions")
+        self.say(
+            f"[bold]5. traffic continues[/] on the patched model: "
+            f"{self.plan.after_events} predictions"
+        )
         for _ in range(self.plan.after_events):
             live.add(stream.send(ws.after, self.plan.minority_after, "c"))
             self.maybe_table(api, children)
@@ -135,7 +169,8 @@ class Demo:
 
     def wait_run(self, api: httpx.Client, children: Children) -> dict[str, Any]:
         run = self.open_run(api)
-        assert run is not None
+        if run is None:
+            raise PatchdError("no patch run is open")
         self.say(f"[bold]3. patch run[/] {run['id']}: {run.get('reason', '')}")
         last = ""
         deadline = time.monotonic() + self.plan.timeout_s
@@ -166,14 +201,19 @@ class Demo:
 
     def promote(self, api: httpx.Client, cand: dict[str, Any], children: Children) -> None:
         if cand["state"] != "awaiting_approval":
-            raise PatchdError(f"candidate {cand['id']} is {cand['state']}: the gate did not pass it")
+            raise PatchdError(
+                f"candidate {cand['id']} is {cand['state']}: the gate did not pass it"
+            )
         if self.approve:
             self.say(f"[bold]4. approving[/] {cand['id']} (--approve)")
-            api.post(f"/v1/candidates/{cand['id']}/approve",
-                     json={"digest": cand["digest"]}).raise_for_status()
+            api.post(
+                f"/v1/candidates/{cand['id']}/approve", json={"digest": cand["digest"]}
+            ).raise_for_status()
             return
-        self.say(f"[bold]4. waiting for approval[/]: in another terminal run\n"
-                 f"   patchd approve {cand['id']} -c {self.plan.config_path}")
+        self.say(
+            f"[bold]4. waiting for approval[/]: in another terminal run\n"
+            f"   patchd approve {cand['id']} -c {self.plan.config_path}"
+        )
         while True:
             children.check()
             state = api.get(f"/v1/candidates/{cand['id']}").json()["state"]
@@ -211,16 +251,24 @@ class Demo:
     def table(self, api: httpx.Client, force: bool = False) -> None:
         self.last_table = time.monotonic()
         groups = api.get("/v1/groups").json()
-        table = Table(title=f"live per-group accuracy (monitor window, n={groups.get('n', 0)})",
-                      title_justify="left")
+        table = Table(
+            title=f"live per-group accuracy (monitor window, n={groups.get('n', 0)})",
+            title_justify="left",
+        )
         for col in ("class", "group", "n", "accuracy", "95% interval", "state"):
             table.add_column(col)
         for c in groups.get("cells", []):
             acc = "-" if c["accuracy"] is None else f"{c['accuracy']:.2f}"
             ci = "-" if c["ci_low"] is None else f"[{c['ci_low']:.2f}, {c['ci_high']:.2f}]"
             style = {"degraded": "red", "warning": "yellow"}.get(c["state"], "")
-            table.add_row(str(c["class"]), c["group"], str(c["n"]), acc, ci,
-                          f"[{style}]{c['state']}[/]" if style else c["state"])
+            table.add_row(
+                str(c["class"]),
+                c["group"],
+                str(c["n"]),
+                acc,
+                ci,
+                f"[{style}]{c['state']}[/]" if style else c["state"],
+            )
         self.console.print(table)
 
     # ------------------------------------------------------------------ output
@@ -234,16 +282,24 @@ class Demo:
 
     def show_candidate(self, api: httpx.Client, cand: dict[str, Any]) -> None:
         detail = api.get(f"/v1/candidates/{cand['id']}").json()
-        self.say(f"candidate {cand['id']} digest {cand['digest'][:12]}: gate "
-                 f"[bold]{detail.get('verdict')}[/], state {detail.get('state')}")
+        self.say(
+            f"candidate {cand['id']} digest {cand['digest'][:12]}: gate "
+            f"[bold]{detail.get('verdict')}[/], state {detail.get('state')}"
+        )
         rows = (detail.get("evaluation") or {}).get("cells", [])
-        table = Table(title="held-out accuracy per group, incumbent → candidate",
-                      title_justify="left")
+        table = Table(
+            title="held-out accuracy per group, incumbent → candidate", title_justify="left"
+        )
         for col in ("class", "group", "n", "incumbent", "candidate"):
             table.add_column(col)
         for r in rows:
-            table.add_row(str(r.get("cls")), str(r.get("group")), str(r.get("n")),
-                          f"{r['incumbent']['accuracy']:.2f}", f"{r['candidate']['accuracy']:.2f}")
+            table.add_row(
+                str(r.get("cls")),
+                str(r.get("group")),
+                str(r.get("n")),
+                f"{r['incumbent']['accuracy']:.2f}",
+                f"{r['candidate']['accuracy']:.2f}",
+            )
         self.console.print(table)
         report = detail.get("report_path")
         if report:

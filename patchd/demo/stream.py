@@ -42,8 +42,15 @@ class LiveAccuracy:
 class Stream:
     """Sends drawn images to the model server and their labels to patchd after a delay."""
 
-    def __init__(self, server_url: str, patchd_url: str, token: str, images: Path,
-                 label_delay_s: float, rate_per_s: float) -> None:
+    def __init__(
+        self,
+        server_url: str,
+        patchd_url: str,
+        token: str,
+        images: Path,
+        label_delay_s: float,
+        rate_per_s: float,
+    ) -> None:
         self.server = httpx.Client(base_url=server_url, timeout=30)
         self.patchd = httpx.Client(
             base_url=patchd_url, timeout=30, headers={"Authorization": f"Bearer {token}"}
@@ -77,12 +84,19 @@ class Stream:
             "x-patchd-group-color": draw.color_name,
             "x-patchd-input-uri": path.resolve().as_uri(),
         }
-        response = self.server.post("/predict", json={"uri": path.resolve().as_uri()},
-                                    headers=headers)
+        response = self.server.post(
+            "/predict", json={"uri": path.resolve().as_uri()}, headers=headers
+        )
         response.raise_for_status()
         body = response.json()
-        return Served(event_id, draw.label, int(body["pred"]), draw.color_name, draw.minority,
-                      str(body.get("model_version", "")))
+        return Served(
+            event_id,
+            draw.label,
+            int(body["pred"]),
+            draw.color_name,
+            draw.minority,
+            str(body.get("model_version", "")),
+        )
 
     def flush_labels(self, force: bool = False) -> None:
         now = time.monotonic()

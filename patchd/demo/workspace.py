@@ -69,8 +69,15 @@ def _base_model(plan: DemoPlan, splits: Any) -> dict[str, float]:
         log.info("reusing base model %s", plan.base_weights)
     else:
         plan.base_weights.parent.mkdir(parents=True, exist_ok=True)
-        fit(model, splits.train, epochs=plan.base_epochs, batch_size=64, lr=1e-3,
-            device=pick_device(), seed=0)
+        fit(
+            model,
+            splits.train,
+            epochs=plan.base_epochs,
+            batch_size=64,
+            lr=1e-3,
+            device=pick_device(),
+            seed=0,
+        )
         save_weights(model.cpu(), plan.base_weights)
     report = evaluate_model(model.cpu(), splits.test, train=splits.train)
     return {f"{c.cls}/{c.group}": c.accuracy for c in report.cells}

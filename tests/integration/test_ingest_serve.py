@@ -1,4 +1,4 @@
-"""Real `patchd serve`: HTTP + a JSONL file rotated mid-stream, restarts, exact counts; bad input."""
+"""Real `patchd serve`: HTTP and a JSONL file rotated mid-stream, restarts, exact counts."""
 
 from __future__ import annotations
 
@@ -130,7 +130,10 @@ def test_bad_input_gets_clear_errors_and_valid_records_survive(tmp_path: Path) -
         with serve.client() as c:
             r = c.post("/v1/predictions", content=b'[{"id": "x", "pred": 1},')
             assert r.status_code == 400 and r.json()["reason"] == "malformed_json"
-            r = c.post("/v1/predictions", content=b"[" + b",".join([orjson.dumps(event("big"))] * 2000) + b"]")
+            r = c.post(
+                "/v1/predictions",
+                content=b"[" + b",".join([orjson.dumps(event("big"))] * 2000) + b"]",
+            )
             assert r.status_code == 413
             batch = [
                 event("ok1"),
@@ -150,17 +153,30 @@ def test_bad_input_gets_clear_errors_and_valid_records_survive(tmp_path: Path) -
             assert (r["accepted"], r["duplicates"]) == (4, 1)
             reasons = {e["index"]: e["reason"] for e in r["rejected"]}
             assert reasons == {
-                1: "missing_field", 2: "invalid_value", 3: "unknown_model",
-                5: "path_not_allowed", 6: "path_not_allowed",
+                1: "missing_field",
+                2: "invalid_value",
+                3: "unknown_model",
+                5: "path_not_allowed",
+                6: "path_not_allowed",
             }
             assert all(e["message"] for e in r["rejected"])
-            r = c.post("/v1/labels", content=b'{"id": "ok1", "label": 1}\n{"id": 5, "label": "x"}\n')
+            r = c.post(
+                "/v1/labels", content=b'{"id": "ok1", "label": 1}\n{"id": 5, "label": "x"}\n'
+            )
             assert (r.json()["joined"], len(r.json()["rejected"])) == (1, 1)
-            assert c.post("/v1/predictions", json=[], headers={"Authorization": "Bearer nope"}).status_code == 401
+            assert (
+                c.post(
+                    "/v1/predictions", json=[], headers={"Authorization": "Bearer nope"}
+                ).status_code
+                == 401
+            )
         st = status(serve)
         assert st["store"] == {**st["store"], "predictions": 4, "labeled": 2, "pending_labels": 0}
         assert metric(serve, "patchd_labels_joined_total") == 2
-        assert metric(serve, 'patchd_ingest_rejected_total{reason="path_not_allowed",source="http"}') == 2
+        assert (
+            metric(serve, 'patchd_ingest_rejected_total{reason="path_not_allowed",source="http"}')
+            == 2
+        )
         inputs = list((serve.state_dir / "artifacts" / "inputs").glob("*.png"))
         assert len(inputs) == 1
     finally:
@@ -176,7 +192,10 @@ def test_backfill_cli_and_config_errors(tmp_path: Path) -> None:
         env = {**os.environ, "PATCHD_TOKEN": TOKEN}
         out = subprocess.run(
             [PATCHD, "ingest", "-c", str(serve.config_path), str(data), "--batch", "50"],
-            capture_output=True, text=True, env=env, timeout=120,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
         )
         assert out.returncode == 0, out.stderr
         assert "120 accepted, 5 duplicates, 1 rejected" in out.stdout
@@ -187,6 +206,8 @@ def test_backfill_cli_and_config_errors(tmp_path: Path) -> None:
     (tmp_path / "bad").mkdir()
     tail = {"allowed_roots": [str(tmp_path / "logs")], "tail": [{"glob": "/etc/*.conf"}]}
     bad = write_config(tmp_path / "bad", {"sources": tail})
-    out = subprocess.run([PATCHD, "serve", "-c", str(bad)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [PATCHD, "serve", "-c", str(bad)], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 1
     assert "outside sources.allowed_roots" in out.stderr and "Traceback" not in out.stderr

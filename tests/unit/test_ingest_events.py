@@ -276,19 +276,27 @@ near_valid = st.fixed_dictionaries(
         "pred": st.one_of(st.integers(-1, 2), st.booleans(), st.sampled_from(["benign", 1.0])),
     },
     optional={
-        "ts": st.one_of(st.none(), st.floats(), st.integers(), st.sampled_from(["2026-01-01", "x"])),
+        "ts": st.one_of(
+            st.none(), st.floats(), st.integers(), st.sampled_from(["2026-01-01", "x"])
+        ),
         "model": st.sampled_from([None, "skin", "other", 1]),
         "label": st.one_of(st.none(), st.integers(-1, 2), st.booleans()),
         "probs": st.one_of(st.none(), st.lists(st.one_of(st.floats(), st.integers()), max_size=3)),
-        "groups": st.one_of(st.none(), st.dictionaries(st.just("site"), st.sampled_from(
-            ["A", "B", "C", 1, True, None, "a,b"]))),
+        "groups": st.one_of(
+            st.none(),
+            st.dictionaries(
+                st.just("site"), st.sampled_from(["A", "B", "C", 1, True, None, "a,b"])
+            ),
+        ),
         "model_version": st.one_of(st.none(), st.text(max_size=3), st.integers()),
         "schema": st.sampled_from([None, 1, 2]),
     },
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(obj=near_valid)
 def test_fuzz_fast_path_agrees_with_full_validation(tmp_path: Path, obj: dict[str, Any]) -> None:
     """The fast path either declines (None) or returns exactly what full validation returns."""
