@@ -25,12 +25,18 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from patchd.abc import Component
 from patchd.audit import AuditEntry, AuditLog
+from patchd.candidate_record import (
+    PENDING,
+    STATES,
+    Candidate,
+    RunInputs,
+    audit_metrics,
+    evaluation_summary,
+)
 from patchd.domain import CandidateEvaluated, ModelPromoted, ModelRolledBack, RunFinished
 from patchd.exceptions import ConflictError, NotFoundError, PatchdError, ValidationError
 from patchd.gate import GateDecision, Verdict, decide, gate_input
@@ -46,79 +52,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STATES = (
-    "evaluating",
-    "pass",
-    "fail",
-    "inconclusive",
-    "awaiting_approval",
-    "promoted",
-    "rejected",
-    "expired",
-    "rolled_back",
-)
-PENDING = ("evaluating", "pass", "awaiting_approval")
 _RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _COLUMNS = (
     "id, model, run_id, digest, state, verdict, decided_by, decided_at, expires_at, "
     "created_at, updated_at, gate, parent, note"
 )
-
-
-@dataclass(frozen=True)
-class Candidate:
-    id: str
-    model: str
-    run_id: str
-    digest: str
-    state: str
-    verdict: str | None
-    decided_by: str | None
-    decided_at: float | None
-    expires_at: float | None
-    created_at: float
-    updated_at: float
-    gate: GateDecision | None
-    parent: str | None
-    note: str | None
-
-    @classmethod
-    def from_row(cls, row: Sequence[Any]) -> Candidate:
-        values = list(row)
-        values[11] = GateDecision.from_dict(json.loads(values[11])) if values[11] else None
-        return cls(*values)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The API's view (the gate decision without per-cell counts)."""
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "gate"}
-        if self.gate is not None:
-            g = self.gate
-            out["gate"] = {
-                "verdict": g.verdict.value,
-                "reasons": list(g.reasons),
-                "worst_group_delta": g.worst_group_delta,
-                "worst_group_interval": list(g.worst_group_interval),
-                "avg_delta": g.avg_delta,
-                "avg_interval": list(g.avg_interval),
-                "incumbent_worst": list(g.incumbent_worst),
-                "candidate_worst": list(g.candidate_worst),
-                "incumbent_avg": g.incumbent_avg,
-                "candidate_avg": g.candidate_avg,
-            }
-        return out
-
-
-@dataclass(frozen=True)
-class RunInputs:
-    """What the gate reads from a finished run's artifacts and record."""
-
-    run_dir: Path
-    weights: Path
-    evaluation_text: str
-    recipe: dict[str, Any]
-    stage_seconds: dict[str, float]
-    parent: str | None
-    data_digests: dict[str, str]
 
 
 class CandidatesComponent(Component):
@@ -270,7 +208,7 @@ class CandidatesComponent(Component):
             run_id=run_id,
             recipe=inputs.recipe,
             data_digests=inputs.data_digests,
-            evaluation=_evaluation_summary(evaluation),
+            evaluation=evaluation_summary(evaluation),
             gate=decision.to_dict(),
         )
         self.registry.publish(model, inputs.weights, manifest)
@@ -286,7 +224,7 @@ class CandidatesComponent(Component):
                 digest,
                 cid,
                 inputs.parent,
-                metrics=_metrics(decision),
+                metrics=audit_metrics(decision),
                 detail=decision.verdict.value,
             )
         )
@@ -378,7 +316,7 @@ class CandidatesComponent(Component):
                     cand.digest,
                     cand.id,
                     previous,
-                    metrics=_metrics(cand.gate),
+                    metrics=audit_metrics(cand.gate),
                 )
             )
             self.promotions.labels("promoted").inc()
@@ -417,7 +355,7 @@ class CandidatesComponent(Component):
                     cand.model,
                     cand.digest,
                     cand.id,
-                    metrics=_metrics(cand.gate),
+                    metrics=audit_metrics(cand.gate),
                     detail=reason,
                 )
             )
@@ -514,7 +452,7 @@ class CandidatesComponent(Component):
                     cand.model,
                     cand.digest,
                     cand.id,
-                    metrics=_metrics(cand.gate),
+                    metrics=audit_metrics(cand.gate),
                 )
             )
             self.promotions.labels("expired").inc()
@@ -568,24 +506,4 @@ class CandidatesComponent(Component):
                 log.error("re-evaluating candidate %s failed: %s", cand.id, err)
 
 
-def _evaluation_summary(evaluation: PairedEvaluation) -> dict[str, Any]:
-    data = json.loads(evaluation.to_json())
-    return {k: data[k] for k in ("class_names", "group_names", "incumbent", "candidate")}
-
-
-def _metrics(decision: GateDecision | None) -> dict[str, Any]:
-    if decision is None:
-        return {}
-    return {
-        "verdict": decision.verdict.value,
-        "worst_group_before": decision.incumbent_worst[1],
-        "worst_group_after": decision.candidate_worst[1],
-        "worst_group_delta": decision.worst_group_delta,
-        "worst_group_interval": list(decision.worst_group_interval),
-        "avg_before": decision.incumbent_avg,
-        "avg_after": decision.candidate_avg,
-        "avg_delta": decision.avg_delta,
-    }
-
-
-__all__ = ["STATES", "Candidate", "CandidatesComponent", "Verdict"]
+__all__ = ["PENDING", "STATES", "Candidate", "CandidatesComponent", "RunInputs", "Verdict"]

@@ -15,7 +15,8 @@ from patchd.exceptions import IntegrityError, NotFoundError, PathNotAllowedError
 from patchd.registry import Registry, sha256_file
 
 if TYPE_CHECKING:
-    from patchd.candidates import Candidate, CandidatesComponent, RunInputs
+    from patchd.candidate_record import Candidate, RunInputs
+    from patchd.candidates import CandidatesComponent
     from patchd.report.candidate import CandidateReport
     from patchd.services import Services
 
@@ -69,7 +70,7 @@ def _loads(text: str | None) -> dict[str, Any]:
 
 
 def read_run_inputs(services: Services, registry: Registry, run_id: str, model: str) -> RunInputs:
-    from patchd.candidates import RunInputs
+    from patchd.candidate_record import RunInputs
 
     rdir = run_dir(services, run_id)
     weights = rdir / "train" / "model.safetensors"

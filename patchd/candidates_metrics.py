@@ -19,7 +19,7 @@ class CandidatesCollector(Collector):
         self.component = component
 
     def collect(self) -> Iterator[Metric]:
-        from patchd.candidates import STATES
+        from patchd.candidate_record import STATES
 
         counts, oldest = self.component.state_counts()
         states = GaugeMetricFamily(

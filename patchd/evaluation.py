@@ -142,11 +142,8 @@ def evaluate_correct(
         for i in range(n_cells)
     )
     worst = _worst(cells, n_min)
-    mix = (
-        cell_mix(np.zeros(0, np.int64), n_cells)
-        if train_mix is None
-        else np.asarray(train_mix, float)
-    )
+    # no training mix given: the evaluation data's own mix (reweighted == pooled)
+    mix = cell_mix(cell, n_cells) if train_mix is None else np.asarray(train_mix, float)
     return ModelEvaluation(
         cells=cells,
         worst_group_accuracy=worst.accuracy if worst else float("nan"),
@@ -314,18 +311,16 @@ def paired(
     ids: Sequence[str] = (),
 ) -> PairedEvaluation:
     """Both models' reports on the same examples (numpy in, :class:`PairedEvaluation` out)."""
-    n_cells = len(class_names) * len(_group_labels(group_names))
-    mix = (
-        cell_mix(np.zeros(0, np.int64), n_cells)
-        if train_mix is None
-        else np.asarray(train_mix, float)
-    )
     build = dict(
-        class_names=class_names, group_names=group_names, train_mix=mix, confidence=confidence
+        class_names=class_names, group_names=group_names, train_mix=train_mix, confidence=confidence
     )
+    inc = evaluate_correct(incumbent_correct, cell, n_min=n_min, **build)
+    cand = evaluate_correct(candidate_correct, cell, n_min=n_min, **build)
+    n_cells = len(inc.cells)
+    mix = cell_mix(cell, n_cells) if train_mix is None else np.asarray(train_mix, float)
     return PairedEvaluation(
-        incumbent=evaluate_correct(incumbent_correct, cell, n_min=n_min, **build),
-        candidate=evaluate_correct(candidate_correct, cell, n_min=n_min, **build),
+        incumbent=inc,
+        candidate=cand,
         class_names=tuple(class_names),
         group_names=tuple(group_names),
         train_mix=tuple(float(v) for v in mix),

@@ -26,22 +26,34 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import os
 import threading
 import time
 from array import array
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple
-from urllib.parse import unquote, urlsplit
 
 import orjson
 
 from patchd.config import Config, GroupsConfig
-from patchd.exceptions import PathNotAllowedError, ValidationError
+from patchd.event_fields import (
+    FLOAT32_MAX,
+    MAX_EMBEDDING_DIMS,
+    MAX_ID_CHARS,
+    MAX_TS,
+    check_inside,
+    kind_of,
+    parse_embedding,
+    parse_floats,
+    parse_ident,
+    parse_optional_str,
+    parse_timestamp,
+    resolve_input_path,
+    write_atomic,
+)
+from patchd.exceptions import ValidationError
 
 REASONS = (
     "malformed_json",
@@ -54,13 +66,9 @@ REASONS = (
     "too_large",
     "queue_full",
 )
-MAX_ID_CHARS = 256
-MAX_EMBEDDING_DIMS = 8192
 MAX_GROUP_VALUE_CHARS = 64
 UNKNOWN_GROUP_VALUE = "unknown"
 NO_GROUPS_KEY = "all"
-_FLOAT32_MAX = 3.4e38
-_MAX_TS = 32503680000.0  # year 3000
 _IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"))
 
 
@@ -121,18 +129,15 @@ def split_lines(lines: list[bytes], first_index: int = 0) -> tuple[list[Any], li
     """Parse NDJSON lines; ``records[i]`` is line i (blank and bad lines are placeholders)."""
     records: list[Any] = []
     errors: list[RecordError] = []
-    loads = orjson.loads
+    loads, append = orjson.loads, records.append
     for i, line in enumerate(lines, first_index):
-        if not line.strip():
-            records.append(_MALFORMED)  # keeps later indices equal to line numbers
-            continue
         try:
-            records.append(loads(line))
+            append(loads(line))
         except orjson.JSONDecodeError as err:
-            errors.append(
-                RecordError(i, "malformed_json", f"line {i + 1} is not valid JSON: {err}")
-            )
-            records.append(_MALFORMED)
+            append(_MALFORMED)  # blank and bad lines keep later indices equal to line numbers
+            if line.strip():
+                message = f"line {i + 1} is not valid JSON: {err}"
+                errors.append(RecordError(i, "malformed_json", message))
     return records, errors
 
 
@@ -237,7 +242,7 @@ def _group_value(attr: str, value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, str | int):
         text = str(value)
-    elif isinstance(value, float) and -_FLOAT32_MAX <= value <= _FLOAT32_MAX:
+    elif isinstance(value, float) and -FLOAT32_MAX <= value <= FLOAT32_MAX:
         text = repr(value)
     else:
         raise ValidationError(
@@ -254,6 +259,12 @@ def _group_value(attr: str, value: object) -> str:
             "invalid_value", f"{text!r} is empty or contains ',' or '='", field=f"groups.{attr}"
         )
     return text
+
+
+def _clean_probs(probs: object, n: int) -> bool:
+    if type(probs) is not list or len(probs) != n:
+        return False
+    return all(type(v) is float and 0.0 <= v <= 1.0 for v in probs)
 
 
 class EventParser:
@@ -296,13 +307,13 @@ class EventParser:
         ):
             return None
         if type(ts) is float:
-            if not 0.0 < ts < _MAX_TS:
+            if not 0.0 < ts < MAX_TS:
                 return None
         elif ts is None:
             ts = now
         else:
             try:
-                ts = _timestamp(ts, now)
+                ts = parse_timestamp(ts, now)
             except ValidationError:
                 return None
         label, version = get("label"), get("model_version")
@@ -315,11 +326,8 @@ class EventParser:
         probs = get("probs")
         blob = top = None
         if probs is not None:
-            if type(probs) is not list or len(probs) != n:
+            if not _clean_probs(probs, n):
                 return None
-            for v in probs:
-                if type(v) is not float or not 0.0 <= v <= 1.0:
-                    return None
             blob, top = array("f", probs).tobytes(), max(probs)
         found = self.groups.fast_key(get("groups"))
         if found is None:
@@ -343,7 +351,7 @@ class EventParser:
 
     def _full(self, obj: object, source: str, now: float) -> Prediction:
         if not isinstance(obj, dict):
-            raise ValidationError("wrong_type", f"an event must be an object, got {_kind(obj)}")
+            raise ValidationError("wrong_type", f"an event must be an object, got {kind_of(obj)}")
         schema = obj.get("schema")
         if schema is not None and schema != 1:
             raise ValidationError("invalid_value", f"unsupported schema {schema!r}", field="schema")
@@ -351,16 +359,16 @@ class EventParser:
         group_key, groups = self.groups.key(obj.get("groups"))
         return Prediction(
             self._model(obj.get("model")),
-            _ident(obj.get("id")),
-            _timestamp(obj.get("ts"), now),
-            _optional_str(obj.get("model_version"), "model_version", 128),
+            parse_ident(obj.get("id")),
+            parse_timestamp(obj.get("ts"), now),
+            parse_optional_str(obj.get("model_version"), "model_version", 128),
             self._cls(obj.get("pred"), "pred", required=True),  # type: ignore[arg-type]
             confidence,
             probs,
             group_key,
             groups,
             self._input(obj.get("input")),
-            _embedding(obj.get("embedding")),
+            parse_embedding(obj.get("embedding")),
             source,
             now,
             self._cls(obj.get("label"), "label", required=False),
@@ -368,10 +376,10 @@ class EventParser:
 
     def label(self, obj: object, now: float | None = None) -> Label:
         if not isinstance(obj, dict):
-            raise ValidationError("wrong_type", f"a label must be an object, got {_kind(obj)}")
+            raise ValidationError("wrong_type", f"a label must be an object, got {kind_of(obj)}")
         return Label(
             self._model(obj.get("model")),
-            _ident(obj.get("id")),
+            parse_ident(obj.get("id")),
             self._cls(obj.get("label"), "label", required=True),  # type: ignore[arg-type]
             time.time() if now is None else now,
         )
@@ -381,7 +389,7 @@ class EventParser:
             return self.model
         if not isinstance(value, str):
             raise ValidationError(
-                "wrong_type", f"must be a string, got {_kind(value)}", field="model"
+                "wrong_type", f"must be a string, got {kind_of(value)}", field="model"
             )
         raise ValidationError(
             "unknown_model",
@@ -409,13 +417,13 @@ class EventParser:
                 )
             return index
         raise ValidationError(
-            "wrong_type", f"must be a class index or name, got {_kind(value)}", field=field
+            "wrong_type", f"must be a class index or name, got {kind_of(value)}", field=field
         )
 
     def _probs(self, value: object) -> tuple[bytes | None, float | None]:
         if value is None:
             return None, None
-        floats = _floats(value, "probs", MAX_EMBEDDING_DIMS)
+        floats = parse_floats(value, "probs", MAX_EMBEDDING_DIMS)
         if len(floats) != self.n_classes:
             raise ValidationError(
                 "invalid_value",
@@ -436,7 +444,7 @@ class EventParser:
             return self._local_uri(value)
         if not isinstance(value, dict):
             raise ValidationError(
-                "wrong_type", f"must be an object, got {_kind(value)}", field="input"
+                "wrong_type", f"must be an object, got {kind_of(value)}", field="input"
             )
         if "base64" in value:
             return self._store_inline(value["base64"])
@@ -472,127 +480,3 @@ class EventParser:
         if not path.exists():
             write_atomic(path, raw)
         return path.as_uri()
-
-
-def resolve_input_path(uri: str) -> Path:
-    """``file://`` URI or absolute path → resolved path (symlinks followed). Other schemes fail."""
-    if "\x00" in uri:
-        raise ValidationError("invalid_value", "contains a NUL byte", field="input")
-    if uri.startswith("file:"):
-        parts = urlsplit(uri)
-        if parts.netloc not in ("", "localhost"):
-            raise ValidationError("invalid_value", f"remote file URI {uri[:200]!r}", field="input")
-        text = unquote(parts.path)
-    elif "://" in uri:
-        raise ValidationError(
-            "invalid_value",
-            f"only file:// URIs and local paths are accepted, got {uri[:200]!r}",
-            field="input",
-        )
-    else:
-        text = uri
-    if not text.startswith("/") or "\x00" in text:
-        raise ValidationError(
-            "invalid_value", f"{text[:200]!r} is not an absolute path", field="input"
-        )
-    return Path(os.path.realpath(text))
-
-
-def check_inside(path: Path, roots: tuple[Path, ...], shown: str) -> None:
-    """Raise :class:`PathNotAllowedError` unless the resolved ``path`` lies inside a root."""
-    if not any(path.is_relative_to(root) for root in roots):
-        raise PathNotAllowedError(shown[:200], [str(r) for r in roots])
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file, fsync, rename into place, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _kind(value: object) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _ident(value: object) -> str:
-    if isinstance(value, str):
-        if 0 < len(value) <= MAX_ID_CHARS:
-            return value
-        if not value:
-            raise ValidationError("invalid_value", "must not be empty", field="id")
-        raise ValidationError("too_large", f"longer than {MAX_ID_CHARS} characters", field="id")
-    if type(value) is int:
-        return str(value)
-    if value is None:
-        raise ValidationError("missing_field", "is required", field="id")
-    raise ValidationError("wrong_type", f"must be a string, got {_kind(value)}", field="id")
-
-
-def _timestamp(value: object, now: float) -> float:
-    if value is None:
-        return now
-    if type(value) is float or type(value) is int:
-        ts = float(value) if -1e18 < value < 1e18 else -1.0  # type: ignore[operator]
-    elif isinstance(value, str):
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            raise ValidationError(
-                "invalid_value", f"{value[:64]!r} is not ISO 8601", field="ts"
-            ) from None
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=UTC)
-        ts = parsed.timestamp()
-    else:
-        raise ValidationError(
-            "wrong_type", f"must be ISO 8601 or a number, got {_kind(value)}", field="ts"
-        )
-    if not (0.0 < ts < _MAX_TS):  # 1970 .. 3000
-        raise ValidationError("invalid_value", f"{value!r} is out of range", field="ts")
-    return ts
-
-
-def _optional_str(value: object, field: str, limit: int) -> str | None:
-    if value is None or (isinstance(value, str) and len(value) <= limit):
-        return value
-    if isinstance(value, str):
-        raise ValidationError("too_large", f"longer than {limit} characters", field=field)
-    raise ValidationError("wrong_type", f"must be a string, got {_kind(value)}", field=field)
-
-
-def _floats(value: object, field: str, limit: int) -> list[float]:
-    if not isinstance(value, list):
-        raise ValidationError(
-            "wrong_type", f"must be a list of numbers, got {_kind(value)}", field=field
-        )
-    if len(value) > limit:
-        raise ValidationError("too_large", f"more than {limit} values", field=field)
-    out: list[float] = []
-    for v in value:
-        if type(v) is not float and type(v) is not int:
-            raise ValidationError(
-                "wrong_type", f"must contain numbers, got {_kind(v)}", field=field
-            )
-        if not -_FLOAT32_MAX <= v <= _FLOAT32_MAX:  # also false for NaN
-            raise ValidationError(
-                "invalid_value", "contains a non-finite or out-of-float32-range value", field=field
-            )
-        out.append(float(v))
-    return out
-
-
-def _embedding(value: object) -> bytes | None:
-    if value is None:
-        return None
-    floats = _floats(value, "embedding", MAX_EMBEDDING_DIMS)
-    return array("f", floats).tobytes()

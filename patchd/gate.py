@@ -60,6 +60,9 @@ class GateInput:
     cell: np.ndarray  # int [N], index into cell_names
     incumbent_correct: np.ndarray  # bool [N]
     candidate_correct: np.ndarray  # bool [N]
+    # cells that must have held-out examples (those in the training mix); one without any makes
+    # the worst group unknowable -> inconclusive
+    expected: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         n = len(self.cell)
@@ -136,6 +139,9 @@ def gate_input(evaluation: PairedEvaluation) -> GateInput:
         cell=np.asarray(evaluation.cell, dtype=np.int64),
         incumbent_correct=np.asarray(evaluation.incumbent_correct, dtype=bool),
         candidate_correct=np.asarray(evaluation.candidate_correct, dtype=bool),
+        expected=tuple(
+            n for n, share in zip(names, evaluation.train_mix, strict=False) if share > 0
+        ),
     )
 
 
@@ -189,7 +195,8 @@ def decide(data: GateInput, config: GateConfig) -> GateDecision:
         for name, row, i, c in zip(names, counts[present], inc, cand, strict=True)
     )
     d_wg = float(cand.min() - inc.min())
-    verdict, reasons = _verdict(cells, d_wg, wg_iv, cand_avg - inc_avg, avg_iv, config)
+    missing = [name for name in data.expected if name not in names]
+    verdict, reasons = _verdict(cells, missing, d_wg, wg_iv, cand_avg - inc_avg, avg_iv, config)
     return GateDecision(
         verdict=verdict,
         reasons=tuple(reasons),
@@ -212,6 +219,7 @@ def decide(data: GateInput, config: GateConfig) -> GateDecision:
 
 def _verdict(
     cells: Sequence[CellOutcome],
+    missing: Sequence[str],
     d_wg: float,
     wg_iv: tuple[float, float],
     d_avg: float,
@@ -221,9 +229,12 @@ def _verdict(
     fails: list[str] = []
     unsure: list[str] = []
     conf = f"{config.confidence:.0%}"
-    small = [c for c in cells if c.n < config.n_min]
-    for c in small:
-        unsure.append(f"cell {c.name} has {c.n} held-out examples < n_min={config.n_min}")
+    small = [c.name for c in cells if c.n < config.n_min] + list(missing)
+    for c in cells:
+        if c.n < config.n_min:
+            unsure.append(f"cell {c.name} has {c.n} held-out examples < n_min={config.n_min}")
+    for name in missing:
+        unsure.append(f"cell {name} is in the training data but has no held-out examples")
     margin, tol = config.min_improvement, config.avg_tolerance
     wg_ok = ""
     wg_txt = f"worst-group change {d_wg:+.3f} ({conf} bounds {wg_iv[0]:+.3f}..{wg_iv[1]:+.3f})"

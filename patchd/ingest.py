@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 
 from patchd.config import Config
-from patchd.events import EventParser, GroupCap, Label, Prediction, RecordError, is_malformed
+from patchd.events import PLACEHOLDER, EventParser, GroupCap, Label, Prediction, RecordError
 from patchd.exceptions import PatchdError, QueueFullError, StoreError, ValidationError
 from patchd.store import events as store_events
 from patchd.store.db import Store
@@ -147,9 +147,8 @@ class IngestPipeline:
         log.info("ingest writer started (queue bound %d events)", self.max_queued)
 
     def stop_intake(self) -> None:
-        """Refuse new records (HTTP 503); what is queued is still written."""
-        with self._cond:
-            self._accepting = False
+        """Refuse new records (HTTP 503); what is queued is still written. Signal-safe."""
+        self._accepting = False  # a plain store: safe from a signal handler (no lock)
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until everything queued so far is committed; False on timeout."""
@@ -201,13 +200,13 @@ class IngestPipeline:
         first_index: int = 0,
     ) -> Future[BatchResult]:
         work = _Work(source, offsets=offsets, errors=list(errors))
-        parse = self.parser.prediction
+        parse, rows, skip = self.parser.prediction, work.predictions, PLACEHOLDER
         now = time.time()
         for i, record in enumerate(records, first_index):
-            if is_malformed(record):
+            if record is skip:
                 continue
             try:
-                work.predictions.append(parse(record, source, now))
+                rows.append(parse(record, source, now))
             except ValidationError as err:
                 work.errors.append(RecordError(i, err.reason, str(err)))
         return self._submit(work)
@@ -218,7 +217,7 @@ class IngestPipeline:
         work = _Work(source, errors=list(errors))
         now = time.time()
         for i, record in enumerate(records):
-            if is_malformed(record):
+            if record is PLACEHOLDER:
                 continue
             try:
                 work.labels.append(self.parser.label(record, now))

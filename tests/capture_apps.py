@@ -2,7 +2,7 @@
 load generator (closed loop, keep-alive connections, one thread per connection).
 
     python -m uvicorn tests.capture_apps:app --port P      # env PATCHD_URL, PATCHD_TOKEN
-    python -m tests.capture_apps loadgen URL STOP_FILE THREADS OUT.json   # runs until STOP_FILE exists
+    python -m tests.capture_apps loadgen URL STOP_FILE THREADS OUT.json  # until STOP_FILE
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from urllib.parse import urlsplit
 
 def build_app() -> Any:
     from fastapi import FastAPI
-
     from patchd.plugins.serving.asgi import PatchdMiddleware
     from patchd.plugins.serving.client import PatchdLogger
 
@@ -68,8 +67,11 @@ def loadgen(url: str, stop_file: str, threads: int, out: str) -> None:
         while not stop.is_set():
             rid = f"L{k}-{n}"
             body = json.dumps({"x": n}).encode()
-            headers = {"Content-Type": "application/json", "x-request-id": rid,
-                       "x-patchd-group-site": "AB"[n % 2]}
+            headers = {
+                "Content-Type": "application/json",
+                "x-request-id": rid,
+                "x-patchd-group-site": "AB"[n % 2],
+            }
             t0 = time.time()
             try:
                 conn.request("POST", "/predict", body=body, headers=headers)

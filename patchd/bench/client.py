@@ -5,8 +5,9 @@ cost is measured and reported as ``timer``) at a paced rate, in three phases:
 
 - ``up``: a real ``patchd serve`` (started here in a temp dir, or ``--url``) receives the events;
   after the phase the logger is flushed and the delivered count is checked;
-- ``down``: the logger points at a closed port: the sender retries with backoff, the queue fills
-  and further calls drop and count (they must stay as fast);
+- ``down``: the logger points at a closed port: the sender retries with backoff while the
+  queue grows; ``down_full``: the same with ``max_queue=1000``, so nearly every call takes the
+  drop-and-count path (it must stay as fast);
 - ``memory``: with patchd down, ``3 x max_queue`` events are logged under ``tracemalloc``: the
   peak is bounded by the queue, whatever the number of calls.
 
@@ -192,6 +193,10 @@ def run_phases(url: str, token: str, n: int, rate: float, max_queue: int) -> lis
     down = PatchdLogger(f"http://127.0.0.1:{_free_port()}", max_queue=max_queue)
     phases.append(measure("down", down, n, rate, n))
     down.close(timeout=0.5)
+    # down with a small queue: nearly every call takes the drop-and-count path
+    full = PatchdLogger(f"http://127.0.0.1:{_free_port()}", max_queue=1000)
+    phases.append(measure("down_full", full, n, rate, 2 * n))
+    full.close(timeout=0.5)
     phases.append(memory_phase(f"http://127.0.0.1:{_free_port()}", max_queue))
     return phases
 
@@ -214,21 +219,22 @@ def report(phases: list[Phase], out: Path) -> None:
     )
     print(
         "| date | machine | phase | calls | rate/s | log() p50 µs | p99 µs | p99.9 µs | max µs "
-        "| timer p99 µs | dropped | delivered | tracemalloc peak MiB |"
+        "| timer p99 µs | dropped | delivered | tracemalloc peak MiB | RSS MiB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for p in phases:
         peak = f"{p.peak_mib:.1f}" if p.peak_mib is not None else "-"
+        rss = f"{p.rss_mib:.0f}" if p.rss_mib is not None else "-"
         print(
             f"| {date} | {machine} | {p.phase} | {p.calls} | {p.rate_per_s:.0f} | {p.p50_us:.2f} "
             f"| {p.p99_us:.2f} | {p.p999_us:.2f} | {p.max_us:.1f} | {p.timer_p99_us:.2f} "
-            f"| {p.dropped} | {p.delivered} | {peak} |"
+            f"| {p.dropped} | {p.delivered} | {peak} | {rss} |"
         )
 
 
 @click.command("client")
-@click.option("--calls", default=100_000, show_default=True, help="log() calls per phase")
-@click.option("--rate", default=10_000.0, show_default=True, help="calls per second (paced)")
+@click.option("--calls", default=50_000, show_default=True, help="log() calls per phase")
+@click.option("--rate", default=5_000.0, show_default=True, help="calls per second (paced)")
 @click.option("--max-queue", default=100_000, show_default=True, help="PatchdLogger.max_queue")
 @click.option("--url", default=None, help="a running patchd serve (default: start one here)")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS, show_default=True)

@@ -5,12 +5,17 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import click
 
 from patchd.cli.options import config_option, with_overrides
 from patchd.config import Config
+
+if TYPE_CHECKING:
+    from patchd.api_client import ApiClient
 
 BACKFILL_BATCH = 5000
 
@@ -71,7 +76,7 @@ def ingest(config: Config, file: Path, labels: bool, batch: int) -> None:
     )
 
 
-def _batches(fh, size: int):  # type: ignore[no-untyped-def]
+def _batches(fh: BinaryIO, size: int) -> Iterator[list[bytes]]:
     lines: list[bytes] = []
     for line in fh:
         lines.append(line if line.endswith(b"\n") else line + b"\n")
@@ -82,7 +87,8 @@ def _batches(fh, size: int):  # type: ignore[no-untyped-def]
         yield lines
 
 
-def _send(client, route: str, body: bytes) -> dict:  # type: ignore[no-untyped-def, type-arg]
+def _send(client: ApiClient, route: str, body: bytes) -> dict[str, Any]:
+    """POST one batch; waits and retries while serve answers 429 (queue full) or 503."""
     from patchd.api_client import ApiError
 
     while True:

@@ -136,6 +136,7 @@ def save_weights(module: nn.Module, path: Path) -> str:
         save_file(_state_tensors(module), str(tmp), metadata={"format": "pt"})
         with tmp.open("rb+") as fh:
             os.fsync(fh.fileno())
+        tmp.chmod(0o644)  # mkstemp makes 0600; model servers under another user must read it
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -5,8 +5,9 @@
   a second job (``monitor.drift_interval_s``) runs the label-free drift pass (evidently);
 - ``GroupDegraded`` (and ``GroupWarning`` when ``trigger.on`` lists "warning") go to
   :func:`patchd.monitor.trigger.request_patch`;
-- ``ModelPromoted`` resets the reference (to the new version's evaluation when the registry has
-  one, else re-learned from the new model's first labeled events);
+- ``ModelPromoted`` (and ``ModelRolledBack``: another model serves) resets the reference: to the
+  new production version's evaluation when the registry has one, else re-learned from the new
+  model's first labeled events;
 - a scrape-time collector (:mod:`patchd.monitor.metrics`) and ``GET /v1/groups``.
 """
 
@@ -19,7 +20,13 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from patchd.abc import Component
-from patchd.domain import DomainEvent, GroupDegraded, GroupWarning, ModelPromoted
+from patchd.domain import (
+    DomainEvent,
+    GroupDegraded,
+    GroupWarning,
+    ModelPromoted,
+    ModelRolledBack,
+)
 from patchd.monitor import reference as refmod
 from patchd.monitor.engine import ModelMonitor, MonitorSnapshot
 from patchd.monitor.trigger import patch_requests, request_patch
@@ -43,7 +50,7 @@ class MonitorComponent(Component):
         super().__init__(services)
         self.model = services.config.model.name
         self.engine = ModelMonitor(services.config, self.model)
-        self._promoted: ModelPromoted | None = None
+        self._promoted: ModelPromoted | ModelRolledBack | None = None
         self._lock = threading.Lock()
 
     @property
@@ -71,6 +78,7 @@ class MonitorComponent(Component):
         if "warning" in self.services.config.trigger.on:
             bus.subscribe(GroupWarning, self._on_degraded)
         bus.subscribe(ModelPromoted, self._on_promoted)
+        bus.subscribe(ModelRolledBack, self._on_promoted)
         monitor = self.services.config.monitor
         self._every(self.tick, JOB_ID, monitor.interval_s, dt.timedelta(0))
         self._every(
@@ -139,7 +147,7 @@ class MonitorComponent(Component):
             f"group {kind}: class={event.cls} group={event.group} ({detail})",
         )
 
-    def _on_promoted(self, event: ModelPromoted) -> None:
+    def _on_promoted(self, event: ModelPromoted | ModelRolledBack) -> None:
         if event.model == self.model:
             self._promoted = event  # applied by the next tick, in the tick's thread
 
@@ -151,8 +159,9 @@ class MonitorComponent(Component):
         ref = refmod.from_evaluation(self.model, evaluation, event.ts) if evaluation else None
         self.engine.set_reference(ref or refmod.Learning(self.model, event.ts), self.services.store)
         log.info(
-            "model=%s: promotion of %s resets the monitor reference (%s)",
+            "model=%s: %s to %s resets the monitor reference (%s)",
             self.model,
+            type(event).__name__,
             event.digest[:12],
             "evaluation" if ref else "re-learning",
         )

@@ -20,6 +20,7 @@ import numpy as np
 
 from patchd.exceptions import StoreError
 from patchd.monitor.cells import WindowStats
+from patchd.monitor.groups import ALL
 from patchd.monitor.window import Traffic
 from patchd.stats import wilson_interval
 
@@ -78,6 +79,11 @@ class Reference:
 
     def __post_init__(self) -> None:
         self._index.update({(c.cls, c.group): c for c in self.cells})
+        for group in {c.group for c in self.cells}:  # pooled rows an evaluation does not carry
+            if (ALL, group) not in self._index:
+                members = [c for c in self.cells if c.group == group]
+                n, ok = sum(c.n for c in members), sum(c.correct for c in members)
+                self._index[(ALL, group)] = CellReference(ALL, group, n, ok)
 
     def cell(self, cls: str, group: str) -> CellReference | None:
         return self._index.get((cls, group))

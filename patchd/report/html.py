@@ -42,6 +42,7 @@ border-bottom:1px solid #eaeef2;vertical-align:middle}th{font-size:12px;color:#5
 text-transform:uppercase;letter-spacing:.4px}td.num{font-variant-numeric:tabular-nums}
 tr.worst td{background:#fff8c5}.tag{font-size:11px;border-radius:10px;padding:1px 7px;
 margin-left:4px;background:#eaeef2;color:#57606a;white-space:nowrap}
+.tag.warn{background:#fff8c5;color:#9a6700}
 .legend span{display:inline-block;margin-right:14px}.sw{width:10px;height:10px;display:inline-block;
 border-radius:2px;margin-right:4px;vertical-align:middle}
 .gallery{display:flex;flex-wrap:wrap;gap:14px}.gallery figure{margin:0;max-width:100%}
@@ -65,10 +66,11 @@ def _pp(value: float | None) -> str:
     return "n/a" if value is None else f"{value * 100:+.1f} pp"
 
 
-def _tone(value: float | None, good_at: float = 0.0) -> str:
-    if value is None:
-        return "muted"
-    return "good" if value >= good_at else "bad"
+def _sided(lower: float, upper: float, threshold: float) -> str:
+    """Green when confidently above the threshold, red when below, amber when undecided."""
+    if lower >= threshold:
+        return "good"
+    return "bad" if upper < threshold else "warn"
 
 
 def _delta_tone(value: float | None, tolerance: float) -> str:
@@ -111,7 +113,8 @@ def _cards(report: CandidateReport) -> str:
             "Worst group",
             d.incumbent_worst[1],
             d.candidate_worst[1],
-            f'<span class="{_tone(wg_lo, d.min_improvement)}">{_pp(d.worst_group_delta)}</span> '
+            f'<span class="{_sided(wg_lo, wg_hi, d.min_improvement)}">'
+            f"{_pp(d.worst_group_delta)}</span> "
             f"({d.confidence:.0%} bounds {_pp(wg_lo)} .. {_pp(wg_hi)}; needs &ge; "
             f"{_pp(d.min_improvement)})<br>"
             + _worst_cells(d.incumbent_worst[0], d.candidate_worst[0]),
@@ -120,7 +123,8 @@ def _cards(report: CandidateReport) -> str:
             "Average accuracy",
             d.incumbent_avg,
             d.candidate_avg,
-            f'<span class="{_tone(d.avg_delta, -d.avg_tolerance)}">{_pp(d.avg_delta)}</span> '
+            f'<span class="{_sided(avg_lo, d.avg_delta, -d.avg_tolerance)}">'
+            f"{_pp(d.avg_delta)}</span> "
             f"({d.confidence:.0%} bounds {_pp(avg_lo)} .. {_pp(avg_hi)}; may fall at most "
             f"{d.avg_tolerance * 100:.1f} pp)",
         )

@@ -35,11 +35,12 @@ _PRAGMAS = (
     "PRAGMA busy_timeout = 10000",
     "PRAGMA foreign_keys = ON",
     "PRAGMA temp_store = MEMORY",
-    "PRAGMA cache_size = -16000",  # 16 MiB page cache per connection
 )
+WRITER_CACHE_KIB = 16384  # one writer: a large page cache keeps index pages hot during ingest
+READER_CACHE_KIB = 2048  # one reader per thread (threadpool): keep serve's RSS bounded
 
 
-def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
+def _connect(path: Path, synchronous: str, cache_kib: int) -> sqlite3.Connection:
     try:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
     except sqlite3.Error as err:
@@ -47,6 +48,7 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
     for pragma in _PRAGMAS:
         conn.execute(pragma)
     conn.execute(f"PRAGMA synchronous = {synchronous}")
+    conn.execute(f"PRAGMA cache_size = -{cache_kib}")
     return conn
 
 
@@ -73,7 +75,7 @@ class Store:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise StoreError(f"cannot create the store directory {path.parent}: {err}") from None
-        writer = _connect(path, synchronous)
+        writer = _connect(path, synchronous, WRITER_CACHE_KIB)
         mode = writer.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             writer.close()
@@ -144,7 +146,7 @@ class Store:
     def _reader(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = _connect(self.path, self._synchronous)
+            conn = _connect(self.path, self._synchronous, READER_CACHE_KIB)
             conn.execute("PRAGMA query_only = ON")
             self._local.conn = conn
             with self._readers_lock:

@@ -9,7 +9,9 @@ Per class, with A the larger and B the smaller subgroup:
 - ``G: A → B`` and ``F: B → A``, trained on equal-size subsets (the smaller group's size, capped
   by ``max_per_group``), as in the CAMEL stage-1 configs (``research/camel_gdro.md`` §2);
 - ResNet-style generator (Zhu et al.) sized to the image: a 7x7 stem, one stride-2 down/up stage
-  for images of 16 px or more (none below), ``blocks`` residual blocks, instance norm, tanh;
+  for images of 16 px or more (none below), ``blocks`` residual blocks, instance norm, and a
+  global skip in tanh space (``tanh(artanh(x) + r(x))``, starts as the identity; see
+  :class:`Generator`);
   PatchGAN discriminator with one stride-2 layer per 16 px of side (at least one);
 - LSGAN (least squares) adversarial loss, cycle loss λ_cyc = 10, identity loss λ_id = 5
   (Zhu et al.'s ½·λ_cyc; CAMEL used BCE and ½·1.0 but the identity term matters here because
@@ -57,28 +59,41 @@ class ResBlock(nn.Module):
         return x + self.body(x)
 
 
-def generator(channels: int, side: int, ngf: int, blocks: int) -> nn.Module:
-    """ResNet generator; images in [-1, 1] (tanh output). One down/up stage when side >= 16."""
-    layers: list[nn.Module] = [
-        nn.ReflectionPad2d(3),
-        nn.Conv2d(channels, ngf, 7),
-        nn.InstanceNorm2d(ngf),
-        nn.ReLU(True),
-    ]
-    width = ngf
-    down = side >= 16 and side % 2 == 0
-    if down:
-        layers += [nn.Conv2d(ngf, 2 * ngf, 3, 2, 1), nn.InstanceNorm2d(2 * ngf), nn.ReLU(True)]
-        width = 2 * ngf
-    layers += [ResBlock(width) for _ in range(blocks)]
-    if down:
-        layers += [
-            nn.ConvTranspose2d(width, ngf, 3, 2, 1, output_padding=1),
-            nn.InstanceNorm2d(ngf),
-            nn.ReLU(True),
+class Generator(nn.Module):
+    """ResNet generator with a global skip in tanh space: ``out = tanh(artanh(x) + r(x))``.
+
+    The residual body ``r`` starts near zero, so a generator begins as the identity and only has
+    to learn the subgroup change (colour, texture) while the content is kept; this matters with
+    the few hundred (or few) minority images per class a patch run has. Images in [-1, 1].
+    """
+
+    def __init__(self, channels: int, side: int, ngf: int, blocks: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [
+            nn.ReflectionPad2d(3), nn.Conv2d(channels, ngf, 7), nn.InstanceNorm2d(ngf), nn.ReLU(True),
         ]
-    layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, channels, 7), nn.Tanh()]
-    return nn.Sequential(*layers)
+        width = ngf
+        down = side >= 16 and side % 2 == 0
+        if down:
+            layers += [nn.Conv2d(ngf, 2 * ngf, 3, 2, 1), nn.InstanceNorm2d(2 * ngf), nn.ReLU(True)]
+            width = 2 * ngf
+        layers += [ResBlock(width) for _ in range(blocks)]
+        if down:
+            layers += [
+                nn.ConvTranspose2d(width, ngf, 3, 2, 1, output_padding=1), nn.InstanceNorm2d(ngf), nn.ReLU(True),
+            ]
+        last = nn.Conv2d(ngf, channels, 7)
+        nn.init.normal_(last.weight, 0.0, 0.02)
+        nn.init.zeros_(last.bias)
+        layers += [nn.ReflectionPad2d(3), last]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(torch.atanh(x.clamp(-0.98, 0.98)) + self.body(x))
+
+
+def generator(channels: int, side: int, ngf: int, blocks: int) -> nn.Module:
+    return Generator(channels, side, ngf, blocks)
 
 
 def discriminator(channels: int, side: int, ndf: int) -> nn.Module:

@@ -200,7 +200,7 @@ class PretrainedDiffusion:
             local_files_only=True,
             safety_checker=None,
             requires_safety_checker=False,
-            torch_dtype=torch.float32,
+            dtype=torch.float32,
         ).to(device)
         self.text2img.set_progress_bar_config(disable=True)
         self.img2img = StableDiffusionImg2ImgPipeline(**self.text2img.components)

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -84,6 +85,7 @@ class Scored:
     z: np.ndarray  # preprocessed embeddings
     pred: np.ndarray
     margin: np.ndarray  # p(true class) - max p(other); < 0 when wrong
+    hardness: np.ndarray | None = None  # signed hardness, set once the directions are fit
 
     @property
     def correct(self) -> np.ndarray:
@@ -113,19 +115,20 @@ class SVMDirectionMiner(Miner):
         assign = fit if fit_data is None else _score(model, data, pre(embed(data.x)))
         ctx.progress(0.4, "fitting per-class SVMs")
         dirs = [self._fit_class(fit, c, params, ctx.seed) for c in range(data.num_classes)]
-        h_fit, h_assign = _hardness(fit, dirs), _hardness(assign, dirs)
-        groups, names, mined = _groups(data, h_assign)
+        fit = replace(fit, hardness=_hardness(fit, dirs))
+        assign = fit if fit_data is None else replace(assign, hardness=_hardness(assign, dirs))
+        groups, names, mined = _groups(data, assign.hardness)
         ctx.progress(0.7, "clustering failures and writing the report")
         cap = captions.caption_classes(clip, pre, dirs, data.class_names) if clip else None
-        report = self._report(ctx, name, fit, h_fit, assign, h_assign, dirs, cap, params, mined)
+        report = self._report(ctx, name, fit, assign, dirs, cap, params, mined)
         return MiningResult(
             modes=tuple(_mode(d, r) for d, r in zip(dirs, report.classes, strict=True)),
             groups=groups,
             group_names=names,
-            hardness=torch.as_tensor(h_assign, dtype=torch.float32),
+            hardness=torch.as_tensor(assign.hardness, dtype=torch.float32),
             mined=mined,
             report_json=report.write(ctx.out_dir / "failure_report.json"),
-            report_png=self._png(ctx, fit, h_fit, params),
+            report_png=self._png(ctx, fit, params),
         )
 
     def _embedder(
@@ -160,19 +163,15 @@ class SVMDirectionMiner(Miner):
         ctx: StageContext,
         embedding: str,
         fit: Scored,
-        h_fit: np.ndarray,
         assign: Scored,
-        h_assign: np.ndarray,
         dirs: list[ClassDirection],
         cap: list[tuple[tuple[str, ...], tuple[str, ...]]] | None,
         params: SVMParams,
         mined: bool,
     ) -> FailureReport:
         src = assign if assign.data.has_groups or not fit.data.has_groups else fit
-        h_src = h_assign if src is assign else h_fit
         classes = tuple(
-            _class_report(fit, h_fit, src, h_src, d, cap[d.cls] if cap else None, params.tiles)
-            for d in dirs
+            _class_report(fit, src, d, cap[d.cls] if cap else None, params.tiles) for d in dirs
         )
         return FailureReport(
             run_id=ctx.run_id,
@@ -186,7 +185,8 @@ class SVMDirectionMiner(Miner):
         )
 
     @staticmethod
-    def _png(ctx: StageContext, fit: Scored, h_fit: np.ndarray, params: SVMParams):  # noqa: ANN205
+    def _png(ctx: StageContext, fit: Scored, params: SVMParams) -> Path:
+        h_fit = fit.hardness
         rows = []
         names = fit.data.class_names
         for c, name in enumerate(names):
@@ -240,14 +240,13 @@ def _groups(data: ImageSet, hardness: np.ndarray) -> tuple[torch.Tensor, tuple[s
 
 def _class_report(
     fit: Scored,
-    h_fit: np.ndarray,
     src: Scored,
-    h_src: np.ndarray,
     d: ClassDirection,
     cap: tuple[tuple[str, ...], tuple[str, ...]] | None,
     tiles: int,
 ) -> ClassReport:
     name = fit.data.class_names[d.cls]
+    h_fit, h_src = fit.hardness, src.hardness
     rows = np.flatnonzero(src.data.y.numpy() == d.cls)
     hard = h_src[rows] > 0
     lifts = ()

@@ -72,7 +72,7 @@ class PatchdLogger:
         *,
         token: str | None = None,
         max_queue: int = 100_000,
-        batch_size: int = 2000,
+        batch_size: int = 500,
         flush_interval_s: float = 0.2,
         timeout_s: float = 5.0,
         backoff_s: float = 0.1,

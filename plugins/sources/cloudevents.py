@@ -65,6 +65,8 @@ def parse_cloudevent(headers: Mapping[str, str], body: bytes) -> CloudEvent:
     if content_type.startswith("application/cloudevents"):
         return _structured(body)
     attrs = {k[3:]: v for k, v in lower.items() if k.startswith("ce-")}
+    if "inference-header-content-length" in lower:  # OIP binary extension, kept by a tee proxy
+        attrs.setdefault("inferenceheadercontentlength", lower["inference-header-content-length"])
     data = gunzip(body) if lower.get("content-encoding", "").lower() == "gzip" else body
     return _event(attrs, content_type, data)
 
@@ -258,8 +260,6 @@ class CloudEventSource(Component):
             return ()
         from fastapi import APIRouter, Depends
 
-        from patchd.auth import require_scope
-
         router = APIRouter(tags=["sources"])
 
         async def receive(request: Request) -> Response:
@@ -269,7 +269,7 @@ class CloudEventSource(Component):
             self.path,
             receive,
             methods=["POST"],
-            dependencies=[Depends(require_scope("ingest"))],
+            dependencies=[Depends(authorize_logger)],
             summary=f"{self.source} logger CloudEvents (binary or structured mode)",
         )
         return (router,)
@@ -497,6 +497,25 @@ class CloudEventSource(Component):
                 if len(uris) == n:
                     return tuple(InputRef(uri=u) for u in uris)
         return ()
+
+
+async def authorize_logger(request: Request) -> None:
+    """Bearer token with the ``ingest`` scope, or ``?token=`` in the URL: KServe's and Seldon's
+    loggers cannot add headers, only point at a URL (keep such URLs out of shared logs)."""
+    from fastapi import HTTPException
+
+    from patchd.auth import bearer
+
+    token = bearer(request) or request.query_params.get("token")
+    principal = request.app.state.tokens.authenticate(token) if token else None
+    if principal is None:
+        raise HTTPException(
+            401,
+            "missing or invalid token (Authorization: Bearer or ?token=)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if "ingest" not in principal.scopes:
+        raise HTTPException(403, f"token {principal.name!r} lacks the 'ingest' scope")
 
 
 def first_value(value: Any) -> str | None:

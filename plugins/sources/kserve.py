@@ -6,7 +6,7 @@ Point the InferenceService's logger at patchd::
       predictor:
         logger:
           mode: all
-          url: http://patchd.monitoring:8321/v1/sources/kserve
+          url: http://patchd.monitoring:8321/v1/sources/kserve?token=<ingest token>
           metadataHeaders: ["x-patchd-group-site", "x-patchd-input-uri"]
 
 Each request and response arrives as a binary-mode CloudEvent (``ce-type``

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
-from patchd.exceptions import ConfigError
+from patchd.exceptions import ConfigError, ValidationError
 
 FIELDS = frozenset(
     {
@@ -64,6 +64,8 @@ Source = tuple[tuple[str, ...], ...] | str  # alternatives of split paths, or a 
 
 def map_record(kind: str, mapping: Mapping[str, str], raw: dict[str, Any]) -> dict[str, Any]:
     """Map one raw JSON record to a schema-v1 event dict (see the module docstring)."""
+    if not isinstance(raw, dict):
+        raise ValidationError("wrong_type", f"a {kind} log line must be a JSON object")
     compiled = compile_mapping(kind, tuple(sorted(mapping.items())))
     event: dict[str, Any] = {}
     used: set[str] = set()

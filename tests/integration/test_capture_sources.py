@@ -19,7 +19,7 @@ from tests.procs import ServeProcess, start_serve
 pytestmark = pytest.mark.integration
 
 
-def _serve(tmp: Path, redis_url: str, *, tail: bool) -> ServeProcess:
+def _serve(tmp: Path, redis_url: str) -> ServeProcess:
     images = tmp / "images"
     images.mkdir()
     (images / "a.png").write_bytes(cp.PNG)
@@ -29,16 +29,15 @@ def _serve(tmp: Path, redis_url: str, *, tail: bool) -> ServeProcess:
         "allowed_roots": [str(images), str(tmp / "bento")],
         "kserve": {"ttl_s": 1.0},
         "seldon": {"ttl_s": 1.0},
-    }
-    if tail:
-        sources["tail"] = [
+        "tail": [
             {
                 "name": "bento",
                 "kind": "bentoml",
                 "glob": str(logs / "*.log"),
                 "poll_interval_s": 0.1,
             }
-        ]
+        ],
+    }
     overrides = {
         "redis": {"url": redis_url, "embedded": "never"},
         "model": {"name": "skin", "class_names": ["benign", "malignant"]},
@@ -52,14 +51,7 @@ def _serve(tmp: Path, redis_url: str, *, tail: bool) -> ServeProcess:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[ServeProcess]:
-    proc = _serve(tmp_path_factory.mktemp("capture"), redis_url, tail=False)
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture
-def tailing(tmp_path: Path, redis_url: str) -> Iterator[ServeProcess]:
-    proc = _serve(tmp_path, redis_url, tail=True)
+    proc = _serve(tmp_path_factory.mktemp("capture"), redis_url)
     yield proc
     proc.stop()
 
@@ -247,6 +239,19 @@ def test_kserve_requires_an_ingest_token(served: ServeProcess) -> None:
         content=cp.v1_request(1),
     )
     assert r.status_code == 401
+    # loggers cannot add headers: the token may ride in the logger URL instead
+    r = httpx.post(
+        served.url + f"/v1/sources/kserve?token={served.token}",
+        headers=cp.kserve_headers("t", "request"),
+        content=cp.v1_request(1),
+    )
+    assert r.status_code == 202
+    r = httpx.post(
+        served.url + "/v1/sources/seldon?token=wrong-token-0123456789",
+        headers=cp.seldon_headers("e", "t", "request"),
+        content=cp.seldon_request(1, "A"),
+    )
+    assert r.status_code == 401
 
 
 def test_seldon_gzip_events_join_by_request_id(served: ServeProcess) -> None:
@@ -292,8 +297,7 @@ def test_seldon_gzip_events_join_by_request_id(served: ServeProcess) -> None:
     assert got["s1-0"]["model_version"] == "skin:1.2"
 
 
-def test_bentoml_jsonl_through_the_tail_source(tailing: ServeProcess) -> None:
-    served = tailing
+def test_bentoml_jsonl_through_the_tail_source(served: ServeProcess) -> None:
     logs: Path = served.extra["logs"]  # type: ignore[attr-defined]
     uri = (served.extra["images"] / "a.png").as_uri()  # type: ignore[attr-defined]
     lines = [

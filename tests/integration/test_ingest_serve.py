@@ -201,6 +201,11 @@ def test_backfill_cli_and_config_errors(tmp_path: Path) -> None:
         assert "120 accepted, 5 duplicates, 1 rejected" in out.stdout
         assert "line 121: malformed_json" in out.stdout
         assert status(serve)["store"]["predictions"] == 120
+        serve.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        serve.proc.send_signal(signal.SIGTERM)  # the second signal: cold shutdown
+        assert serve.proc.wait(30) == 0
+        assert "cold shutdown" in serve.log()
     finally:
         serve.stop()
     (tmp_path / "bad").mkdir()

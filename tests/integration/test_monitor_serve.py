@@ -136,6 +136,8 @@ def test_minority_group_drop_is_detected_and_triggers_a_patch(served: ServeProce
             assert cell["ci_low"] <= acc <= cell["ci_high"]
 
     _assert_triggered(served, client)
+    for _ in range(8):  # the drift window (2000 newest predictions) now holds only the new mix
+        post(client, *stream.batch(BATCH, 0.40, {"A": 0.92, "B": 0.55}))
     _assert_group_mix_drift(client)
     _assert_cli_status(served)
     metrics = httpx.get(served.url + "/metrics").text

@@ -21,7 +21,7 @@ from rq import Queue
 
 from patchd import jobqueue
 from tests.integration import pipeline_support as ps
-from tests.procs import ServeProcess, start_serve
+from tests.procs import ServeProcess, start_serve, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -59,8 +59,9 @@ def _metric(client: httpx.Client, line_start: str) -> float:
 def test_run_passes_every_stage_and_reruns_are_noops(
     tmp_path: Path, clean_redis: str, incumbent: Path
 ) -> None:
-    serve = start_serve(tmp_path, ps.base_config(tmp_path, clean_redis, incumbent))
-    worker = ps.worker(serve.config_path, tmp_path / "worker.log")
+    config_path = write_config(tmp_path, ps.base_config(tmp_path, clean_redis, incumbent))
+    worker = ps.worker(config_path, tmp_path / "worker.log")  # starts while serve starts
+    serve = start_serve(tmp_path, {}, config_path=config_path)
     client = serve.client()
     try:
         empty = client.post("/v1/runs", json={"reason": "empty slice"}).json()
@@ -128,23 +129,22 @@ def _assert_rerun_is_noop(serve: ServeProcess, run: dict[str, Any], redis_url: s
 def test_worker_sigkill_mid_stage_then_new_worker_finishes(
     tmp_path: Path, clean_redis: str, incumbent: Path
 ) -> None:
-    serve = start_serve(tmp_path, ps.base_config(tmp_path, clean_redis, incumbent))
+    config_path = write_config(tmp_path, ps.base_config(tmp_path, clean_redis, incumbent))
+    first = ps.worker(config_path, tmp_path / "worker1.log")
+    serve = start_serve(tmp_path, {}, config_path=config_path)
     client = serve.client()
-    first = ps.worker(serve.config_path, tmp_path / "worker1.log")
     second = None
     try:
         _ingest(client, tmp_path, 40)
         run = client.post(
-            "/v1/runs", json={"reason": "chaos", "recipe": {"budget": {"epochs": 40}}}
+            "/v1/runs", json={"reason": "chaos", "recipe": {"budget": {"epochs": 20}}}
         ).json()
-        started = _wait_started(client, run["id"], "train")
-        time.sleep(1.0)
+        _wait_started(client, run["id"], "train")
+        second = ps.worker(config_path, tmp_path / "worker2.log")  # imports while we kill
         run_dir = _run_dirs(serve, run["id"])
-        assert not (run_dir / "train").exists(), "train finished before the kill; raise epochs"
         mine_mtime = (run_dir / "mine" / "manifest.json").stat().st_mtime_ns
         ps.kill_worker_tree(first)
-        assert started["state"] == "running"
-        second = ps.worker(serve.config_path, tmp_path / "worker2.log")
+        assert not (run_dir / "train").exists(), "train finished before the kill; raise epochs"
         done = ps.wait_run(client, run["id"], ("succeeded",), timeout=150)
         print("stage seconds (after SIGKILL):", done["stage_times"])
     finally:
@@ -172,8 +172,9 @@ def _wait_started(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         run = client.get(f"/v1/runs/{run_id}").json()
-        if run["state"] == "running" and (run.get("result") or {}).get("stage") == stage:
-            return run
+        progress = run.get("result") or {}
+        if progress.get("stage") == stage and progress.get("progress", 0) > 0:
+            return run  # the stage has run at least one epoch
         assert run["state"] not in ("succeeded", "failed", "cancelled"), run
         time.sleep(0.1)
     raise AssertionError(f"run {run_id} never started {stage}")

@@ -8,10 +8,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
-
 from patchd.plugins.serving.asgi import PatchdMiddleware, default_extract
 from patchd.plugins.serving.client import PatchdLogger
 from patchd.plugins.serving.torchserve import PatchdHandlerMixin
+
 from tests.capture_payloads import PNG
 
 
@@ -59,23 +59,41 @@ def make_app(logger: FakeLogger, **kwargs: Any) -> TestClient:
 
 def test_middleware_logs_ids_groups_and_uri() -> None:
     logger = FakeLogger()
-    client = make_app(logger, model="skin", group_headers={"x-camera": "camera"},
-                      groups=lambda scope: {"route": scope["path"].strip("/")})
-    r = client.post("/predict", json={"x": 1}, headers={
-        "x-request-id": "req-1", "x-patchd-group-site": "B", "x-camera": "c7",
-        "x-patchd-input-uri": "file:///srv/a.png"})
+    client = make_app(
+        logger,
+        model="skin",
+        group_headers={"x-camera": "camera"},
+        groups=lambda scope: {"route": scope["path"].strip("/")},
+    )
+    r = client.post(
+        "/predict",
+        json={"x": 1},
+        headers={
+            "x-request-id": "req-1",
+            "x-patchd-group-site": "B",
+            "x-camera": "c7",
+            "x-patchd-input-uri": "file:///srv/a.png",
+        },
+    )
     assert r.status_code == 200 and r.headers["x-patchd-id"] == "req-1"
     auto = client.post("/predict", json={}, headers={"x-batch": "1"})
     client.post("/fail")
     client.get("/health")
     events = logger.drain()
     assert events[0] == {
-        "id": "req-1", "ts": events[0]["ts"], "pred": 1, "probs": [0.3, 0.7], "model": "skin",
+        "id": "req-1",
+        "ts": events[0]["ts"],
+        "pred": 1,
+        "probs": [0.3, 0.7],
+        "model": "skin",
         "groups": {"site": "B", "camera": "c7", "route": "predict"},
         "input": {"uri": "file:///srv/a.png"},
     }
     rid = auto.headers["x-patchd-id"]
-    assert [(e["id"], e["pred"]) for e in events[1:]] == [(f"{rid}-0", 0), (f"{rid}-1", "malignant")]
+    assert [(e["id"], e["pred"]) for e in events[1:]] == [
+        (f"{rid}-0", 0),
+        (f"{rid}-1", "malignant"),
+    ]
     assert len(events) == 3  # the 500 and the unmatched path are not logged
 
 
@@ -110,7 +128,11 @@ class Context:
         return self.request_ids[idx]
 
     def get_request_header(self, idx: int, key: str) -> str | None:
-        return {"x-patchd-group-site": "S1", "x-patchd-input-uri": "/srv/x.png"}.get(key) if idx == 0 else None
+        return (
+            {"x-patchd-group-site": "S1", "x-patchd-input-uri": "/srv/x.png"}.get(key)
+            if idx == 0
+            else None
+        )
 
 
 class Handler(PatchdHandlerMixin, Base):
@@ -126,8 +148,13 @@ def test_torchserve_mixin_logs_each_request(monkeypatch: Any) -> None:
     outputs = handler.handle([{}, {}, {}], Context())
     assert len(outputs) == 3
     assert logger.drain() == [
-        {"pred": "tabby", "id": "a", "model": "cats", "groups": {"site": "S1"},
-         "input": {"uri": "/srv/x.png"}},
+        {
+            "pred": "tabby",
+            "id": "a",
+            "model": "cats",
+            "groups": {"site": "S1"},
+            "input": {"uri": "/srv/x.png"},
+        },
         {"pred": 1, "probs": [0.1, 0.9], "id": "b", "model": "cats"},
         {"pred": 0, "probs": [0.6, 0.4], "id": "c", "model": "cats"},
     ]
@@ -137,7 +164,8 @@ def test_client_modules_import_light() -> None:
     code = (
         "import sys; import patchd.plugins.serving.client, patchd.plugins.serving.asgi, "
         "patchd.plugins.serving.torchserve; "
-        "bad = [m for m in ('httpx', 'torch', 'fastapi', 'starlette', 'numpy', 'ts') if m in sys.modules]; "
+        "heavy = ('httpx', 'torch', 'fastapi', 'starlette', 'numpy', 'ts'); "
+        "bad = [m for m in heavy if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

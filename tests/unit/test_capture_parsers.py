@@ -219,6 +219,10 @@ def test_cloudevent_binary_structured_and_gzip() -> None:
         "skin",
         body,
     )
+    plain = parse_cloudevent(
+        {**cp.kserve_headers("a", "response"), "Inference-Header-Content-Length": "42"}, body
+    )
+    assert plain.attr("inferenceheadercontentlength") == "42"
     gz = parse_cloudevent(
         {**cp.kserve_headers("a", "response"), "Content-Encoding": "gzip"}, gzip.compress(body)
     )
@@ -342,3 +346,4 @@ def test_generic_mapping_paths_alternatives_and_literals() -> None:
         check_mapping("mapping", {"id": "a"})
     with pytest.raises(ConfigError, match="has no mapping"):
         check_mapping("jsonl", {})
+    assert reason(map_record, "bentoml", {}, [1, 2]) == "wrong_type"

@@ -87,3 +87,27 @@ def test_bad_inputs_are_rejected() -> None:
         GateInput(("a",), np.array([0, 0]), np.array([True]), np.array([True, False]))
     with pytest.raises(ValidationError):
         GateInput(("a",), np.array([1]), np.array([True]), np.array([True]))
+
+
+def test_inconclusive_when_a_trained_cell_has_no_heldout_examples() -> None:
+    data = gate_input([300, 300, 300, 300], [0.95, 0.30, 0.92, 0.95], [0.95, 0.90, 0.92, 0.95])
+    keep = data.cell != 3
+    cut = GateInput(
+        data.cell_names,
+        data.cell[keep],
+        data.incumbent_correct[keep],
+        data.candidate_correct[keep],
+        expected=data.cell_names,
+    )
+    assert decide(
+        GateInput(
+            *[
+                getattr(cut, f)
+                for f in ("cell_names", "cell", "incumbent_correct", "candidate_correct")
+            ]
+        ),
+        CFG,
+    ).passed
+    d = decide(cut, CFG)
+    assert d.verdict is Verdict.INCONCLUSIVE
+    assert any("no held-out examples" in r for r in d.reasons)

@@ -110,3 +110,12 @@ def test_evaluate_pair_on_colored_digits() -> None:
     mix = np.bincount(s.train.cell_index().numpy(), minlength=4) / len(s.train)
     assert pe.train_mix == pytest.approx(tuple(mix))
     assert PairedEvaluation.from_json(pe.to_json()).incumbent == pe.incumbent
+
+
+def test_default_mix_is_the_evaluation_data_own_mix() -> None:
+    cell, inc, cand = _data(2)
+    pe = paired(inc, cand, cell, CLASSES, GROUPS)
+    assert pe.incumbent.average_reweighted == pytest.approx(pe.incumbent.average_pooled)
+    assert sum(pe.train_mix) == pytest.approx(1.0) and pe.train_mix[3] == 0.0
+    with pytest.raises(ValidationError, match="cell ids"):
+        paired(inc[:1], cand[:1], np.array([-1]), CLASSES, GROUPS)

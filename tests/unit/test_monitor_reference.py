@@ -61,6 +61,7 @@ def test_reference_from_a_held_out_evaluation() -> None:
     ref = refmod.from_evaluation("m", evaluation, epoch_ts=5.0)
     assert ref is not None and ref.source == "evaluation" and ref.epoch_ts == 5.0
     assert ref.cell("a", "site=A").accuracy == 0.9 and ref.cell("b", "site=A") is None
+    assert ref.cell("*", "site=A") == CellReference("*", "site=A", 40, 36)  # pooled from the cells
     assert refmod.from_evaluation("m", {"cells": [{"n": 1}]}, 0.0) is None
     assert refmod.from_evaluation("m", {}, 0.0) is None
 
