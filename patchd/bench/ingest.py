@@ -45,9 +45,11 @@ class IngestBench:
     batch: int
     concurrency: int
     http_events_per_s: float
+    http_events_per_serve_cpu_s: float  # events per CPU-second serve used (load-independent)
     http_p50_ms: float
     http_p99_ms: float
     tail_events_per_s: float
+    tail_events_per_serve_cpu_s: float
     rss_after_http_mib: float
     rss_peak_mib: float
     stored: int
@@ -87,6 +89,10 @@ class RssSampler(threading.Thread):
 
     def current(self) -> int:
         return int(self.process.memory_info().rss)
+
+    def cpu_seconds(self) -> float:
+        times = self.process.cpu_times()
+        return float(times.user + times.system)
 
     def run(self) -> None:
         while not self.stop_event.wait(0.1):
@@ -205,45 +211,54 @@ def ingest(events: int, batch: int, concurrency: int, out: Path) -> None:
     """Batched HTTP and JSONL tail throughput, p99 request latency, serve's peak RSS."""
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="patchd-bench-") as tmp:
-        workdir = Path(tmp)
-        (workdir / "logs").mkdir()
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}"
-        proc = start_serve(workdir, port)
-        sampler = RssSampler(proc.pid)
-        sampler.start()
-        try:
-            http_rate, latencies = run_http(url, events, batch, concurrency)
-            rss_after_http = sampler.current()
-            tail_rate = run_tail(url, workdir, events)
-            with httpx.Client(headers={"Authorization": f"Bearer {TOKEN}"}) as c:
-                stored = c.get(url + "/v1/status", timeout=60).json()["store"]["predictions"]
-        finally:
-            sampler.stop_event.set()
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(120)
-    result = _result(
-        load,
-        events,
-        batch,
-        concurrency,
-        http_rate,
-        latencies,
-        tail_rate,
-        rss_after_http,
-        sampler.peak,
-        stored,
-    )
+        measured = _measure(Path(tmp), events, batch, concurrency)
+    result = _result(load, events, batch, concurrency, measured)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(orjson.dumps(asdict(result), option=orjson.OPT_INDENT_2) + b"\n")
     _print(result, out)
 
 
-def _result(load: float, events: int, batch: int, concurrency: int, http_rate: float,
-            latencies: list[float], tail_rate: float, rss_http: int, rss_peak: int,
-            stored: int) -> IngestBench:  # fmt: skip
+@dataclass(frozen=True)
+class _Measured:
+    http_rate: float
+    latencies: list[float]
+    tail_rate: float
+    rss_after_http: int
+    rss_peak: int
+    stored: int
+    http_cpu_s: float  # CPU seconds serve used during each phase
+    tail_cpu_s: float
+
+
+def _measure(workdir: Path, events: int, batch: int, concurrency: int) -> _Measured:
+    (workdir / "logs").mkdir()
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_serve(workdir, port)
+    sampler = RssSampler(proc.pid)
+    sampler.start()
+    try:
+        cpu0 = sampler.cpu_seconds()
+        http_rate, latencies = run_http(url, events, batch, concurrency)
+        cpu1 = sampler.cpu_seconds()
+        rss_after_http = sampler.current()
+        tail_rate = run_tail(url, workdir, events)
+        cpu2 = sampler.cpu_seconds()
+        with httpx.Client(headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+            stored = c.get(url + "/v1/status", timeout=60).json()["store"]["predictions"]
+    finally:
+        sampler.stop_event.set()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+    return _Measured(
+        http_rate, latencies, tail_rate, rss_after_http, sampler.peak, stored,
+        cpu1 - cpu0, cpu2 - cpu1,
+    )  # fmt: skip
+
+
+def _result(load: float, events: int, batch: int, concurrency: int, m: _Measured) -> IngestBench:
     mib = 1 << 20
-    peak = max(rss_peak, rss_http) / mib
+    peak = max(m.rss_peak, m.rss_after_http) / mib
     return IngestBench(
         date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         machine=machine(),
@@ -251,16 +266,18 @@ def _result(load: float, events: int, batch: int, concurrency: int, http_rate: f
         events=events,
         batch=batch,
         concurrency=concurrency,
-        http_events_per_s=round(http_rate),
-        http_p50_ms=round(percentile(latencies, 0.50) * 1000, 1),
-        http_p99_ms=round(percentile(latencies, 0.99) * 1000, 1),
-        tail_events_per_s=round(tail_rate),
-        rss_after_http_mib=round(rss_http / mib, 1),
+        http_events_per_s=round(m.http_rate),
+        http_events_per_serve_cpu_s=round(events / max(m.http_cpu_s, 1e-9)),
+        http_p50_ms=round(percentile(m.latencies, 0.50) * 1000, 1),
+        http_p99_ms=round(percentile(m.latencies, 0.99) * 1000, 1),
+        tail_events_per_s=round(m.tail_rate),
+        tail_events_per_serve_cpu_s=round(events / max(m.tail_cpu_s, 1e-9)),
+        rss_after_http_mib=round(m.rss_after_http / mib, 1),
         rss_peak_mib=round(peak, 1),
-        stored=stored,
+        stored=m.stored,
         targets_met={
-            "http_events_per_s": http_rate >= TARGET_EVENTS_PER_S,
-            "tail_events_per_s": tail_rate >= TARGET_EVENTS_PER_S,
+            "http_events_per_s": m.http_rate >= TARGET_EVENTS_PER_S,
+            "tail_events_per_s": m.tail_rate >= TARGET_EVENTS_PER_S,
             "rss_mib": peak < TARGET_RSS_MIB,
         },
     )
@@ -277,4 +294,8 @@ def _print(r: IngestBench, out: Path) -> None:
     )
     missed = [k for k, ok in r.targets_met.items() if not ok]
     click.echo(f"targets missed: {', '.join(missed)}" if missed else "all targets met")
+    click.echo(
+        f"events per CPU-second used by serve (independent of other load): "
+        f"HTTP {r.http_events_per_serve_cpu_s:,.0f}, tail {r.tail_events_per_serve_cpu_s:,.0f}"
+    )
     click.echo(f"results: {out}")

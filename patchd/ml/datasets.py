@@ -36,6 +36,14 @@ DATASETS: dict[str, str] = {
     "wilds-metadata": "patchd.plugins.datasets.wilds_metadata:load",
 }
 
+# image side used when ``spec.image_size`` is None
+NATIVE_SIZES: dict[str, int] = {
+    "colored-digits": 16,
+    "colored-fmnist": 28,
+    "image-csv": 64,
+    "wilds-metadata": 64,
+}
+
 COLOR_NAMES: tuple[str, ...] = ("red", "green")
 PALETTE = torch.tensor([[0.95, 0.15, 0.15], [0.15, 0.80, 0.20]])  # background RGB per colour
 COLOR_GROUPS: tuple[str, ...] = tuple(f"color={c}" for c in COLOR_NAMES)
@@ -59,6 +67,11 @@ def load_splits(spec: DatasetSpec) -> Splits:
         splits.train.group_names,
     )
     return splits
+
+
+def image_size(spec: DatasetSpec) -> int:
+    """The square side images of ``spec`` load at (the kind's native size when unset)."""
+    return spec.image_size or NATIVE_SIZES.get(spec.kind, 64)
 
 
 def option(spec: DatasetSpec, name: str, default: float) -> float:

@@ -73,6 +73,7 @@ class GroupIndex:
     space: GroupSpace
     names: list[str] = field(default_factory=list)
     _codes: dict[str, int] = field(default_factory=dict)
+    _raw: dict[str, int] = field(default_factory=dict)  # raw ingest key -> code
 
     def __post_init__(self) -> None:
         for name in self.space.known():
@@ -85,13 +86,14 @@ class GroupIndex:
             self.names.append(canonical)
         return found
 
-    def encode(self, raw_keys: np.ndarray) -> np.ndarray:
-        """Raw ingest keys -> codes (each distinct key mapped once)."""
-        if len(raw_keys) == 0:
-            return np.zeros(0, np.int64)
-        uniq, inverse = np.unique(np.asarray(raw_keys, dtype=str), return_inverse=True)
-        codes = np.array([self.code(self.space.canonical(k)) for k in uniq], dtype=np.int64)
-        return codes[inverse]
+    def encode(self, raw_keys: np.ndarray | tuple[str, ...]) -> np.ndarray:
+        """Raw ingest keys -> codes (each distinct key mapped once, then a dict lookup)."""
+        memo = self._raw
+        if len(memo) > 100_000:  # ingest caps the keys; this only bounds a misconfiguration
+            memo.clear()
+        for key in set(raw_keys) - memo.keys():
+            memo[key] = self.code(self.space.canonical(str(key)))
+        return np.fromiter((memo[k] for k in raw_keys), dtype=np.int64, count=len(raw_keys))
 
 
 @dataclass
@@ -151,8 +153,8 @@ def _columns(rows: list[tuple], groups: GroupIndex) -> LabeledEvents:
         labeled_at=np.asarray(labeled_at, np.float64),
         pred=np.asarray(pred, np.int64),
         label=np.asarray(label, np.int64),
-        confidence=np.asarray([np.nan if c is None else c for c in conf], np.float64),
-        group=groups.encode(np.asarray(keys, dtype=object)),
+        confidence=np.asarray(conf, np.float64),  # None -> nan
+        group=groups.encode(keys),
     )
 
 
@@ -182,10 +184,10 @@ def fetch_traffic(
         z = np.zeros(0, np.int64)
         return Traffic(z, np.zeros(0), z, None, None)
     pred, conf, keys, emb = zip(*rows, strict=True)
-    codes = groups.encode(np.asarray(keys, dtype=object))
+    codes = groups.encode(keys)
     return Traffic(
         np.asarray(pred, np.int64),
-        np.asarray([np.nan if c is None else c for c in conf], np.float64),
+        np.asarray(conf, np.float64),
         codes,
         *_embeddings(emb, codes),
     )

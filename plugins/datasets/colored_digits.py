@@ -17,10 +17,17 @@ import torch
 from patchd.config import DatasetSpec
 from patchd.exceptions import DependencyMissingError
 from patchd.ml.data import Splits
-from patchd.ml.datasets import P_EVAL, P_TRAIN, colored_set, option, resize_gray, split_rng
+from patchd.ml.datasets import (
+    P_EVAL,
+    P_TRAIN,
+    colored_set,
+    image_size,
+    option,
+    resize_gray,
+    split_rng,
+)
 
 CLASS_NAMES = ("0-4", "5-9")
-DEFAULT_SIZE = 16
 
 
 def _digits_file() -> Path:
@@ -53,7 +60,7 @@ def load(spec: DatasetSpec) -> Splits:
         "val": order[n_train : n_train + n_val],
         "test": order[n_train + n_val :],
     }
-    size = spec.image_size or DEFAULT_SIZE
+    size = image_size(spec)
     p = {"train": option(spec, "p_train", P_TRAIN)}
     p["val"] = p["test"] = option(spec, "p_eval", P_EVAL)
     sets = {}

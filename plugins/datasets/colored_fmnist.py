@@ -20,7 +20,15 @@ import torch
 from patchd.config import DatasetSpec
 from patchd.exceptions import DependencyMissingError, StageError
 from patchd.ml.data import Splits
-from patchd.ml.datasets import P_EVAL, P_TRAIN, colored_set, option, resize_gray, split_rng
+from patchd.ml.datasets import (
+    P_EVAL,
+    P_TRAIN,
+    colored_set,
+    image_size,
+    option,
+    resize_gray,
+    split_rng,
+)
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 CLASS_NAMES = ("top", "other")
@@ -88,7 +96,7 @@ def load(spec: DatasetSpec) -> Splits:
         "val": (test_img, test_lab, np.sort(held[:n_val])),
         "test": (test_img, test_lab, np.sort(held[n_val : n_val + n_test])),
     }
-    size = spec.image_size or 28
+    size = image_size(spec)
     p = {"train": option(spec, "p_train", P_TRAIN)}
     p["val"] = p["test"] = option(spec, "p_eval", P_EVAL)
     sets = {}

@@ -25,8 +25,8 @@ import torch
 from patchd.config import DatasetSpec
 from patchd.exceptions import ConfigError, DatasetError
 from patchd.ml.data import UNKNOWN_GROUP, ImageSet, Splits
+from patchd.ml.datasets import image_size
 
-DEFAULT_SIZE = 64
 SPLIT_NAMES = {"train": 0, "val": 1, "valid": 1, "validation": 1, "test": 2, "0": 0, "1": 1, "2": 2}
 SPLITS = ("train", "val", "test")
 
@@ -149,7 +149,7 @@ def build_splits(rows: Sequence[Row], root: Path, csv_path: Path, spec: DatasetS
     labels = [label_index(r, classes, csv_path) for r in rows]
     paths = [resolve_image(root, r, csv_path) for r in rows]
     group_names = tuple(sorted({r.group for r in rows if r.group is not None}))
-    size = spec.image_size or DEFAULT_SIZE
+    size = image_size(spec)
     sets = []
     for split_no, split in enumerate(SPLITS):
         idx = [i for i, r in enumerate(rows) if r.split == split_no]

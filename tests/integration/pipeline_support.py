@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import httpx
 
 from tests.procs import start_worker
 
+PATCHD = str(Path(sys.executable).with_name("patchd"))
 CLASS_NAMES = ["0-4", "5-9"]
 FACTORY_KWARGS = {"width": 8}
 

@@ -14,6 +14,8 @@ import httpx
 import orjson
 import pytest
 
+from patchd.redis_embedded import answers
+from tests.conftest import free_port
 from tests.procs import PATCHD, TOKEN, ServeProcess, start_serve, write_config
 
 pytestmark = pytest.mark.integration
@@ -183,10 +185,15 @@ def test_bad_input_gets_clear_errors_and_valid_records_survive(tmp_path: Path) -
         serve.stop()
 
 
-def test_backfill_cli_and_config_errors(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_backfill_cli_embedded_redis_cold_stop_and_config_errors(tmp_path: Path) -> None:
     (tmp_path / "logs").mkdir()
-    serve = start_serve(tmp_path, {"model": {"name": "model"}})
+    redis_port = free_port()  # nothing answers there: serve starts its own redis-server
+    redis_cfg = {"url": f"redis://127.0.0.1:{redis_port}/0", "embedded": "auto"}
+    serve = start_serve(tmp_path, {"model": {"name": "model"}, "redis": redis_cfg})
     try:
+        assert answers("127.0.0.1", redis_port)
+        assert status(serve)["redis_url"] == redis_cfg["url"]
         data = tmp_path / "backfill.jsonl"
         data.write_bytes(jsonl(range(120), "b") + b"{broken\n" + jsonl(range(5), "b"))
         env = {**os.environ, "PATCHD_TOKEN": TOKEN}
@@ -206,6 +213,7 @@ def test_backfill_cli_and_config_errors(tmp_path: Path) -> None:
         serve.proc.send_signal(signal.SIGTERM)  # the second signal: cold shutdown
         assert serve.proc.wait(30) == 0
         assert "cold shutdown" in serve.log()
+        assert not answers("127.0.0.1", redis_port)  # the embedded redis stopped with serve
     finally:
         serve.stop()
     (tmp_path / "bad").mkdir()

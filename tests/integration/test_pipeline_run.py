@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ def test_run_passes_every_stage_and_reruns_are_noops(
         assert "data.use_production_slice: false" in failed["error"]
 
         _ingest(client, tmp_path, 60)
+        _cancel_while_running(client, clean_redis)  # the worker must survive the stop
         run = client.post("/v1/runs", json={"reason": "integration"}).json()
         assert run["state"] == "queued" and run["recipe"]["slice_rows"] == 60
         done = ps.wait_run(client, run["id"], ("succeeded",), timeout=120)
@@ -97,10 +99,49 @@ def test_run_passes_every_stage_and_reruns_are_noops(
         assert done["result"]["result"]["candidate_sha256"] == manifests["train"].result["sha256"]
         assert _metric(client, 'patchd_runs_total{result="succeeded"}') == 1
         assert _metric(client, 'patchd_runs_total{result="failed"}') == 1
+        assert _metric(client, 'patchd_runs_total{result="cancelled"}') == 1
+        _check_cli(serve, run["id"])
         assert _metric(client, 'patchd_run_stage_seconds_count{stage="train"}') == 1
         _assert_rerun_is_noop(serve, done, clean_redis)
     finally:
         serve.stop()
+
+
+def _cancel_while_running(client: httpx.Client, redis_url: str) -> None:
+    run = client.post("/v1/runs", json={"reason": "to cancel"}).json()
+    _wait_started(client, run["id"], "mine", need_progress=False)
+    cancelled = client.post(f"/v1/runs/{run['id']}/cancel").json()
+    assert cancelled["state"] == "cancelled" and cancelled["error"] == "cancelled by request"
+    conn = jobqueue.connect(redis_url)
+    deadline = time.monotonic() + 30
+    while jobqueue.job_state(conn, run["job_ids"]["mine"]).status != "stopped":
+        assert time.monotonic() < deadline, "the running mine job was not stopped"
+        time.sleep(0.2)
+    later = {jobqueue.job_state(conn, run["job_ids"][s]).status for s in jobqueue.STAGES[2:]}
+    assert later == {"canceled"}
+    assert client.post(f"/v1/runs/{run['id']}/cancel").status_code == 409
+
+
+def _check_cli(serve: ServeProcess, run_id: str) -> None:
+    env = {**serve.env}
+    listed = subprocess.run(
+        [ps.PATCHD, "runs", "-c", str(serve.config_path), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert run_id in [r["id"] for r in json.loads(listed.stdout)]
+    refused = subprocess.run(
+        [ps.PATCHD, "runs", "-c", str(serve.config_path), "cancel", run_id],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "HTTP 409" in refused.stderr and "succeeded" in refused.stderr
 
 
 def _assert_rerun_is_noop(serve: ServeProcess, run: dict[str, Any], redis_url: str) -> None:
@@ -167,13 +208,15 @@ def test_worker_sigkill_mid_stage_then_new_worker_finishes(
 
 
 def _wait_started(
-    client: httpx.Client, run_id: str, stage: str, timeout: float = 90
+    client: httpx.Client, run_id: str, stage: str, timeout: float = 90, need_progress: bool = True
 ) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         run = client.get(f"/v1/runs/{run_id}").json()
         progress = run.get("result") or {}
-        if progress.get("stage") == stage and progress.get("progress", 0) > 0:
+        if progress.get("stage") == stage and (
+            progress.get("progress", 0) > 0 or not need_progress
+        ):
             return run  # the stage has run at least one epoch
         assert run["state"] not in ("succeeded", "failed", "cancelled"), run
         time.sleep(0.1)

@@ -200,23 +200,15 @@ def run(*, run_id: str, run_dir: Path, out: Path, recipe: Recipe, config: Config
     info: dict[str, Any] = {"slice_used": 0, "slice_skipped": {}, "slice_rule": "70/30 by id"}
     if config.data.use_production_slice:
         train, heldout, info = _with_slice(run_dir / "slice.jsonl", config, train, heldout)
-    names = (
-        train.group_names
-        if len(train.group_names) >= len(heldout.group_names)
-        else heldout.group_names
-    )
-    for name, data in (
-        ("train", train),
-        ("val", _regroup(val, val.group_names)),
-        ("heldout", heldout),
-    ):
+    for name, data in (("train", train), ("val", val), ("heldout", heldout)):
         artifacts.save_imageset(data, out / f"{name}.safetensors")
     info.update(
         {
             "n_train": len(train),
             "n_val": len(val),
             "n_heldout": len(heldout),
-            "group_names": list(names),
+            "train_groups": list(train.group_names),
+            "heldout_groups": list(heldout.group_names),
             "class_names": list(train.class_names),
         }
     )
