@@ -278,7 +278,10 @@ class Daemon:
         log.info(
             "serving the API on http://%s:%d (model %s)", api.host, api.port, self.config.model.name
         )
-        self._server.run()
+        try:
+            self._server.run()
+        except SystemExit:  # uvicorn exits the process when it cannot bind; we clean up first
+            log.error("uvicorn stopped during startup")
         if not self._server.started and self._signals == 0:
             raise PatchdError(f"the API could not listen on {api.host}:{api.port} (port in use?)")
 

@@ -136,6 +136,7 @@ class IngestPipeline:
         self._stopping = False
         self._busy = False
         self._groups_version = self.parser.groups.version
+        self._stamp = self._last_stamp()  # labeled_at of the newest label in the store
         self._thread: threading.Thread | None = None
         self.on_commit: list[Callable[[int], None]] = []  # called with events written
 
@@ -268,9 +269,10 @@ class IngestPipeline:
             return batch
 
     def _commit(self, batch: list[_Work]) -> None:
+        stamp = self._stamp = max(time.time(), self._stamp + 1e-6)  # strictly increasing
         try:
             with self.store.write() as conn:
-                results = [self._apply(conn, work) for work in batch]
+                results = [self._apply(conn, work, stamp) for work in batch]
                 self._persist_groups(conn)
         except Exception as err:  # a store failure fails this batch, never the writer
             log.exception("ingest commit of %d batches failed", len(batch))
@@ -287,10 +289,10 @@ class IngestPipeline:
         for hook in self.on_commit:
             hook(written)
 
-    def _apply(self, conn: Any, work: _Work) -> BatchResult:
+    def _apply(self, conn: Any, work: _Work, stamp: float) -> BatchResult:
         errors = tuple(work.errors)
         if work.labels:
-            lw = store_events.insert_labels(conn, work.labels)
+            lw = store_events.insert_labels(conn, work.labels, stamp)
             result = BatchResult(
                 lw.joined + lw.pending, lw.duplicates, errors, lw.joined, lw.pending
             )
@@ -320,6 +322,14 @@ class IngestPipeline:
             (GROUPS_KV_KEY, value, time.time()),
         )
         self._groups_version = version
+
+    def _last_stamp(self) -> float:
+        with self.store.read() as conn:
+            row = conn.execute(
+                "SELECT MAX(labeled_at) FROM predictions WHERE model = ? AND label IS NOT NULL",
+                (self.config.model.name,),
+            ).fetchone()
+        return float(row[0] or 0.0)
 
     def _load_groups(self) -> dict[str, list[str]]:
         with self.store.read() as conn:

@@ -212,14 +212,20 @@ def cleanup_abandoned(conn: Redis, names: list[str]) -> None:
     """Run RQ's abandoned-job detection now rather than waiting for a worker's maintenance.
 
     A job whose worker died (SIGKILL, node loss) keeps its StartedJobRegistry entry until its
-    heartbeat expires; ``cleanup`` then retries it (retries left) or fails it.
+    heartbeat expires; ``cleanup`` then retries it (retries left) or fails it. Expired entries of
+    jobs that are no longer ``started`` are dropped first: rq 2.x would otherwise move a job that
+    already finished to the failed registry as "abandoned" (rq#2424, fixed only in 3.0).
     """
     from rq import Queue
     from rq.registry import StartedJobRegistry
 
     for name in names:
-        queue = Queue(name, connection=conn)
-        StartedJobRegistry(queue=queue).cleanup()
+        registry = StartedJobRegistry(queue=Queue(name, connection=conn))
+        for raw in conn.zrangebyscore(registry.key, 0, time.time()):
+            status = job_state(conn, registry.parse_job_id(raw)).status
+            if status != "started":
+                conn.zrem(registry.key, raw)
+        registry.cleanup()
 
 
 def report_progress(fraction: float, message: str = "") -> None:

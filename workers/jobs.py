@@ -23,6 +23,7 @@ from patchd.workers import artifacts
 from patchd.workers.stages import collect as collect_stage
 from patchd.workers.stages import learn
 
+from patchd import jobqueue
 from patchd.exceptions import PatchdError, StageError
 from patchd.recipe import Recipe
 
@@ -63,6 +64,7 @@ def run_stage(
     if done is not None:
         log.info("run %s: %s already done (%s), reusing it", run_id, stage, final)
         return summary(done, final, reused=True)
+    jobqueue.report_progress(0.0, f"{stage} started")
     try:
         recipe = Recipe.from_json(recipe_json)
         config = recipe.effective_config()
@@ -76,6 +78,7 @@ def run_stage(
     except Exception as err:
         _mark_failed(f"{stage}: {type(err).__name__}: {err}", retry=True)
         raise
+    jobqueue.report_progress(1.0, f"{stage} done")
     log.info("run %s: %s done, %d files in %s", run_id, stage, len(manifest.files), final)
     return summary(manifest, final, reused=False)
 

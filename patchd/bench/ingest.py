@@ -48,6 +48,8 @@ class IngestBench:
     http_events_per_serve_cpu_s: float  # events per CPU-second serve used (load-independent)
     http_p50_ms: float
     http_p99_ms: float
+    small_batch_p50_ms: float  # 100-event requests, one at a time
+    small_batch_p99_ms: float
     tail_events_per_s: float
     tail_events_per_serve_cpu_s: float
     rss_after_http_mib: float
@@ -171,6 +173,19 @@ def run_http(url: str, events: int, batch: int, concurrency: int) -> tuple[float
     return events / (time.perf_counter() - start), latencies
 
 
+def run_small_batches(url: str, requests: int = 300, size: int = 100) -> list[float]:
+    """Sequential requests of ``size`` events on an otherwise idle serve: a plugin's view."""
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    latencies = []
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
+        for r in range(requests):
+            body = orjson.dumps([_event(r * size + i, "s") for i in range(size)])
+            t0 = time.perf_counter()
+            client.post("/v1/predictions", content=body).raise_for_status()
+            latencies.append(time.perf_counter() - t0)
+    return latencies
+
+
 def jsonl_count(url: str) -> float:
     text = httpx.get(url + "/metrics", timeout=30).text
     for line in text.splitlines():
@@ -226,6 +241,7 @@ class _Measured:
     rss_after_http: int
     rss_peak: int
     stored: int
+    small_latencies: list[float]
     http_cpu_s: float  # CPU seconds serve used during each phase
     tail_cpu_s: float
 
@@ -242,6 +258,8 @@ def _measure(workdir: Path, events: int, batch: int, concurrency: int) -> _Measu
         http_rate, latencies = run_http(url, events, batch, concurrency)
         cpu1 = sampler.cpu_seconds()
         rss_after_http = sampler.current()
+        small = run_small_batches(url)
+        cpu_tail_start = sampler.cpu_seconds()
         tail_rate = run_tail(url, workdir, events)
         cpu2 = sampler.cpu_seconds()
         with httpx.Client(headers={"Authorization": f"Bearer {TOKEN}"}) as c:
@@ -251,8 +269,8 @@ def _measure(workdir: Path, events: int, batch: int, concurrency: int) -> _Measu
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
     return _Measured(
-        http_rate, latencies, tail_rate, rss_after_http, sampler.peak, stored,
-        cpu1 - cpu0, cpu2 - cpu1,
+        http_rate, latencies, tail_rate, rss_after_http, sampler.peak, stored, small,
+        cpu1 - cpu0, cpu2 - cpu_tail_start,
     )  # fmt: skip
 
 
@@ -270,6 +288,8 @@ def _result(load: float, events: int, batch: int, concurrency: int, m: _Measured
         http_events_per_serve_cpu_s=round(events / max(m.http_cpu_s, 1e-9)),
         http_p50_ms=round(percentile(m.latencies, 0.50) * 1000, 1),
         http_p99_ms=round(percentile(m.latencies, 0.99) * 1000, 1),
+        small_batch_p50_ms=round(percentile(m.small_latencies, 0.50) * 1000, 1),
+        small_batch_p99_ms=round(percentile(m.small_latencies, 0.99) * 1000, 1),
         tail_events_per_s=round(m.tail_rate),
         tail_events_per_serve_cpu_s=round(events / max(m.tail_cpu_s, 1e-9)),
         rss_after_http_mib=round(m.rss_after_http / mib, 1),
@@ -297,5 +317,9 @@ def _print(r: IngestBench, out: Path) -> None:
     click.echo(
         f"events per CPU-second used by serve (independent of other load): "
         f"HTTP {r.http_events_per_serve_cpu_s:,.0f}, tail {r.tail_events_per_serve_cpu_s:,.0f}"
+    )
+    click.echo(
+        f"100-event requests one at a time: p50 {r.small_batch_p50_ms} ms, "
+        f"p99 {r.small_batch_p99_ms} ms"
     )
     click.echo(f"results: {out}")

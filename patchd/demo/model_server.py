@@ -19,6 +19,7 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 
 from patchd.config import Config, load_config
+from patchd.ml.datasets import image_size
 from patchd.plugins.serving.asgi import PatchdMiddleware
 from patchd.plugins.serving.client import PatchdLogger
 from patchd.plugins.serving.loader import ProductionModel
@@ -54,7 +55,7 @@ def create_app(config: Config, patchd_url: str, token: str | None) -> FastAPI:
     )
     prod.load()
     prod.start_watching(interval=0.5)
-    size = config.data.train.image_size
+    size = image_size(config.data.train)
     roots = list(config.sources.allowed_roots)
     app = FastAPI(title="demo model server")
 

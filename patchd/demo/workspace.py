@@ -79,8 +79,8 @@ def _base_model(plan: DemoPlan, splits: Any) -> dict[str, float]:
             seed=0,
         )
         save_weights(model.cpu(), plan.base_weights)
-    report = evaluate_model(model.cpu(), splits.test, train=splits.train)
-    return {f"{c.cls}/{c.group}": c.accuracy for c in report.cells}
+    report = evaluate_model(model.cpu(), splits.test, train_mix=splits.train)
+    return {c.key: c.accuracy for c in report.cells}
 
 
 def _register(plan: DemoPlan) -> None:

@@ -10,8 +10,10 @@ Modules, one concept each:
 - :mod:`~patchd.monitor.policy`: cell states (ok / warning / degraded), hysteresis, cooldown.
 - :mod:`~patchd.monitor.drift`: the one evidently adapter (label-free drift signals).
 - :mod:`~patchd.monitor.trigger`: the one function that turns degradation into a patch run.
-- :mod:`~patchd.monitor.engine`: one model's monitor state and its tick.
-- :mod:`~patchd.monitor.component`: the serve component (scheduler job, collector, ``/v1/groups``).
+- :mod:`~patchd.monitor.engine`: one model's monitor state, its tick and its drift pass.
+- :mod:`~patchd.monitor.metrics`: the Prometheus collector (read at scrape time).
+- :mod:`~patchd.monitor.api`: ``GET /v1/groups``.
+- :mod:`~patchd.monitor.component`: the serve component (scheduler jobs, event subscriptions).
 
 Nothing here imports evidently (or torch) at module level.
 """

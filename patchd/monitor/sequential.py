@@ -53,10 +53,6 @@ def llr_weights(p0: np.ndarray, p1: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return np.log(p1 / p0), np.log((1.0 - p1) / (1.0 - p0))
 
 
-def llr(correct: np.ndarray, w_correct: np.ndarray, w_wrong: np.ndarray) -> np.ndarray:
-    return np.where(correct, w_correct, w_wrong)
-
-
 def lindley(start: float, increments: np.ndarray) -> np.ndarray:
     """The CUSUM path ``S_t = max(0, S_{t-1} + x_t)`` from ``S_0 = start`` (vectorised)."""
     c = start + np.cumsum(increments)

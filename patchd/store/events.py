@@ -10,8 +10,12 @@ Reads (monitor, pipeline; inside ``store.read()``):
 - :func:`export_slice` — labeled events as schema-v1 JSONL (+ label), written atomically.
 
 Label joining: a label whose prediction exists sets ``label``/``labeled_at`` in place; otherwise
-it waits in ``pending_labels`` and joins when the prediction arrives (``labeled_at`` is then the
-join time). A second label for an already labeled id is a duplicate and is ignored.
+it waits in ``pending_labels`` and joins when the prediction arrives. A second label for an
+already labeled id is a duplicate and is ignored.
+
+``labeled_at`` is the stamp of the commit that attached the label (not the arrival time): the
+ingest pipeline makes stamps strictly increase from one commit to the next, so a reader that pages
+by ``labeled_at`` (the monitor's cursor) never misses a row committed after its last read.
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ import orjson
 
 from patchd.events import Label, Prediction
 
+# labeled_at is the commit's stamp, written as a literal (one statement per commit): binding it
+# per row would need a copy of every row tuple.
 _INSERT_PREDICTION = (
     "INSERT OR IGNORE INTO predictions (model, id, ts, model_version, pred, confidence, probs, "
     "group_key, groups, input_uri, embedding, source, ingested_at, label, labeled_at) VALUES "
     "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, "
-    "CASE WHEN ?14 IS NULL THEN NULL ELSE ?13 END)"
+    "CASE WHEN ?14 IS NULL THEN NULL ELSE {stamp!r} END)"
 )
 _JOIN_ALL = (
     "UPDATE predictions SET label = pl.label, labeled_at = ?1 FROM pending_labels AS pl "
@@ -69,23 +75,30 @@ class LabelWrite:
     duplicates: int  # labels for an id that already has one
 
 
-def insert_predictions(conn: sqlite3.Connection, rows: Sequence[Prediction]) -> PredictionWrite:
-    """Insert (ignoring duplicates by (model, id)), then join labels that were waiting."""
+def insert_predictions(
+    conn: sqlite3.Connection, rows: Sequence[Prediction], stamp: float | None = None
+) -> PredictionWrite:
+    """Insert (ignoring duplicates by (model, id)), then join labels that were waiting.
+
+    ``stamp`` is the ``labeled_at`` of every label this call attaches (the pipeline passes one
+    strictly increasing stamp per commit, so readers can page by ``labeled_at``).
+    """
+    stamp = time.time() if stamp is None else float(stamp)
     before = conn.total_changes
-    conn.executemany(_INSERT_PREDICTION, rows)
+    conn.executemany(_INSERT_PREDICTION.format(stamp=stamp), rows)
     inserted = conn.total_changes - before
-    joined = join_pending(conn, rows) if inserted else 0
+    joined = join_pending(conn, rows, stamp) if inserted else 0
     return PredictionWrite(inserted, len(rows) - inserted, joined)
 
 
-def join_pending(conn: sqlite3.Connection, rows: Sequence[Prediction]) -> int:
+def join_pending(conn: sqlite3.Connection, rows: Sequence[Prediction], stamp: float) -> int:
     """Attach labels from ``pending_labels`` to just-inserted predictions; returns the count."""
     probe = conn.execute(
         "SELECT COUNT(*) FROM (SELECT 1 FROM pending_labels LIMIT ?)", (len(rows),)
     ).fetchone()[0]
     if probe == 0:
         return 0
-    now = time.time()
+    now = stamp
     before = conn.total_changes
     if probe < len(rows):  # few pending labels: one pass over them
         conn.execute(_JOIN_ALL, (now,))
@@ -97,10 +110,13 @@ def join_pending(conn: sqlite3.Connection, rows: Sequence[Prediction]) -> int:
     return joined
 
 
-def insert_labels(conn: sqlite3.Connection, labels: Sequence[Label]) -> LabelWrite:
-    """Join labels to their predictions; keep the rest pending; count duplicates."""
+def insert_labels(
+    conn: sqlite3.Connection, labels: Sequence[Label], stamp: float | None = None
+) -> LabelWrite:
+    """Join labels to their predictions (``labeled_at = stamp``); keep the rest pending."""
+    stamp = time.time() if stamp is None else stamp
     before = conn.total_changes
-    conn.executemany(_LABEL, ((x.label, x.received_at, x.model, x.id) for x in labels))
+    conn.executemany(_LABEL, ((x.label, stamp, x.model, x.id) for x in labels))
     joined = conn.total_changes - before
     if joined == len(labels):
         return LabelWrite(joined, 0, 0)

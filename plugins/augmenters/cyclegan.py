@@ -15,15 +15,17 @@ Per class, with A the larger and B the smaller subgroup:
   PatchGAN discriminator with one stride-2 layer per 16 px of side (at least one);
 - LSGAN (least squares) adversarial loss, cycle loss λ_cyc = 10, identity loss λ_id = 5
   (Zhu et al.'s ½·λ_cyc; CAMEL used BCE and ½·1.0 but the identity term matters here because
-  ``F(x)`` of an in-domain image should stay x), Adam 2e-4 (β1 0.5), a replay buffer of 50.
+  ``F(x)`` of an in-domain image should stay x), Adam (β1 0.5) with CAMEL's MNIST split of
+  learning rates (generators 1e-3, discriminators 1e-4; theirs 5e-5), a replay buffer of 50.
 
 Output: ``paired={"F": F(x), "G": G(x)}`` for every training row (so for x in A, G(x) is x
 rendered in B and F(x) ≈ x; for x in B the reverse), and PNG triplets (x, F(x), G(x)) per class
 and subgroup under ``<out_dir>/previews``.
 
-Hyperparameters (``patch.params.cyclegan``): ``steps`` (default 60 × ``budget.augment_epochs``),
-``batch_size`` 16, ``ngf`` 16, ``ndf`` 16, ``blocks`` 3, ``lambda_cyc`` 10, ``lambda_id`` 5,
-``lr`` 2e-4, ``max_per_group`` 500.
+Hyperparameters (``patch.params.cyclegan``): ``steps`` (default 20 × ``budget.augment_epochs``),
+``batch_size`` 16, ``ngf`` 8, ``ndf`` 16, ``blocks`` 2, ``lambda_cyc`` 10, ``lambda_id`` 5,
+``lr`` 1e-3, ``lr_disc`` 1e-4, ``max_per_group`` 500. Sized for 2 shared CPU cores; on a GPU
+raise ``ngf``/``blocks``/``steps``.
 """
 
 from __future__ import annotations
@@ -144,19 +146,21 @@ class GanConfig:
     lambda_cyc: float
     lambda_id: float
     lr: float
+    lr_disc: float
     max_per_group: int
 
     @classmethod
     def from_params(cls, params: dict[str, Any], augment_epochs: int) -> GanConfig:
         return cls(
-            steps=int(params.get("steps", 60 * augment_epochs)),
+            steps=int(params.get("steps", 20 * augment_epochs)),
             batch_size=int(params.get("batch_size", 16)),
-            ngf=int(params.get("ngf", 16)),
+            ngf=int(params.get("ngf", 8)),
             ndf=int(params.get("ndf", 16)),
-            blocks=int(params.get("blocks", 3)),
+            blocks=int(params.get("blocks", 2)),
             lambda_cyc=float(params.get("lambda_cyc", 10.0)),
             lambda_id=float(params.get("lambda_id", 5.0)),
-            lr=float(params.get("lr", 2e-4)),
+            lr=float(params.get("lr", 1e-3)),
+            lr_disc=float(params.get("lr_disc", 1e-4)),
             max_per_group=int(params.get("max_per_group", 500)),
         )
 
@@ -175,7 +179,7 @@ class CycleGAN:
         gen_params = list(self.G.parameters()) + list(self.F.parameters())
         disc_params = list(self.DA.parameters()) + list(self.DB.parameters())
         self.opt_g = torch.optim.Adam(gen_params, lr=cfg.lr, betas=(0.5, 0.999))
-        self.opt_d = torch.optim.Adam(disc_params, lr=cfg.lr, betas=(0.5, 0.999))
+        self.opt_d = torch.optim.Adam(disc_params, lr=cfg.lr_disc, betas=(0.5, 0.999))
         self.pool_a, self.pool_b = ReplayBuffer(50, gen), ReplayBuffer(50, gen)
 
     def step(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:

@@ -68,6 +68,18 @@ def test_submit_returns_after_commit_with_per_record_errors(pipeline: IngestPipe
     }
 
 
+def test_labeled_at_strictly_increases_per_commit(pipeline: IngestPipeline) -> None:
+    """Readers page by labeled_at: a later commit must never carry an earlier stamp."""
+    for i in range(5):
+        pipeline.submit_predictions([{"id": f"p{i}", "pred": 0, "label": 1}], "test")
+        pipeline.submit_labels([{"id": f"q{i}", "label": 1}], "test")  # pending
+        pipeline.submit_predictions([{"id": f"q{i}", "pred": 0}], "test")  # joins
+    with pipeline.store.read() as conn:
+        rows = conn.execute("SELECT id, labeled_at FROM predictions ORDER BY labeled_at").fetchall()
+    assert [r[0] for r in rows] == [x for i in range(5) for x in (f"p{i}", f"q{i}")]
+    assert len({r[1] for r in rows}) == 10  # one distinct stamp per commit
+
+
 def test_concurrent_submitters_lose_nothing(pipeline: IngestPipeline) -> None:
     def send(worker: int) -> None:
         for batch in range(10):

@@ -113,7 +113,7 @@ def test_insert_dedups_by_model_and_id(store: Store, tmp_path: Path) -> None:
 def test_label_after_prediction_joins_in_place(store: Store, tmp_path: Path) -> None:
     with store.write() as conn:
         ev.insert_predictions(conn, preds(tmp_path, ["a", "b"]))
-        lw = ev.insert_labels(conn, [Label("m", "a", 0, 50.0), Label("m", "a", 1, 51.0)])
+        lw = ev.insert_labels(conn, [Label("m", "a", 0, 1.0), Label("m", "a", 1, 2.0)], stamp=50.0)
     assert (lw.joined, lw.pending, lw.duplicates) == (1, 0, 1)
     with store.read() as conn:
         row = conn.execute("SELECT label, labeled_at FROM predictions WHERE id='a'").fetchone()
@@ -146,7 +146,8 @@ def test_labeled_window_and_recent_predictions(store: Store, tmp_path: Path) -> 
     rows = preds(tmp_path, [f"e{i}" for i in range(6)], probs=[0.3, 0.7], embedding=[1.0, 2.0, 3.0])
     with store.write() as conn:
         ev.insert_predictions(conn, rows)
-        ev.insert_labels(conn, [Label("m", f"e{i}", i % 2, 100.0 + i) for i in range(5)])
+        for i in range(5):  # one commit stamp each
+            ev.insert_labels(conn, [Label("m", f"e{i}", i % 2, 0.0)], stamp=100.0 + i)
     with store.read() as conn:
         win = ev.labeled_window(conn, "m", limit=3)
         since = ev.labeled_window(conn, "m", limit=10, since_ts=103.0)

@@ -113,3 +113,26 @@ def test_assess_failures_carry_a_clear_error() -> None:
     assert prog.abandoned and "died" in (prog.error or "")
     states["synthesize"] = JobState("r-synthesize", "missing")
     assert assess(states).missing
+
+
+def test_cleanup_fails_or_retries_abandoned_jobs_but_not_finished_ones(clean_redis: str) -> None:
+    from rq.job import JobStatus
+    from rq.registry import StartedJobRegistry
+
+    conn = jobqueue.connect(clean_redis)
+    config = build_config({"redis": {"url": clean_redis}, "patch": {"retries": 1}})
+    ids = jobqueue.enqueue_run(conn, config, "r3", "/art", "{}")
+    queue = Queue("patchd", connection=conn)
+    registry = StartedJobRegistry(queue=queue)
+    collect, mine = (Job.fetch(ids[s], connection=conn) for s in ("collect", "mine"))
+    conn.lrem(queue.key, 0, collect.id)  # a worker took it ...
+    collect.set_status(JobStatus.STARTED)  # ... and died while running it
+    mine.set_status(JobStatus.FINISHED)
+    for job in (collect, mine):  # entries whose heartbeat expired long ago
+        conn.zadd(registry.key, {f"{job.id}:exec1": 1})
+    jobqueue.cleanup_abandoned(conn, ["patchd"])
+    assert conn.zcard(registry.key) == 0
+    assert jobqueue.job_state(conn, ids["mine"]).status == "finished"  # rq#2424 guarded
+    retried = Job.fetch(ids["collect"], connection=conn)
+    assert retried.get_status().value == "queued" and retried.retries_left == 0
+    assert queue.job_ids == [ids["collect"]]
