@@ -73,7 +73,7 @@ class DatasetSpec(Section):
 
 class DataConfig(Section):
     train: DatasetSpec = Field(default_factory=DatasetSpec)
-    # held-out data the evaluate stage uses (the `val` split of the same spec when unset)
+    # held-out data for evaluate: its `test` split (`train`'s `test` split when unset)
     heldout: DatasetSpec | None = None
     use_production_slice: bool = True
 

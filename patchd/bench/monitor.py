@@ -266,14 +266,18 @@ def _detection_row(drop: float, reps: int, reference_window: int) -> dict[str, o
     }
 
 
+def _n(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}"
+
+
 def _print(r: dict) -> None:  # noqa: ANN001
     print(f"monitor bench, {r['date']}, {r['machine']}, reference {r['reference_window']} events\n")
     print("| drop | detected | median delay | p90 | max | false alarms before change |")
     print("|---|---|---|---|---|---|")
     for d in r["detection"]:
         print(
-            f"| {d['drop']:.2f} | {d['detected']}/{d['reps']} | {d['median']} | {d['p90']} | "
-            f"{d['max']} | {d['false_alarms_before_change']} |"
+            f"| {d['drop']:.2f} | {d['detected']}/{d['reps']} | {_n(d['median'])} | "
+            f"{_n(d['p90'])} | {d['max']} | {d['false_alarms_before_change']} |"
         )
     fa = r["false_alarms"]
     print(
