@@ -162,7 +162,7 @@ class PatchConfig(Section):
     poll_interval_s: float = Field(1.0, gt=0)
     job_monitoring_interval_s: int = Field(30, ge=1)  # worker heartbeat period while a job runs
     heartbeat_grace_s: int = Field(60, ge=2)  # a silent worker's job is abandoned after this
-    torch_threads: int = Field(0, ge=0)  # 0 = all cores
+    torch_threads: int = Field(0, ge=0)  # 0 = half the cores (see workers.worker.default_threads)
     slice_limit: int = Field(50_000, ge=1)  # newest labeled events exported to a run
 
 

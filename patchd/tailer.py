@@ -70,6 +70,16 @@ def check_glob(pattern: str, roots: list[Path]) -> Path:
     return base
 
 
+def _load_mapper() -> Callable[[str, dict[str, str], Any], Any]:
+    """The capture plugin's ``map_record`` (imported only for bentoml / mapping sources)."""
+    try:
+        from patchd.plugins.sources.mapping import map_record
+    except ImportError as err:
+        message = f"tail kind bentoml/mapping needs patchd.plugins.sources.mapping: {err}"
+        raise ConfigError(message) from None
+    return map_record  # type: ignore[no-any-return]
+
+
 def _fixed_prefix(parts: tuple[str, ...]) -> list[str]:
     out: list[str] = []
     for part in parts:
@@ -112,6 +122,9 @@ class Tailer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._mapper: Callable[[str, dict[str, str], Any], Any] | None = None
+        if source.kind != "jsonl":
+            self._mapper = _load_mapper()
+            self._mapper(source.kind, dict(source.mapping), {})  # a bad mapping fails here
         self.lines_read = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -289,17 +302,15 @@ class Tailer:
             self._finish(*self._inflight.popleft())
 
     def _map(self, records: list[Any], errors: list[RecordError]) -> list[Any]:
-        if self._mapper is None:
-            from patchd.plugins.sources.mapping import map_record
-
-            self._mapper = map_record
+        mapper = self._mapper or _load_mapper()
+        kind, mapping = self.source.kind, dict(self.source.mapping)
         out = []
         for i, raw in enumerate(records):
             if is_malformed(raw):
                 out.append(raw)
                 continue
             try:
-                out.append(self._mapper(self.source.kind, dict(self.source.mapping), raw))
+                out.append(mapper(kind, mapping, raw))
             except ValidationError as err:
                 errors.append(RecordError(i, err.reason, str(err)))
                 out.append(PLACEHOLDER)

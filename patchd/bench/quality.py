@@ -179,9 +179,9 @@ def bench_params(dataset: str) -> dict[str, dict[str, Any]]:
     """Plugin hyperparameters of the bench (fixed up front; sized for 2 shared CPU cores)."""
     small = dataset == "colored-digits"
     return {
-        "cyclegan": {"steps": 300 if small else 600},
-        "diffusion": {"steps": 300 if small else 400, "channels": 32 if small else 24, "samples_per_cell": 128},
-        "vae": {"steps": 300 if small else 500},
+        "cyclegan": {"steps": 200},
+        "diffusion": {"steps": 300, "channels": 32 if small else 24, "samples_per_cell": 128},
+        "vae": {"steps": 300 if small else 400},
         "svm": {"max_per_class": 2000},
     }
 

@@ -258,6 +258,8 @@ class Demo:
         for col in ("class", "group", "n", "accuracy", "95% interval", "state"):
             table.add_column(col)
         for c in groups.get("cells", []):
+            if c["n"] == 0:
+                continue
             acc = "-" if c["accuracy"] is None else f"{c['accuracy']:.2f}"
             ci = "-" if c["ci_low"] is None else f"[{c['ci_low']:.2f}, {c['ci_high']:.2f}]"
             style = {"degraded": "red", "warning": "yellow"}.get(c["state"], "")
@@ -281,35 +283,38 @@ class Demo:
         self.say(f"base model (plain ERM, colour shortcut) on held-out test: {cells}")
 
     def show_candidate(self, api: httpx.Client, cand: dict[str, Any]) -> None:
-        detail = api.get(f"/v1/candidates/{cand['id']}").json()
+        gate = cand.get("gate") or {}
         self.say(
             f"candidate {cand['id']} digest {cand['digest'][:12]}: gate "
-            f"[bold]{detail.get('verdict')}[/], state {detail.get('state')}"
+            f"[bold]{cand.get('verdict')}[/], state {cand.get('state')}"
         )
-        rows = (detail.get("evaluation") or {}).get("cells", [])
+        for reason in gate.get("reasons", []):
+            self.say(f"   {reason}")
+        report = api.get(f"/v1/candidates/{cand['id']}/report", params={"format": "json"}).json()
         table = Table(
             title="held-out accuracy per group, incumbent → candidate", title_justify="left"
         )
-        for col in ("class", "group", "n", "incumbent", "candidate"):
+        for col in ("class", "group", "n", "incumbent", "candidate", "delta"):
             table.add_column(col)
-        for r in rows:
+        for r in report.get("rows", []):
             table.add_row(
-                str(r.get("cls")),
-                str(r.get("group")),
-                str(r.get("n")),
-                f"{r['incumbent']['accuracy']:.2f}",
-                f"{r['candidate']['accuracy']:.2f}",
+                r["cls"],
+                r["group"],
+                str(r["n"]),
+                fmt(r["incumbent"]),
+                fmt(r["candidate"]),
+                "-" if r["delta"] is None else f"{r['delta']:+.2f}",
             )
         self.console.print(table)
-        report = detail.get("report_path")
-        if report:
-            self.say(f"report: {report}")
+        path = self.plan.state_dir / "registry" / cand["model"] / "versions" / cand["digest"]
+        self.say(f"report: {path / 'report.html'}")
+
+
+def fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def summary(result: DemoResult, plan: DemoPlan, console: Console) -> None:
-    def fmt(x: float | None) -> str:
-        return "-" if x is None else f"{x:.2f}"
-
     console.print(
         f"\n[bold]summary[/] ({result.seconds:.0f}s)\n"
         f"  worst-group accuracy on live traffic, monitor: {fmt(result.monitor_worst_before)} → "

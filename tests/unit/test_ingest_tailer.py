@@ -196,3 +196,52 @@ def test_tailer_refuses_a_bad_glob_at_construction(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError):
         Tailer(TailSourceConfig(glob="/var/log/*.log"), config, None, None)  # type: ignore[arg-type]
+
+
+def test_mapping_kind_converts_each_line_before_validation(tmp_path: Path) -> None:
+    (tmp_path / "logs").mkdir()
+    config = build_config(
+        {
+            "state_dir": str(tmp_path / "state"),
+            "groups": {"attributes": ["site"]},
+            "sources": {
+                "allowed_roots": [str(tmp_path / "logs")],
+                "tail": [
+                    {
+                        "name": "custom",
+                        "kind": "mapping",
+                        "glob": str(tmp_path / "logs" / "*.log"),
+                        "mapping": {"id": "rid", "pred": "out.cls", "groups.site": "meta.site"},
+                    }
+                ],
+            },
+        }
+    )
+    store = Store.open(config.store_path)
+    pipeline = IngestPipeline(config, store)
+    pipeline.start()
+    tailer = Tailer(config.sources.tail[0], config, pipeline, store)
+    raw = [{"rid": "a", "out": {"cls": 1}, "meta": {"site": "B"}}, {"rid": "b", "out": {}}]
+    (tmp_path / "logs" / "x.log").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in raw))
+    tailer.poll_once()
+    tailer._drain_inflight()
+    with store.read() as conn:
+        rows = conn.execute("SELECT id, pred, group_key, source FROM predictions").fetchall()
+    assert rows == [("a", 1, "site=B", "custom")]
+    assert pipeline.stats.snapshot()[1] == {("custom", "missing_field"): 1}
+    tailer.stop()
+    pipeline.stop()
+    store.close()
+
+
+def test_bad_mapping_is_a_config_error_at_start(tmp_path: Path) -> None:
+    (tmp_path / "logs").mkdir()
+    source = {"kind": "mapping", "glob": str(tmp_path / "logs" / "*.log"), "mapping": {"nope": "x"}}
+    config = build_config(
+        {
+            "state_dir": str(tmp_path),
+            "sources": {"allowed_roots": [str(tmp_path / "logs")], "tail": [source]},
+        }
+    )
+    with pytest.raises(ConfigError):
+        Tailer(config.sources.tail[0], config, None, None)  # type: ignore[arg-type]
