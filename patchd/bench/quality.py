@@ -77,8 +77,11 @@ class Bench:
         params = {**self.params, **(extra or {})}
         budget = BudgetConfig(epochs=self.epochs, batch_size=64, lr=1e-3, max_minutes=60)
         return StageContext(
-            run_id=f"bench-{method}-s{self.seed}", stage=stage, out_dir=out,
-            params=PatchConfig(params=params, budget=budget, seed=self.seed), seed=self.seed,
+            run_id=f"bench-{method}-s{self.seed}",
+            stage=stage,
+            out_dir=out,
+            params=PatchConfig(params=params, budget=budget, seed=self.seed),
+            seed=self.seed,
             progress=lambda f, m: log.debug("%s %s: %.0f%% %s", method, stage, 100 * f, m),
         )
 
@@ -94,19 +97,31 @@ def score(method: str, seed: int, model: Any, test: Any, seconds: float) -> Meth
 def run_erm(b: Bench) -> Any:
     from patchd.plugins.trainers.erm import ERMTrainer
 
-    return ERMTrainer().train(b.ctx("erm", "train"), b.incumbent, b.splits.train, b.splits.val, None).model
+    return (
+        ERMTrainer()
+        .train(b.ctx("erm", "train"), b.incumbent, b.splits.train, b.splits.val, None)
+        .model
+    )
 
 
 def run_gdro(b: Bench) -> Any:
     from patchd.plugins.trainers.gdro import GroupDROTrainer
 
-    return GroupDROTrainer().train(b.ctx("gdro", "train"), b.incumbent, b.splits.train, b.splits.val, None).model
+    return (
+        GroupDROTrainer()
+        .train(b.ctx("gdro", "train"), b.incumbent, b.splits.train, b.splits.val, None)
+        .model
+    )
 
 
 def run_dfr(b: Bench) -> Any:
     from patchd.plugins.trainers.dfr import DFRTrainer
 
-    return DFRTrainer().train(b.ctx("dfr", "train"), b.incumbent, b.splits.train, b.splits.val, None).model
+    return (
+        DFRTrainer()
+        .train(b.ctx("dfr", "train"), b.incumbent, b.splits.train, b.splits.val, None)
+        .model
+    )
 
 
 def run_camel(b: Bench, method: str = "camel", train: Any = None, val: Any = None) -> Any:
@@ -135,7 +150,9 @@ def run_camel_mined(b: Bench) -> Any:
     train = train_h.with_groups(mined_train.groups, mined_train.group_names)
     val = val_h.with_groups(mined_val.groups, mined_val.group_names)
     agree = (mined_train.groups == (b.splits.train.g != b.splits.train.y).long()).float().mean()
-    log.info("camel-mined: mined hard side matches the minority colour on %.3f of train", float(agree))
+    log.info(
+        "camel-mined: mined hard side matches the minority colour on %.3f of train", float(agree)
+    )
     return run_camel(b, "camel-mined", train, val)
 
 
@@ -143,8 +160,14 @@ def run_diffusion(b: Bench) -> Any:
     from patchd.plugins.augmenters.diffusion import DiffusionAugmenter
     from patchd.plugins.trainers.camel import CamelTrainer
 
-    aug = DiffusionAugmenter().synthesize(b.ctx("diffusion", "synthesize"), b.incumbent, b.splits.train)
-    return CamelTrainer().train(b.ctx("diffusion", "train"), b.incumbent, b.splits.train, b.splits.val, aug).model
+    aug = DiffusionAugmenter().synthesize(
+        b.ctx("diffusion", "synthesize"), b.incumbent, b.splits.train
+    )
+    return (
+        CamelTrainer()
+        .train(b.ctx("diffusion", "train"), b.incumbent, b.splits.train, b.splits.val, aug)
+        .model
+    )
 
 
 def run_defuse(b: Bench) -> Any:
@@ -152,7 +175,11 @@ def run_defuse(b: Bench) -> Any:
     from patchd.plugins.trainers.defuse import DefuseTrainer
 
     aug = VAEAugmenter().synthesize(b.ctx("defuse", "synthesize"), b.incumbent, b.splits.train)
-    return DefuseTrainer().train(b.ctx("defuse", "train"), b.incumbent, b.splits.train, b.splits.val, aug).model
+    return (
+        DefuseTrainer()
+        .train(b.ctx("defuse", "train"), b.incumbent, b.splits.train, b.splits.val, aug)
+        .model
+    )
 
 
 def run_oracle(b: Bench) -> Any:
@@ -165,12 +192,20 @@ def run_oracle(b: Bench) -> Any:
     balanced = load_splits(spec).train
     seed_everything(b.seed)
     model = small_cnn(num_classes=balanced.num_classes, in_channels=balanced.x.shape[1])
-    return fit(model, balanced, epochs=BASE_EPOCHS + b.epochs, batch_size=64, lr=1e-3, seed=b.seed).model
+    return fit(
+        model, balanced, epochs=BASE_EPOCHS + b.epochs, batch_size=64, lr=1e-3, seed=b.seed
+    ).model
 
 
 RUNNERS: dict[str, Callable[[Bench], Any]] = {
-    "erm": run_erm, "gdro": run_gdro, "dfr": run_dfr, "camel": run_camel,
-    "camel-mined": run_camel_mined, "diffusion": run_diffusion, "defuse": run_defuse, "oracle": run_oracle,
+    "erm": run_erm,
+    "gdro": run_gdro,
+    "dfr": run_dfr,
+    "camel": run_camel,
+    "camel-mined": run_camel_mined,
+    "diffusion": run_diffusion,
+    "defuse": run_defuse,
+    "oracle": run_oracle,
 }
 BASE_EPOCHS = 4
 
@@ -197,17 +232,31 @@ def train_incumbent(splits: Any, seed: int) -> tuple[Any, float]:
     return model.eval(), time.monotonic() - start
 
 
-def run_seed(dataset: str, splits: Any, seed: int, methods: list[str], epochs: int, out: Path, n_train: int | None) -> list[MethodResult]:
+def run_seed(
+    dataset: str,
+    splits: Any,
+    seed: int,
+    methods: list[str],
+    epochs: int,
+    out: Path,
+    n_train: int | None,
+) -> list[MethodResult]:
     incumbent, seconds = train_incumbent(splits, seed)
     base = score("incumbent", seed, incumbent, splits.test, seconds)
-    click.echo(f"seed {seed} incumbent: worst {base.worst:.3f} avg {base.average:.3f} ({seconds:.0f}s)", err=True)
+    click.echo(
+        f"seed {seed} incumbent: worst {base.worst:.3f} avg {base.average:.3f} ({seconds:.0f}s)",
+        err=True,
+    )
     bench = Bench(splits, incumbent, seed, epochs, out, bench_params(dataset), dataset, n_train)
     results = [base]
     for method in methods:
         start = time.monotonic()
         model = RUNNERS[method](bench)
         r = score(method, seed, model, splits.test, time.monotonic() - start)
-        click.echo(f"seed {seed} {method}: worst {r.worst:.3f} avg {r.average:.3f} gap {r.gap:.3f} ({r.seconds:.0f}s) {r.cells}", err=True)
+        click.echo(
+            f"seed {seed} {method}: worst {r.worst:.3f} avg {r.average:.3f} gap {r.gap:.3f} ({r.seconds:.0f}s) {r.cells}",
+            err=True,
+        )
         results.append(r)
     return results
 
@@ -226,7 +275,12 @@ def summarize(results: list[MethodResult]) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]], header: str) -> str:
-    lines = [header, "", "| method | worst-group | average | gap | wall s | seeds |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        header,
+        "",
+        "| method | worst-group | average | gap | wall s | seeds |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['worst']:.3f} ± {r['worst_std']:.3f} | {r['average']:.3f} ± {r['average_std']:.3f} "
@@ -236,14 +290,35 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
 
 
 @click.command()
-@click.option("--dataset", type=click.Choice(["colored-fmnist", "colored-digits"]), default="colored-fmnist")
+@click.option(
+    "--dataset", type=click.Choice(["colored-fmnist", "colored-digits"]), default="colored-fmnist"
+)
 @click.option("--seeds", type=int, default=3, show_default=True, help="Seeds 0..N-1.")
 @click.option("--first-seed", type=int, default=0, show_default=True)
-@click.option("--methods", default=",".join(METHODS), show_default=True, help="Comma-separated subset.")
-@click.option("--epochs", type=int, default=3, show_default=True, help="Fine-tuning epochs per method.")
-@click.option("--n-train", type=int, default=None, help="Training images (dataset default when unset).")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results/quality.json"), show_default=True)
-def quality(dataset: str, seeds: int, first_seed: int, methods: str, epochs: int, n_train: int | None, out: Path) -> None:
+@click.option(
+    "--methods", default=",".join(METHODS), show_default=True, help="Comma-separated subset."
+)
+@click.option(
+    "--epochs", type=int, default=3, show_default=True, help="Fine-tuning epochs per method."
+)
+@click.option(
+    "--n-train", type=int, default=None, help="Training images (dataset default when unset)."
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("benchmarks/results/quality.json"),
+    show_default=True,
+)
+def quality(
+    dataset: str,
+    seeds: int,
+    first_seed: int,
+    methods: str,
+    epochs: int,
+    n_train: int | None,
+    out: Path,
+) -> None:
     """Worst-group / average accuracy of every recipe and baseline on the same splits."""
     import torch
 
@@ -254,7 +329,9 @@ def quality(dataset: str, seeds: int, first_seed: int, methods: str, epochs: int
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = sorted(set(chosen) - set(METHODS))
     if unknown:
-        raise click.BadParameter(f"unknown methods {unknown}; choose from {list(METHODS)}", param_hint="--methods")
+        raise click.BadParameter(
+            f"unknown methods {unknown}; choose from {list(METHODS)}", param_hint="--methods"
+        )
     load_before = os.getloadavg()[0]
     splits = load_splits(DatasetSpec(kind=dataset, n_train=n_train))
     artifacts = out.parent / f"quality-{dataset}"
@@ -263,10 +340,21 @@ def quality(dataset: str, seeds: int, first_seed: int, methods: str, epochs: int
         results += run_seed(dataset, splits, seed, chosen, epochs, artifacts, n_train)
     rows = summarize(results)
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    header = (f"quality on {dataset} (train {len(splits.train)}, test {len(splits.test)}), {seeds} seed(s), "
-              f"{epochs} fine-tune epochs, {when}, {MACHINE}, load avg {load_before:.1f} → {os.getloadavg()[0]:.1f}")
+    header = (
+        f"quality on {dataset} (train {len(splits.train)}, test {len(splits.test)}), {seeds} seed(s), "
+        f"{epochs} fine-tune epochs, {when}, {MACHINE}, load avg {load_before:.1f} → {os.getloadavg()[0]:.1f}"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"schema": 1, "dataset": dataset, "date": when, "machine": MACHINE, "epochs": epochs,
-               "n_train": len(splits.train), "seeds": seeds, "summary": rows, "runs": [asdict(r) for r in results]}
+    payload = {
+        "schema": 1,
+        "dataset": dataset,
+        "date": when,
+        "machine": MACHINE,
+        "epochs": epochs,
+        "n_train": len(splits.train),
+        "seeds": seeds,
+        "summary": rows,
+        "runs": [asdict(r) for r in results],
+    }
     out.write_text(json.dumps(payload, indent=2))
     click.echo(markdown(rows, header))

@@ -44,10 +44,14 @@ def parse_label(text: str, regions: list[dict[str, Any]], classes: set[str]) -> 
     region, sep, name = text.partition("=")
     known = {int(r["region"]) for r in regions}
     if not sep or not region.strip().isdigit() or int(region) not in known:
-        raise ValidationError("bad_label", f"{text!r} must be REGION=CLASS with REGION in {sorted(known)}")
+        raise ValidationError(
+            "bad_label", f"{text!r} must be REGION=CLASS with REGION in {sorted(known)}"
+        )
     name = name.strip()
     if name != INVALID and name not in classes:
-        raise ValidationError("bad_label", f"class {name!r} is unknown; use one of {sorted(classes)} or 'invalid'")
+        raise ValidationError(
+            "bad_label", f"class {name!r} is unknown; use one of {sorted(classes)} or 'invalid'"
+        )
     return int(region), name
 
 
@@ -55,7 +59,9 @@ def write_labels(path: Path, labels: dict[int, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".labels.", suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
-        json.dump({"schema": 1, "labels": {str(k): v for k, v in sorted(labels.items())}}, fh, indent=2)
+        json.dump(
+            {"schema": 1, "labels": {str(k): v for k, v in sorted(labels.items())}}, fh, indent=2
+        )
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -63,15 +69,29 @@ def write_labels(path: Path, labels: dict[int, str]) -> None:
 
 @click.command()
 @click.argument("run_id")
-@click.option("--label", "labels", multiple=True, metavar="REGION=CLASS", help="Label a region (or 'invalid').")
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    metavar="REGION=CLASS",
+    help="Label a region (or 'invalid').",
+)
 @config_option
 def regions(run_id: str, labels: tuple[str, ...], config: Config) -> None:
     """List a run's failure regions and their sample PNGs; label them with --label."""
     path = run_dir(config, run_id)
     found = load_regions(path)
     labels_file = path / "regions" / "labels.json"
-    current = {int(k): v for k, v in json.loads(labels_file.read_text()).get("labels", {}).items()} if labels_file.is_file() else {}
-    classes = {str(r["label_name"]) for r in found} | {str(r["predicted"]) for r in found} | set(config.model.class_names or [])
+    current = (
+        {int(k): v for k, v in json.loads(labels_file.read_text()).get("labels", {}).items()}
+        if labels_file.is_file()
+        else {}
+    )
+    classes = (
+        {str(r["label_name"]) for r in found}
+        | {str(r["predicted"]) for r in found}
+        | set(config.model.class_names or [])
+    )
     for text in labels:
         region, name = parse_label(text, found, classes)
         current[region] = name

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -328,9 +329,13 @@ def summary(result: DemoResult, plan: DemoPlan, console: Console) -> None:
 
 
 def run_demo(plan: DemoPlan, approve: bool, console: Console | None = None) -> DemoResult:
+    """Run the demo; the result is also written to ``<root>/result.json``."""
     console = console or Console()
     result = Demo(plan, approve, console).run()
     summary(result, plan, console)
+    tmp = plan.root / "result.json.tmp"
+    tmp.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    tmp.replace(plan.root / "result.json")
     return result
 
 

@@ -35,13 +35,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from patchd.plugins.augmenters.previews import save_triplets
+from patchd.plugins.trainers.base import pick_device, seed_everything
 from torch import nn
 
 from patchd.abc import Augmentation, Augmenter, StageContext
 from patchd.ml.data import ImageSet
-from patchd.plugins.augmenters.previews import save_triplets
-from patchd.plugins.trainers.base import pick_device, seed_everything
 
 
 class ResBlock(nn.Module):
@@ -72,7 +71,10 @@ class Generator(nn.Module):
     def __init__(self, channels: int, side: int, ngf: int, blocks: int) -> None:
         super().__init__()
         layers: list[nn.Module] = [
-            nn.ReflectionPad2d(3), nn.Conv2d(channels, ngf, 7), nn.InstanceNorm2d(ngf), nn.ReLU(True),
+            nn.ReflectionPad2d(3),
+            nn.Conv2d(channels, ngf, 7),
+            nn.InstanceNorm2d(ngf),
+            nn.ReLU(True),
         ]
         width = ngf
         down = side >= 16 and side % 2 == 0
@@ -82,7 +84,9 @@ class Generator(nn.Module):
         layers += [ResBlock(width) for _ in range(blocks)]
         if down:
             layers += [
-                nn.ConvTranspose2d(width, ngf, 3, 2, 1, output_padding=1), nn.InstanceNorm2d(ngf), nn.ReLU(True),
+                nn.ConvTranspose2d(width, ngf, 3, 2, 1, output_padding=1),
+                nn.InstanceNorm2d(ngf),
+                nn.ReLU(True),
             ]
         last = nn.Conv2d(ngf, channels, 7)
         nn.init.normal_(last.weight, 0.0, 0.02)

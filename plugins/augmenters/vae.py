@@ -30,13 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from patchd.plugins.augmenters.previews import save_grid
+from patchd.plugins.trainers.base import BalancedSampler, pick_device, predict, seed_everything
 from torch import nn
 
 from patchd.abc import Augmentation, Augmenter, StageContext
 from patchd.exceptions import StageError
 from patchd.ml.data import ImageSet
-from patchd.plugins.augmenters.previews import save_grid
-from patchd.plugins.trainers.base import BalancedSampler, pick_device, predict, seed_everything
 
 INVALID = "invalid"
 
@@ -50,17 +50,26 @@ class VAE(nn.Module):
     def __init__(self, channels: int, side: int, z_dim: int, width: int = 32) -> None:
         super().__init__()
         if side % 4:
-            raise StageError(f"the vae augmenter needs an image side divisible by 4, got {side}; set data image_size")
+            raise StageError(
+                f"the vae augmenter needs an image side divisible by 4, got {side}; set data image_size"
+            )
         self.s = side // 4
         self.w = width
         self.enc = nn.Sequential(
-            nn.Conv2d(channels, width, 4, 2, 1), nn.ReLU(), nn.Conv2d(width, 2 * width, 4, 2, 1), nn.ReLU(), nn.Flatten(),
+            nn.Conv2d(channels, width, 4, 2, 1),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 4, 2, 1),
+            nn.ReLU(),
+            nn.Flatten(),
         )
         flat = 2 * width * self.s * self.s
         self.mu, self.logvar = nn.Linear(flat, z_dim), nn.Linear(flat, z_dim)
         self.dec_in = nn.Linear(z_dim, flat)
         self.dec = nn.Sequential(
-            nn.ConvTranspose2d(2 * width, width, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(width, channels, 4, 2, 1), nn.Sigmoid(),
+            nn.ConvTranspose2d(2 * width, width, 4, 2, 1),
+            nn.ReLU(),
+            nn.ConvTranspose2d(width, channels, 4, 2, 1),
+            nn.Sigmoid(),
         )
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +98,9 @@ class Region:
     preview: str  # relative to the stage directory
 
 
-def train_vae(train: ImageSet, params: dict[str, Any], steps: int, device: torch.device, gen: torch.Generator) -> VAE:
+def train_vae(
+    train: ImageSet, params: dict[str, Any], steps: int, device: torch.device, gen: torch.Generator
+) -> VAE:
     vae = VAE(train.x.shape[1], int(train.x.shape[-1]), int(params.get("z_dim", 8))).to(device)
     opt = torch.optim.Adam(vae.parameters(), lr=float(params.get("lr", 2e-3)), weight_decay=1e-5)
     bs = int(params.get("batch_size", 64))
@@ -175,29 +186,57 @@ class VAEAugmenter(Augmenter):
         ctx.progress(0.7, f"clustering {len(codes)} codes (DP Gaussian mixture)")
         dpgmm = fit_regions(codes, params, ctx.seed)
         extra, regions = self.sample_regions(ctx, vae, model, train, dpgmm, codes, labels, params)
-        (ctx.out_dir / "regions.json").write_text(json.dumps([asdict(r) for r in regions], indent=2))
+        (ctx.out_dir / "regions.json").write_text(
+            json.dumps([asdict(r) for r in regions], indent=2)
+        )
         previews = tuple(ctx.out_dir / r.preview for r in regions)
         info = {"flips": len(codes), "regions": len(regions)}
         return Augmentation(kind=self.name, extra=extra, previews=previews, info=info)
 
     @torch.no_grad()
     def sample_regions(
-        self, ctx: StageContext, vae: VAE, model: nn.Module, train: ImageSet, dpgmm: Any,
-        codes: np.ndarray, labels: np.ndarray, params: dict[str, Any],
+        self,
+        ctx: StageContext,
+        vae: VAE,
+        model: nn.Module,
+        train: ImageSet,
+        dpgmm: Any,
+        codes: np.ndarray,
+        labels: np.ndarray,
+        params: dict[str, Any],
     ) -> tuple[ImageSet, list[Region]]:
         rng = np.random.default_rng(ctx.seed)
         assign = dpgmm.predict(codes)
-        min_w, n, tau = float(params.get("min_weight", 0.01)), int(params.get("samples_per_region", 64)), 0.01
-        keep = [k for k in range(len(dpgmm.weights_)) if dpgmm.weights_[k] > min_w and (assign == k).any()]
+        min_w, n, tau = (
+            float(params.get("min_weight", 0.01)),
+            int(params.get("samples_per_region", 64)),
+            0.01,
+        )
+        keep = [
+            k
+            for k in range(len(dpgmm.weights_))
+            if dpgmm.weights_[k] > min_w and (assign == k).any()
+        ]
         images, regions = [], []
         for rid, k in enumerate(keep):
             z = rng.multivariate_normal(dpgmm.means_[k], tau * dpgmm.covariances_[k], size=n)
-            x = vae.decode(torch.as_tensor(z, dtype=torch.float32, device=next(vae.parameters()).device)).cpu()
+            x = vae.decode(
+                torch.as_tensor(z, dtype=torch.float32, device=next(vae.parameters()).device)
+            ).cpu()
             label = int(np.bincount(labels[assign == k]).argmax())
             pred = int(torch.bincount(predict(model, x)).argmax())
             png = save_grid(x[:16], ctx.out_dir / "previews" / f"region_{rid}.png", nrow=8)
-            regions.append(Region(rid, float(dpgmm.weights_[k]), int((assign == k).sum()), label,
-                                  train.class_names[label], train.class_names[pred], png.relative_to(ctx.out_dir).as_posix()))
+            regions.append(
+                Region(
+                    rid,
+                    float(dpgmm.weights_[k]),
+                    int((assign == k).sum()),
+                    label,
+                    train.class_names[label],
+                    train.class_names[pred],
+                    png.relative_to(ctx.out_dir).as_posix(),
+                )
+            )
             images.append(x)
         extra = ImageSet(
             x=torch.cat(images),
@@ -218,7 +257,9 @@ def read_labels(path: Path) -> dict[int, str]:
         raw = json.loads(path.read_text())
         return {int(k): str(v) for k, v in raw.get("labels", {}).items()}
     except (ValueError, AttributeError) as err:
-        raise StageError(f"region labels file {path} is not valid JSON ({err}); fix or delete it") from err
+        raise StageError(
+            f"region labels file {path} is not valid JSON ({err}); fix or delete it"
+        ) from err
 
 
 def apply_region_labels(extra: ImageSet, path: Path) -> ImageSet:
@@ -234,8 +275,12 @@ def apply_region_labels(extra: ImageSet, path: Path) -> ImageSet:
         elif name in extra.class_names:
             y[rows] = extra.class_names.index(name)
         else:
-            raise StageError(f"region {region} is labelled {name!r}, not one of {extra.class_names} or 'invalid'")
+            raise StageError(
+                f"region {region} is labelled {name!r}, not one of {extra.class_names} or 'invalid'"
+            )
     relabelled = ImageSet(extra.x, y, extra.g, extra.class_names, extra.group_names, extra.ids)
     if not keep.any():
-        raise StageError(f"every region is labelled invalid in {path}; nothing left to correct with")
+        raise StageError(
+            f"every region is labelled invalid in {path}; nothing left to correct with"
+        )
     return relabelled.subset(keep)

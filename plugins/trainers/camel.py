@@ -30,12 +30,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from patchd.abc import Augmentation, StageContext, Trainer, TrainResult
-from patchd.exceptions import StageError
-from patchd.ml.data import ImageSet
-from patchd.ml.losses import GroupDRO, consistency_terms
 from patchd.plugins.trainers.base import (
     BalancedSampler,
     Budget,
@@ -49,6 +43,12 @@ from patchd.plugins.trainers.base import (
     seed_everything,
 )
 from patchd.plugins.trainers.gdro import require_groups
+from torch import nn
+
+from patchd.abc import Augmentation, StageContext, Trainer, TrainResult
+from patchd.exceptions import StageError
+from patchd.ml.data import ImageSet
+from patchd.ml.losses import GroupDRO, consistency_terms
 
 
 def merge_extra(train: ImageSet, extra: ImageSet | None) -> ImageSet:
@@ -139,7 +139,11 @@ class CamelTrainer(Trainer):
             probs = torch.softmax(logits, dim=1)
             cons = consistency_terms(probs[:n], probs[n : 2 * n], probs[2 * n :]).mean() * n_cells
             loss = robust + lam * cons
-            return loss, {"loss": float(loss.detach()), "robust": float(robust.detach()), "consistency": float(cons.detach())}
+            return loss, {
+                "loss": float(loss.detach()),
+                "robust": float(robust.detach()),
+                "consistency": float(cons.detach()),
+            }
 
         steps = max(1, len(train) // budget.batch_size)
         optimizer = make_optimizer(net, params, budget.lr)

@@ -22,11 +22,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from patchd.abc import Augmentation, StageContext, Trainer, TrainResult
-from patchd.exceptions import StageError
-from patchd.ml.data import ImageSet
 from patchd.plugins.trainers.base import (
     Budget,
     clone_to,
@@ -35,6 +30,11 @@ from patchd.plugins.trainers.base import (
     run_epochs,
     seed_everything,
 )
+from torch import nn
+
+from patchd.abc import Augmentation, StageContext, Trainer, TrainResult
+from patchd.exceptions import StageError
+from patchd.ml.data import ImageSet
 
 
 def region_set(
@@ -79,7 +79,11 @@ class DefuseTrainer(Trainer):
             base = F.cross_entropy(net(train.x[i].to(device)), train.y[i].to(device))
             region = F.cross_entropy(net(regions.x[j].to(device)), regions.y[j].to(device))
             loss = base + lam * region
-            return loss, {"loss": float(loss.detach()), "train_ce": float(base.detach()), "region_ce": float(region.detach())}
+            return loss, {
+                "loss": float(loss.detach()),
+                "train_ce": float(base.detach()),
+                "region_ce": float(region.detach()),
+            }
 
         steps = max(1, len(train) // bs)
         optimizer = make_optimizer(net, params, budget.lr)

@@ -12,12 +12,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from patchd.abc import Augmentation, StageContext, Trainer, TrainResult
-from patchd.exceptions import StageError
-from patchd.ml.data import ImageSet
-from patchd.ml.losses import GroupDRO
 from patchd.plugins.trainers.base import (
     BalancedSampler,
     Budget,
@@ -30,6 +24,12 @@ from patchd.plugins.trainers.base import (
     run_epochs,
     seed_everything,
 )
+from torch import nn
+
+from patchd.abc import Augmentation, StageContext, Trainer, TrainResult
+from patchd.exceptions import StageError
+from patchd.ml.data import ImageSet
+from patchd.ml.losses import GroupDRO
 
 
 def require_groups(train: ImageSet, trainer: str) -> None:

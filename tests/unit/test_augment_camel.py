@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from patchd.plugins.trainers.base import BalancedSampler, group_scores
 
 from patchd.abc import Augmentation, StageContext
 from patchd.config import BudgetConfig, DatasetSpec, PatchConfig
 from patchd.exceptions import StageError
 from patchd.ml.data import ImageSet
-from patchd.plugins.trainers.base import BalancedSampler, group_scores
 
 torch.set_num_threads(1)
 
@@ -26,18 +26,24 @@ MARGIN = 0.25  # camel worst-group minus erm worst-group, from the measured run 
 
 def ctx_for(tmp_path: Path, stage: str, params: dict[str, dict[str, object]]) -> StageContext:
     budget = BudgetConfig(epochs=6, batch_size=32, lr=1e-3)
-    return StageContext(run_id="r-camel", stage=stage, out_dir=tmp_path / stage,
-                        params=PatchConfig(params=params, budget=budget), seed=0)
+    return StageContext(
+        run_id="r-camel",
+        stage=stage,
+        out_dir=tmp_path / stage,
+        params=PatchConfig(params=params, budget=budget),
+        seed=0,
+    )
 
 
 @pytest.mark.slow
 def test_camel_beats_erm_worst_group_on_colored_digits(tmp_path: Path) -> None:
-    from patchd.ml.datasets import load_splits
-    from patchd.ml.models import small_cnn
-    from patchd.ml.training import fit
     from patchd.plugins.augmenters.cyclegan import CycleGANAugmenter
     from patchd.plugins.trainers.camel import CamelTrainer
     from patchd.plugins.trainers.erm import ERMTrainer
+
+    from patchd.ml.datasets import load_splits
+    from patchd.ml.models import small_cnn
+    from patchd.ml.training import fit
 
     splits = load_splits(DatasetSpec(kind="colored-digits"))
     torch.manual_seed(0)
@@ -45,11 +51,17 @@ def test_camel_beats_erm_worst_group_on_colored_digits(tmp_path: Path) -> None:
     fit(incumbent, splits.train, epochs=8, batch_size=32, lr=3e-3, seed=0)
     before = {k: v.clone() for k, v in incumbent.state_dict().items()}
     params = {"cyclegan": {"steps": 120}}
-    erm = ERMTrainer().train(ctx_for(tmp_path, "erm", params), incumbent, splits.train, splits.val, None)
-    aug = CycleGANAugmenter().synthesize(ctx_for(tmp_path, "synthesize", params), incumbent, splits.train)
+    erm = ERMTrainer().train(
+        ctx_for(tmp_path, "erm", params), incumbent, splits.train, splits.val, None
+    )
+    aug = CycleGANAugmenter().synthesize(
+        ctx_for(tmp_path, "synthesize", params), incumbent, splits.train
+    )
     assert aug.paired["F"].shape == splits.train.x.shape == aug.paired["G"].shape
     assert len(aug.previews) == 4 and all(p.is_file() for p in aug.previews)
-    camel = CamelTrainer().train(ctx_for(tmp_path, "train", params), incumbent, splits.train, splits.val, aug)
+    camel = CamelTrainer().train(
+        ctx_for(tmp_path, "train", params), incumbent, splits.train, splits.val, aug
+    )
     erm_worst = group_scores(erm.model, splits.test).worst
     camel_worst = group_scores(camel.model, splits.test).worst
     assert camel_worst >= erm_worst + MARGIN, (camel_worst, erm_worst)
@@ -60,7 +72,9 @@ def test_camel_beats_erm_worst_group_on_colored_digits(tmp_path: Path) -> None:
 def toy(n: int = 40) -> ImageSet:
     y = torch.arange(n) % 2
     g = (torch.arange(n) // 2) % 2
-    return ImageSet(torch.rand(n, 3, 8, 8), y, g, ("a", "b"), ("g0", "g1"), tuple(map(str, range(n))))
+    return ImageSet(
+        torch.rand(n, 3, 8, 8), y, g, ("a", "b"), ("g0", "g1"), tuple(map(str, range(n)))
+    )
 
 
 def test_balanced_sampler_draws_every_cell_equally() -> None:
@@ -71,8 +85,9 @@ def test_balanced_sampler_draws_every_cell_equally() -> None:
 
 
 def test_camel_rejects_unknown_groups_and_misaligned_translations(tmp_path: Path) -> None:
-    from patchd.ml.models import small_cnn
     from patchd.plugins.trainers.camel import CamelTrainer
+
+    from patchd.ml.models import small_cnn
 
     data, model = toy(), small_cnn(width=4)
     hidden = data.with_groups(torch.full_like(data.g, -1), ())

@@ -31,7 +31,9 @@ def test_consistency_is_zero_when_consistent_and_uses_batch_mean() -> None:
     a = torch.tensor([[0.8, 0.2], [0.5, 0.5]])
     b = torch.tensor([[0.6, 0.4], [0.5, 0.5]])
     c = torch.tensor([[0.2, 0.8], [0.5, 0.5]])
-    assert float(consistency_loss(a, b, c)) == pytest.approx(float(consistency_terms(a, b, c)[0]) / 2, rel=1e-6)
+    assert float(consistency_loss(a, b, c)) == pytest.approx(
+        float(consistency_terms(a, b, c)[0]) / 2, rel=1e-6
+    )
 
 
 def test_kl_direction_and_gradient_flows_through_the_mixture() -> None:
@@ -57,8 +59,14 @@ def test_class_conditional_gdro_update_matches_hand_computation() -> None:
     value = dro.loss(losses, cells)
     adj = [1 / 10, 1 / 5, 1 / 5, 1 / 10]
     a = hand_dro(0.1, adj, [1.0, 2.0, 0.5, 0.5])
-    q0 = [math.exp(a[0]) / (math.exp(a[0]) + math.exp(a[1])), math.exp(a[1]) / (math.exp(a[0]) + math.exp(a[1]))]
-    q1 = [math.exp(a[2]) / (math.exp(a[2]) + math.exp(a[3])), math.exp(a[3]) / (math.exp(a[2]) + math.exp(a[3]))]
+    q0 = [
+        math.exp(a[0]) / (math.exp(a[0]) + math.exp(a[1])),
+        math.exp(a[1]) / (math.exp(a[0]) + math.exp(a[1])),
+    ]
+    q1 = [
+        math.exp(a[2]) / (math.exp(a[2]) + math.exp(a[3])),
+        math.exp(a[3]) / (math.exp(a[2]) + math.exp(a[3])),
+    ]
     assert dro.q.flatten().tolist() == pytest.approx(q0 + q1, rel=1e-6)
     expected = 0.5 * (q0[0] * 1.1 + q0[1] * 2.2) + 0.5 * (q1[0] * 0.7 + q1[1] * 0.6)
     assert float(value) == pytest.approx(expected, rel=1e-6)
@@ -76,7 +84,9 @@ def test_online_gdro_is_one_softmax_over_all_cells_and_accumulates() -> None:
     z = sum(math.exp(v) for v in a)
     q = [math.exp(v) / z for v in a]
     assert dro.q.flatten().tolist() == pytest.approx(q, rel=1e-6)
-    assert float(value) == pytest.approx(sum(qi * li for qi, li in zip(q, (1.0, 3.0, 2.0, 0.0), strict=True)), rel=1e-6)
+    assert float(value) == pytest.approx(
+        sum(qi * li for qi, li in zip(q, (1.0, 3.0, 2.0, 0.0), strict=True)), rel=1e-6
+    )
 
 
 def test_gdro_ignores_absent_and_empty_cells() -> None:

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from patchd.plugins.augmenters.vae import VAEAugmenter, apply_region_labels, labels_path
 
 from patchd.abc import StageContext
 from patchd.config import DatasetSpec, PatchConfig
 from patchd.exceptions import StageError
 from patchd.ml.data import ImageSet
-from patchd.plugins.augmenters.vae import VAEAugmenter, apply_region_labels, labels_path
 
 torch.set_num_threads(1)
 
@@ -40,7 +40,9 @@ def test_vae_finds_flips_and_regions_then_cli_labels_feed_defuse(
     run_dir = tmp_path / "artifacts" / "runs" / "r-1"
     out = run_dir / "synthesize"
     out.mkdir(parents=True)
-    params = PatchConfig(params={"vae": {"steps": 150, "max_sources": 120, "n_perturb": 10, "samples_per_region": 8}})
+    params = PatchConfig(
+        params={"vae": {"steps": 150, "max_sources": 120, "n_perturb": 10, "samples_per_region": 8}}
+    )
     ctx = StageContext(run_id="r-1", stage="synthesize", out_dir=out, params=params)
     aug = VAEAugmenter().synthesize(ctx, model, splits.train)
     assert aug.info["flips"] >= 1 and aug.info["regions"] >= 1
@@ -70,8 +72,14 @@ def test_vae_finds_flips_and_regions_then_cli_labels_feed_defuse(
 
 
 def test_region_labels_relabel_and_reject_unknown_classes(tmp_path: Path) -> None:
-    extra = ImageSet(torch.zeros(4, 3, 8, 8), torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 1, 1]),
-                     ("a", "b"), ("region=0", "region=1"), ("0", "1", "2", "3"))
+    extra = ImageSet(
+        torch.zeros(4, 3, 8, 8),
+        torch.tensor([0, 0, 1, 1]),
+        torch.tensor([0, 0, 1, 1]),
+        ("a", "b"),
+        ("region=0", "region=1"),
+        ("0", "1", "2", "3"),
+    )
     path = tmp_path / "labels.json"
     assert apply_region_labels(extra, path) is extra  # no labels file: defaults kept
     path.write_text(json.dumps({"schema": 1, "labels": {"0": "b"}}))
