@@ -1,6 +1,8 @@
 """The FastAPI application of ``patchd serve``: hardening middleware plus every part's routers.
 
 - Host allow-list (``api.allowed_hosts``; guards against DNS rebinding): other Hosts get 400.
+  The open, read-only probes (``/metrics``, ``/healthz``, ``/readyz``) answer any Host, because
+  Prometheus and kubelet probes address the pod by its IP.
 - Body size limit (``api.max_body_bytes``): 413, checked on Content-Length and while streaming.
 - Routers: ingest and status (this package), then each component's ``routers()``.
 - Errors: :class:`~patchd.exceptions.PatchdError` subclasses map to JSON errors with a status.
@@ -25,6 +27,9 @@ from patchd.exceptions import (
 from patchd.exporter import patchd_version
 
 
+OPEN_PROBES = frozenset({"/metrics", "/healthz", "/readyz"})
+
+
 class HostAllowListMiddleware:
     """Answer 400 to requests whose Host header (port stripped) is not allow-listed."""
 
@@ -34,7 +39,7 @@ class HostAllowListMiddleware:
         self.any = "*" in self.allowed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not self.any:
+        if scope["type"] == "http" and not self.any and scope["path"] not in OPEN_PROBES:
             host = _host(scope)
             if host not in self.allowed:
                 response = JSONResponse({"error": f"host {host!r} is not allowed"}, status_code=400)
