@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from patchd.services import Services
 
 
-class Component(ABC):
+class Component:
     """A part of ``patchd serve``. Built once with the shared :class:`Services`.
 
     ``start`` runs after the store is open and before the API answers; ``stop`` runs on shutdown
@@ -48,10 +48,10 @@ class Component(ABC):
     def collectors(self) -> Iterable[Collector]:
         return ()
 
-    def start(self) -> None:  # noqa: B027 - optional hook
+    def start(self) -> None:
         """Register scheduler jobs, subscribe to domain events."""
 
-    def stop(self) -> None:  # noqa: B027 - optional hook
+    def stop(self) -> None:
         """Release resources; called once."""
 
 

@@ -26,7 +26,6 @@ from patchd.exceptions import (
 )
 from patchd.exporter import patchd_version
 
-
 OPEN_PROBES = frozenset({"/metrics", "/healthz", "/readyz"})
 
 

@@ -254,7 +254,8 @@ def run_seed(
         model = RUNNERS[method](bench)
         r = score(method, seed, model, splits.test, time.monotonic() - start)
         click.echo(
-            f"seed {seed} {method}: worst {r.worst:.3f} avg {r.average:.3f} gap {r.gap:.3f} ({r.seconds:.0f}s) {r.cells}",
+            f"seed {seed} {method}: worst {r.worst:.3f} avg {r.average:.3f} gap {r.gap:.3f} "
+            f"({r.seconds:.0f}s) {r.cells}",
             err=True,
         )
         results.append(r)
@@ -274,6 +275,17 @@ def summarize(results: list[MethodResult]) -> list[dict[str, Any]]:
     return rows
 
 
+def merged(
+    old: dict[str, Any], new: list[MethodResult], dataset: str, epochs: int, n_train: int
+) -> list[MethodResult]:
+    """Earlier runs from ``old`` (same dataset and budget) plus ``new``."""
+    if (old.get("dataset"), old.get("epochs"), old.get("n_train")) != (dataset, epochs, n_train):
+        raise click.UsageError("--append needs the same --dataset, --epochs and --n-train as --out")
+    fresh = {(r.method, r.seed) for r in new}
+    kept = [MethodResult(**r) for r in old.get("runs", []) if (r["method"], r["seed"]) not in fresh]
+    return kept + new
+
+
 def markdown(rows: list[dict[str, Any]], header: str) -> str:
     lines = [
         header,
@@ -283,8 +295,9 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['worst']:.3f} ± {r['worst_std']:.3f} | {r['average']:.3f} ± {r['average_std']:.3f} "
-            f"| {r['gap']:.3f} ± {r['gap_std']:.3f} | {r['seconds']:.0f} ± {r['seconds_std']:.0f} | {r['seeds']} |"
+            f"| {r['method']} | {r['worst']:.3f} ± {r['worst_std']:.3f} "
+            f"| {r['average']:.3f} ± {r['average_std']:.3f} | {r['gap']:.3f} ± {r['gap_std']:.3f} "
+            f"| {r['seconds']:.0f} ± {r['seconds_std']:.0f} | {r['seeds']} |"
         )
     return "\n".join(lines)
 
@@ -305,6 +318,11 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
     "--n-train", type=int, default=None, help="Training images (dataset default when unset)."
 )
 @click.option(
+    "--append",
+    is_flag=True,
+    help="Merge into an existing --out file (same dataset/budget) instead of replacing it.",
+)
+@click.option(
     "--out",
     type=click.Path(path_type=Path),
     default=Path("benchmarks/results/quality.json"),
@@ -317,6 +335,7 @@ def quality(
     methods: str,
     epochs: int,
     n_train: int | None,
+    append: bool,
     out: Path,
 ) -> None:
     """Worst-group / average accuracy of every recipe and baseline on the same splits."""
@@ -338,11 +357,15 @@ def quality(
     results: list[MethodResult] = []
     for seed in range(first_seed, first_seed + seeds):
         results += run_seed(dataset, splits, seed, chosen, epochs, artifacts, n_train)
+    if append and out.is_file():
+        results = merged(json.loads(out.read_text()), results, dataset, epochs, len(splits.train))
     rows = summarize(results)
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    load_after = os.getloadavg()[0]
     header = (
-        f"quality on {dataset} (train {len(splits.train)}, test {len(splits.test)}), {seeds} seed(s), "
-        f"{epochs} fine-tune epochs, {when}, {MACHINE}, load avg {load_before:.1f} → {os.getloadavg()[0]:.1f}"
+        f"quality on {dataset} (train {len(splits.train)}, test {len(splits.test)}), "
+        f"{seeds} seed(s), {epochs} fine-tune epochs, {when}, {MACHINE}, "
+        f"load avg {load_before:.1f} → {load_after:.1f}"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {

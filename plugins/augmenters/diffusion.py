@@ -14,8 +14,9 @@ Two routes (``patch.params.diffusion.route``: ``auto`` picks ``pretrained`` when
     (``local_files_only``, no safety checker). Each cell is prompted by its caption
     (``params.prompts[<class>|<group>]``, e.g. the miner's caption, else
     "a photo of a <class>, <group>"). With ``alpha`` != 1 the text embedding is moved along the
-    failure direction *in SD's own text-encoder space*: ``e = e_neutral + alpha·(e_cell − e_neutral)``
-    with ``e_neutral`` the plain class prompt (option (a) of ``research/ecosystem_apis.md`` §5.2).
+    failure direction *in SD's own text-encoder space*:
+    ``e = e_neutral + alpha·(e_cell − e_neutral)`` with ``e_neutral`` the plain class prompt
+    (option (a) of ``research/ecosystem_apis.md`` §5.2).
     Img2img starts from the cell's own (hard) training images when it has any (``strength`` 0.6),
     text-to-image otherwise; outputs are resized to the training images' size.
 (b) ``conditional``: a small diffusers ``UNet2DModel`` trained on the user's data on CPU,

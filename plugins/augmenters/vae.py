@@ -51,7 +51,8 @@ class VAE(nn.Module):
         super().__init__()
         if side % 4:
             raise StageError(
-                f"the vae augmenter needs an image side divisible by 4, got {side}; set data image_size"
+                f"the vae augmenter needs an image side divisible by 4, got {side}; "
+                "set data image_size"
             )
         self.s = side // 4
         self.w = width

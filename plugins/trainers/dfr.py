@@ -66,8 +66,9 @@ class DFRTrainer(Trainer):
     ) -> TrainResult:
         if not val.has_groups:
             raise StageError(
-                "dfr retrains the last layer on group-balanced validation data, but the validation "
-                "split has unknown subgroups; give it group attributes or use the camel/gdro trainer"
+                "dfr retrains the last layer on group-balanced validation data, but the "
+                "validation split has unknown subgroups; give it group attributes or use the "
+                "camel/gdro trainer"
             )
         start = time.monotonic()
         params: dict[str, Any] = ctx.plugin_params(self.name)
