@@ -16,8 +16,8 @@ test-fast: setup
 	$(PY) -m pytest tests/unit -q -p no:cacheprovider
 
 lint: setup
-	$(VENV)/bin/ruff check patchd plugins workers tests
-	$(VENV)/bin/ruff format --check patchd plugins workers tests
+	$(VENV)/bin/ruff check patchd plugins workers tests deploy
+	$(VENV)/bin/ruff format --check patchd plugins workers tests deploy
 
 ## The main job: the end-to-end demo.
 demo: setup

@@ -262,9 +262,13 @@ def _group_value(attr: str, value: object) -> str:
 
 
 def _clean_probs(probs: object, n: int) -> bool:
+    """``probs`` is a list of ``n`` floats in [0, 1] (a plain loop: no generator frame)."""
     if type(probs) is not list or len(probs) != n:
         return False
-    return all(type(v) is float and 0.0 <= v <= 1.0 for v in probs)
+    for v in probs:
+        if type(v) is not float or not 0.0 <= v <= 1.0:  # also false for NaN
+            return False
+    return True
 
 
 class EventParser:

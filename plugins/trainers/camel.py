@@ -108,7 +108,13 @@ class CamelTrainer(Trainer):
         budget = Budget.from_ctx(ctx, params)
         views = paired_views(train, augmentation)
         counts_from = train
-        data = merge_extra(train, augmentation.extra if augmentation else None)
+        extra = augmentation.extra if augmentation else None
+        if views is not None and extra is not None and len(extra):
+            raise StageError(
+                "camel got both paired translations and extra samples; one augmenter per run "
+                "(cyclegan for pairs, diffusion for extra samples)"
+            )
+        data = merge_extra(train, extra)
         k = groups_per_class(data)
         dro = GroupDRO(
             cell_counts(counts_from, k).clamp(min=1) * (cell_counts(data, k) > 0),
