@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import gc
 import importlib
 import importlib.util
 import logging
@@ -64,6 +65,22 @@ _ALLOWED = {
     RunState.STOPPING: {RunState.STOPPED},
     RunState.STOPPED: set(),
 }
+
+
+GC_THRESHOLDS = (20_000, 20, 50)
+
+
+def tune_gc() -> None:
+    """Freeze what startup allocated and collect the young generation less often.
+
+    Ingest allocates a few containers per event (parsed dicts, lists, row tuples) that refcounting
+    frees; with the default thresholds the cyclic collector ran every 700 allocations and its full
+    passes walked every module object of serve: ~4 us of CPU per ingested event. Frozen objects
+    are never scanned again; garbage cycles are still collected, a little later.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 class _Server(uvicorn.Server):
@@ -126,6 +143,7 @@ class Daemon:
         self._install_signals()
         try:
             self.start()
+            tune_gc()
             if self._signals == 0:
                 self._serve()
         except PatchdError:

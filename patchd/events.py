@@ -265,7 +265,7 @@ def _clean_probs(probs: object, n: int) -> bool:
     """``probs`` is a list of ``n`` floats in [0, 1] (a plain loop: no generator frame)."""
     if type(probs) is not list or len(probs) != n:
         return False
-    for v in probs:
+    for v in probs:  # noqa: SIM110 - all(<genexpr>) costs a frame per event
         if type(v) is not float or not 0.0 <= v <= 1.0:  # also false for NaN
             return False
     return True

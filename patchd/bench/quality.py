@@ -232,6 +232,21 @@ def train_incumbent(splits: Any, seed: int) -> tuple[Any, float]:
     return model.eval(), time.monotonic() - start
 
 
+def parse_overrides(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        plugin, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise click.BadParameter(f"{item!r} is not PLUGIN.KEY=VALUE", param_hint="--set")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        out.setdefault(plugin, {})[name] = value
+    return out
+
+
 def run_seed(
     dataset: str,
     splits: Any,
@@ -240,6 +255,7 @@ def run_seed(
     epochs: int,
     out: Path,
     n_train: int | None,
+    params: dict[str, dict[str, Any]],
 ) -> list[MethodResult]:
     incumbent, seconds = train_incumbent(splits, seed)
     base = score("incumbent", seed, incumbent, splits.test, seconds)
@@ -247,7 +263,7 @@ def run_seed(
         f"seed {seed} incumbent: worst {base.worst:.3f} avg {base.average:.3f} ({seconds:.0f}s)",
         err=True,
     )
-    bench = Bench(splits, incumbent, seed, epochs, out, bench_params(dataset), dataset, n_train)
+    bench = Bench(splits, incumbent, seed, epochs, out, params, dataset, n_train)
     results = [base]
     for method in methods:
         start = time.monotonic()
@@ -318,6 +334,13 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
     "--n-train", type=int, default=None, help="Training images (dataset default when unset)."
 )
 @click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="PLUGIN.KEY=VALUE",
+    help="Override a plugin hyperparameter (JSON value), e.g. --set cyclegan.steps=400.",
+)
+@click.option(
     "--append",
     is_flag=True,
     help="Merge into an existing --out file (same dataset/budget) instead of replacing it.",
@@ -335,6 +358,7 @@ def quality(
     methods: str,
     epochs: int,
     n_train: int | None,
+    overrides: tuple[str, ...],
     append: bool,
     out: Path,
 ) -> None:
@@ -351,12 +375,15 @@ def quality(
         raise click.BadParameter(
             f"unknown methods {unknown}; choose from {list(METHODS)}", param_hint="--methods"
         )
+    params = bench_params(dataset)
+    for plugin, values in parse_overrides(overrides).items():
+        params[plugin] = {**params.get(plugin, {}), **values}
     load_before = os.getloadavg()[0]
     splits = load_splits(DatasetSpec(kind=dataset, n_train=n_train))
     artifacts = out.parent / f"quality-{dataset}"
     results: list[MethodResult] = []
     for seed in range(first_seed, first_seed + seeds):
-        results += run_seed(dataset, splits, seed, chosen, epochs, artifacts, n_train)
+        results += run_seed(dataset, splits, seed, chosen, epochs, artifacts, n_train, params)
     if append and out.is_file():
         results = merged(json.loads(out.read_text()), results, dataset, epochs, len(splits.train))
     rows = summarize(results)
