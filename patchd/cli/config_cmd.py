@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 import yaml
 
+from patchd.cli.options import config_path_option
 from patchd.config import Config, load_config
 from patchd.exceptions import ConfigError
 
@@ -19,15 +20,7 @@ def config() -> None:
 
 
 @config.command("check")
-@click.option(
-    "-c",
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar="PATCHD_CONFIG",
-    default=None,
-    help="patchd.yaml (env PATCHD_CONFIG).",
-)
+@config_path_option
 def check(config_path: Path | None) -> None:
     """Validate the file + PATCHD_* environment; print the result as YAML (exit 1 on errors)."""
     try:

@@ -12,19 +12,21 @@ import click
 
 from patchd.config import Config, load_config
 
+config_path_option = click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="PATCHD_CONFIG",
+    default=None,
+    help="patchd.yaml (env PATCHD_CONFIG); PATCHD_* variables override its fields.",
+)
+
 
 def config_option(func: Callable[..., Any]) -> Callable[..., Any]:
     """Adds ``-c/--config`` and passes a validated :class:`Config` as ``config``."""
 
-    @click.option(
-        "-c",
-        "--config",
-        "config_path",
-        type=click.Path(dir_okay=False, path_type=Path),
-        envvar="PATCHD_CONFIG",
-        default=None,
-        help="patchd.yaml (env PATCHD_CONFIG); PATCHD_* variables override its fields.",
-    )
+    @config_path_option
     @functools.wraps(func)
     def wrapper(*args: Any, config_path: Path | None, **kwargs: Any) -> Any:
         config = load_config(config_path, os.environ)
