@@ -23,6 +23,11 @@ MAX_TS = 32503680000.0  # year 3000
 
 def resolve_input_path(uri: str) -> Path:
     """``file://`` URI or absolute path → resolved path (symlinks followed). Other schemes fail."""
+    return Path(os.path.realpath(input_path_text(uri)))
+
+
+def input_path_text(uri: str) -> str:
+    """``file://`` URI or absolute path → the absolute path it names (not resolved yet)."""
     if "\x00" in uri:
         raise ValidationError("invalid_value", "contains a NUL byte", field="input")
     if uri.startswith("file:"):
@@ -42,7 +47,7 @@ def resolve_input_path(uri: str) -> Path:
         raise ValidationError(
             "invalid_value", f"{text[:200]!r} is not an absolute path", field="input"
         )
-    return Path(os.path.realpath(text))
+    return text
 
 
 def check_inside(path: Path, roots: tuple[Path, ...], shown: str) -> None:

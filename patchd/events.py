@@ -43,17 +43,18 @@ from patchd.event_fields import (
     MAX_EMBEDDING_DIMS,
     MAX_ID_CHARS,
     MAX_TS,
-    check_inside,
+    check_inside,  # noqa: F401 - re-exported (plugins.sources.cloudevents)
     kind_of,
     parse_embedding,
     parse_floats,
     parse_ident,
     parse_optional_str,
     parse_timestamp,
-    resolve_input_path,
+    resolve_input_path,  # noqa: F401 - re-exported (plugins.sources.cloudevents)
     write_atomic,
 )
 from patchd.exceptions import ValidationError
+from patchd.input_paths import InputResolver
 
 REASONS = (
     "malformed_json",
@@ -282,6 +283,7 @@ class EventParser:
         self.groups_config = config.groups
         self.groups = group_cap or GroupCap(config.groups)
         self.roots = tuple(Path(r).resolve() for r in config.sources.allowed_roots)
+        self.inputs = InputResolver(self.roots)
         self.inputs_dir = config.artifacts_root / "inputs"
         self.max_inline_bytes = config.sources.max_inline_bytes
 
@@ -325,7 +327,7 @@ class EventParser:
             return None
         if version is not None and (type(version) is not str or len(version) > 128):
             return None
-        if get("schema") is not None or get("input") is not None or get("embedding") is not None:
+        if get("schema") is not None or get("embedding") is not None:
             return None
         probs = get("probs")
         blob = top = None
@@ -334,7 +336,8 @@ class EventParser:
                 return None
             blob, top = array("f", probs).tobytes(), max(probs)
         found = self.groups.fast_key(get("groups"))
-        if found is None:
+        uri = get("input")
+        if found is None or (uri is not None and (uri := self._fast_input(uri)) is None):
             return None
         row = (
             self.model,
@@ -345,13 +348,25 @@ class EventParser:
             top,
             blob,
             *found,
-            None,
+            uri,
             None,
             source,
             now,
             label,
         )
         return tuple.__new__(Prediction, row)  # type: ignore[type-var]
+
+    def _fast_input(self, value: object) -> str | None:
+        """The file URI of a path or ``{"uri": path}`` input; None for anything else or an error
+        (the full path then names it)."""
+        if type(value) is dict and len(value) == 1:
+            value = value.get("uri")
+        if type(value) is not str:
+            return None
+        try:
+            return self.inputs.file_uri(value)
+        except ValidationError:
+            return None
 
     def _full(self, obj: object, source: str, now: float) -> Prediction:
         if not isinstance(obj, dict):
@@ -458,9 +473,7 @@ class EventParser:
         return self._local_uri(uri)
 
     def _local_uri(self, uri: str) -> str:
-        path = resolve_input_path(uri)
-        check_inside(path, self.roots, uri)
-        return path.as_uri()
+        return self.inputs.file_uri(uri)
 
     def _store_inline(self, data: object) -> str:
         if not isinstance(data, str):

@@ -17,7 +17,7 @@ class DemoPlan:
     stationary_events: int  # before the shift, minority share `minority_before`
     shift_events_max: int  # after the shift, until a run is triggered
     after_events: int  # after promotion, to measure recovery
-    minority_before: float = 0.05
+    minority_before: float = 0.02
     minority_after: float = 0.5
     label_delay_s: float = 0.5  # labels arrive this late
     rate_per_s: float = 150.0

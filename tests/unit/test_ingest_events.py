@@ -290,8 +290,34 @@ near_valid = st.fixed_dictionaries(
         ),
         "model_version": st.one_of(st.none(), st.text(max_size=3), st.integers()),
         "schema": st.sampled_from([None, 1, 2]),
+        "input": st.sampled_from(
+            [
+                None,
+                "@/a.png",
+                {"uri": "@/a.png"},
+                {"uri": "file://@/d/../a.png"},
+                {"path": "@/a.png"},
+                {"uri": "@/a.png", "x": 1},
+                {"uri": 3},
+                "@/missing.png",
+                "@/../outside.png",
+                "/etc/passwd",
+                "relative.png",
+                "http://h/x.png",
+                3,
+            ]
+        ),  # fmt: skip
     },
 )
+
+
+def _rooted(value: object, root: str) -> object:
+    """Put the fuzz test's allowed root in place of ``@`` in an input."""
+    if isinstance(value, str):
+        return value.replace("@", root)
+    if isinstance(value, dict):
+        return {k: _rooted(v, root) for k, v in value.items()}
+    return value
 
 
 @settings(
@@ -303,6 +329,10 @@ def test_fuzz_fast_path_agrees_with_full_validation(tmp_path: Path, obj: dict[st
     parser = make_parser(tmp_path)
     for value in ("A", "B"):  # warm the group memo so the fast path can hit
         parser.groups.key({"site": value})
+    (tmp_path / "images" / "d").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "images" / "a.png").write_bytes(b"x")
+    if "input" in obj:
+        obj = obj | {"input": _rooted(obj["input"], str(tmp_path / "images"))}
     fast = parser._fast(obj, "fuzz", 1.0)
     if fast is None:
         return
@@ -315,3 +345,21 @@ def test_fast_path_is_taken_for_clean_events(tmp_path: Path) -> None:
     parser.prediction(GOOD | {"embedding": None}, "h")  # admits site=B into the memo
     clean = {k: v for k, v in GOOD.items() if k != "embedding"}
     assert parser._fast(clean, "h", 1.0) == parser._full(clean, "h", 1.0)
+
+
+def test_fast_path_resolves_allow_listed_inputs_and_declines_the_rest(tmp_path: Path) -> None:
+    parser = make_parser(tmp_path)
+    parser.groups.key(None)  # the fast path only takes group values already seen
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(b"x")
+    (tmp_path / "images" / "out.png").symlink_to("/etc/passwd")
+    clean = {"id": "r", "pred": 1, "ts": 5.0}
+    root = str(tmp_path / "images")
+    for good in (f"{root}/a.png", {"uri": f"file://{root}/a.png"}):
+        fast = parser._fast(clean | {"input": good}, "h", 1.0)
+        assert fast is not None and fast.input_uri == (tmp_path / "images" / "a.png").as_uri()
+        assert fast == parser._full(clean | {"input": good}, "h", 1.0)
+    for bad in (f"{root}/out.png", f"{root}/../x.png", "/etc/passwd", {"uri": 3}, "x.png"):
+        assert parser._fast(clean | {"input": bad}, "h", 1.0) is None
+        with pytest.raises(ValidationError):
+            parser._full(clean | {"input": bad}, "h", 1.0)
