@@ -69,7 +69,7 @@ def test_class_conditional_gdro_update_matches_hand_computation() -> None:
     ]
     assert dro.q.flatten().tolist() == pytest.approx(q0 + q1, rel=1e-6)
     expected = 0.5 * (q0[0] * 1.1 + q0[1] * 2.2) + 0.5 * (q1[0] * 0.7 + q1[1] * 0.6)
-    assert float(value) == pytest.approx(expected, rel=1e-6)
+    assert float(value.detach()) == pytest.approx(expected, rel=1e-6)
     value.backward()  # q is detached: d value / d loss_i = w_y * q_i
     assert losses.grad.tolist() == pytest.approx([0.5 * q for q in q0 + q1], rel=1e-6)
 
