@@ -57,7 +57,7 @@ def make_plan(root: Path, fast: bool) -> DemoPlan:
             recipe={
                 "augmenter": "cyclegan",
                 "trainer": "camel",
-                "budget": {"epochs": 6, "augment_epochs": 10, "batch_size": 64, "lr": 1e-3},
+                "budget": {"epochs": 20, "augment_epochs": 10, "batch_size": 64, "lr": 1e-3},
                 "params": {"cyclegan": {"steps": 200}},
             },
             timeout_s=400.0,

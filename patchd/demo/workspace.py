@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,9 +48,9 @@ def prepare(plan: DemoPlan, port: int) -> Workspace:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     plan.root.mkdir(parents=True, exist_ok=True)
-    plan.images_dir.mkdir(parents=True, exist_ok=True)
     splits = load_splits(DatasetSpec(**dataset_spec(plan)))
     base_eval = _base_model(plan, splits)
+    _reset_run_state(plan)
     _register(plan)
     token = _token(plan.root / "admin.token")
     write_config(plan, splits.train.class_names, port)
@@ -83,12 +84,26 @@ def _base_model(plan: DemoPlan, splits: Any) -> dict[str, float]:
     return {c.key: c.accuracy for c in report.cells}
 
 
+def _reset_run_state(plan: DemoPlan) -> None:
+    """A rerun starts over from the base model with an empty store and no run artifacts; the
+    trained base model and the registry's versions are kept (and reused)."""
+    for suffix in ("", "-wal", "-shm"):
+        (plan.state_dir / f"patchd.db{suffix}").unlink(missing_ok=True)
+    for folder in (plan.state_dir / "artifacts", plan.images_dir, plan.root / "logs"):
+        shutil.rmtree(folder, ignore_errors=True)
+    plan.images_dir.mkdir(parents=True)
+
+
 def _register(plan: DemoPlan) -> None:
-    from patchd.registry import Registry
+    """The base model is production: imported on the first run, promoted back on a rerun."""
+    from patchd.registry import Registry, sha256_file
 
     registry = Registry(plan.state_dir / "registry")
-    if registry.production(MODEL_NAME, verify=False) is None:
+    current = registry.production(MODEL_NAME, verify=False)
+    if current is None:
         registry.import_model(MODEL_NAME, plan.base_weights, approved_by="demo-setup")
+    elif current.sha256 != sha256_file(plan.base_weights):
+        registry.promote(MODEL_NAME, sha256_file(plan.base_weights), approved_by="demo-rerun")
 
 
 def _token(path: Path) -> str:

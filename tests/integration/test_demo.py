@@ -13,8 +13,9 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # The live worst-group accuracy after promotion must beat the one before by at least this much.
-# Measured: 0.00 → 0.51..0.80 on colored-digits across runs on a loaded 2-core machine.
-MIN_GAIN = 0.3
+# Measured on colored-digits (2-core machine, 2026-11-23): 0.00 → 0.77 with the demo's budget
+# (20 fine-tune epochs); 0.00 → 0.42..0.54 with 6 epochs.
+MIN_GAIN = 0.4
 
 
 def test_demo_fast_end_to_end(tmp_path: Path, clean_redis: str) -> None:
