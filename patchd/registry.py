@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from patchd.digests import CHUNK, sha256_file
 from patchd.exceptions import ConflictError, IntegrityError, NotFoundError, ValidationError
 
 log = logging.getLogger(__name__)
@@ -48,16 +49,6 @@ MANIFEST = "manifest.json"
 POINTER = "production.json"
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _MODEL_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fsync_dir(path: Path) -> None:
@@ -429,7 +420,7 @@ def _remove_dir(path: Path) -> None:
 def _copy_fsync(src: Path, dst: Path) -> str:
     digest = hashlib.sha256()
     with open(src, "rb") as fin, open(dst, "wb") as fout:
-        for chunk in iter(lambda: fin.read(_CHUNK), b""):
+        for chunk in iter(lambda: fin.read(CHUNK), b""):
             digest.update(chunk)
             fout.write(chunk)
         fout.flush()

@@ -12,7 +12,6 @@ not after a worker's 10-minute maintenance), updates the record and publishes
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -28,6 +27,7 @@ from prometheus_client import Counter, Histogram
 
 from patchd import jobqueue
 from patchd.abc import Component
+from patchd.digests import sha256_file
 from patchd.domain import RunFinished, RunQueued
 from patchd.exceptions import ConflictError, NotFoundError, PatchdError, StageError
 from patchd.plugins import registry as plugin_registry
@@ -151,14 +151,6 @@ def new_run_id(model: str) -> str:
     return f"{safe}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def resolve_incumbent(config: Config) -> tuple[Path, str, str]:
     """(weights path, sha256, source) of the model the run fine-tunes; StageError when none."""
     from patchd.registry import Registry
@@ -176,7 +168,7 @@ def resolve_incumbent(config: Config) -> tuple[Path, str, str]:
     path = Path(weights).resolve()
     if not path.is_file():
         raise StageError(f"model.weights {str(weights)!r} does not exist ({path}); fix the path")
-    return path, _sha256(path), "config"
+    return path, sha256_file(path), "config"
 
 
 # --- deciding a run's state from its jobs -----------------------------------------------------

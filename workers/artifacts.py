@@ -14,7 +14,6 @@ no pickle anywhere.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from patchd.digests import sha256_file
 from patchd.exceptions import IntegrityError
 
 if TYPE_CHECKING:
@@ -72,14 +72,6 @@ def run_dir(artifacts_root: Path, run_id: str) -> Path:
 
 def stage_dir(artifacts_root: Path, run_id: str, stage: str) -> Path:
     return run_dir(artifacts_root, run_id) / stage
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _files(directory: Path) -> list[Path]:

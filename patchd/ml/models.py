@@ -11,7 +11,6 @@ safetensors files only, so loading a model never unpickles anything from outside
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
 import os
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from patchd.digests import sha256_file
 from patchd.exceptions import PluginError, StageError
 
 if TYPE_CHECKING:
@@ -107,15 +107,6 @@ def build_from_factory(factory: str, kwargs: Mapping[str, Any] | None = None) ->
             f"factory {factory!r} returned {type(model).__name__}, not a torch nn.Module"
         )
     return model
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _state_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
