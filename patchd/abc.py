@@ -5,7 +5,6 @@
 - :class:`Miner`, :class:`Augmenter`, :class:`Trainer`: the ML stages that run in workers.
   Implementations live in ``patchd.plugins.<kind>s`` and are registered in
   :mod:`patchd.plugins.registry` (name -> class); a ``module:Class`` path selects a third-party one.
-- :class:`DriftDetector`: one-method protocol, so outside objects fit without importing patchd.
 
 Torch types appear only as strings so importing this module stays light.
 """
@@ -17,10 +16,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
     from fastapi import APIRouter
     from prometheus_client.registry import Collector
@@ -53,19 +51,6 @@ class Component:
 
     def stop(self) -> None:
         """Release resources; called once."""
-
-
-class DriftDetector(Protocol):
-    """Scores drift between a reference and a current sample of one feature."""
-
-    def score(self, reference: np.ndarray, current: np.ndarray) -> DriftScore: ...
-
-
-@dataclass(frozen=True)
-class DriftScore:
-    score: float
-    drifted: bool
-    method: str
 
 
 @dataclass
