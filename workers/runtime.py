@@ -8,7 +8,6 @@ the file and the fix, so they show on the run instead of as a traceback.
 from __future__ import annotations
 
 import logging
-import random
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,18 +25,15 @@ log = logging.getLogger(__name__)
 
 
 def pick_device() -> str:
-    import torch
+    from patchd.ml.models import pick_device as torch_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch_device().type
 
 
 def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
+    from patchd.ml.training import seed_everything as seed_all
 
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+    seed_all(seed)
 
 
 def make_context(

@@ -10,12 +10,10 @@ accuracy when the validation split has no subgroup labels), Sagawa's ``--save_be
 from __future__ import annotations
 
 import copy
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -26,14 +24,6 @@ from patchd.ml.data import ImageSet
 def pick_device(ctx: StageContext) -> torch.device:
     """CUDA when present, else what the worker asked for (``ctx.device``, normally ``cpu``)."""
     return torch.device("cuda" if torch.cuda.is_available() else ctx.device)
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed python, numpy and torch; return a CPU generator for the trainer's own sampling."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 def clone_to(model: nn.Module, device: torch.device) -> nn.Module:
