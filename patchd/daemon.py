@@ -5,8 +5,7 @@ Lifecycle (:class:`RunState`): ``created → starting → running → stopping �
 Start: Redis (embedded when configured and nothing answers), the store, the ingest pipeline,
 :class:`~patchd.services.Services`, every component of :data:`patchd.components.COMPONENTS`
 (collectors and routers registered, then ``start()``), the scheduler, tail sources, then uvicorn.
-A listed component whose module does not exist yet is skipped with a warning (the team builds in
-parallel); one that exists but fails to import or build stops startup with an error naming it.
+A listed component that cannot be imported or built stops startup with an error naming it.
 
 Signals: the first SIGTERM/SIGINT is a warm shutdown (stop intake, let in-flight requests finish,
 flush the queue, stop components, close the store); a second one is cold (stop without waiting
@@ -19,7 +18,6 @@ import contextlib
 import enum
 import gc
 import importlib
-import importlib.util
 import logging
 import os
 import signal
@@ -92,15 +90,9 @@ class _Server(uvicorn.Server):
         yield
 
 
-def component_class(target: str) -> type[Component] | None:
-    """Import ``module:Class``; None when the module does not exist (yet)."""
+def component_class(target: str) -> type[Component]:
+    """Import ``module:Class`` of a listed component (PluginError naming it on failure)."""
     module_name, _, attr = target.partition(":")
-    try:
-        spec = importlib.util.find_spec(module_name)
-    except ModuleNotFoundError:
-        spec = None
-    if spec is None:
-        return None
     try:
         module = importlib.import_module(module_name)
     except Exception as err:
@@ -220,9 +212,6 @@ class Daemon:
         built: list[Component] = []
         for target in COMPONENTS:
             cls = component_class(target)
-            if cls is None:
-                log.warning("component %s skipped: its module does not exist yet", target)
-                continue
             try:
                 component = cls(self.services)
             except PatchdError:

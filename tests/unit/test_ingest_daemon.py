@@ -26,11 +26,12 @@ def modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         sys.modules.pop(name, None)
 
 
-def test_missing_module_is_skipped_but_broken_ones_are_errors(modules: Path) -> None:
-    assert component_class("pd_does_not_exist:X") is None
-    assert component_class("patchd.no_such_package.mod:X") is None
-    good = component_class("pd_good:Good")
-    assert good is not None and issubclass(good, Component)
+def test_component_import_errors_name_the_component(modules: Path) -> None:
+    with pytest.raises(PluginError, match="pd_does_not_exist:X: import failed"):
+        component_class("pd_does_not_exist:X")
+    with pytest.raises(PluginError, match="patchd.no_such_package.mod:X: import failed"):
+        component_class("patchd.no_such_package.mod:X")
+    assert issubclass(component_class("pd_good:Good"), Component)
     with pytest.raises(PluginError, match="pd_broken:X: import failed.*boom at import"):
         component_class("pd_broken:X")
     with pytest.raises(PluginError, match="not a patchd.abc.Component"):
