@@ -36,11 +36,12 @@ from typing import Any
 
 import torch
 from patchd.plugins.augmenters.previews import save_triplets
-from patchd.plugins.trainers.base import pick_device, seed_everything
+from patchd.plugins.trainers.base import pick_device
 from torch import nn
 
 from patchd.abc import Augmentation, Augmenter, StageContext
 from patchd.ml.data import ImageSet
+from patchd.ml.training import seed_everything
 
 
 class ResBlock(nn.Module):

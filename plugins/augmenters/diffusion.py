@@ -40,12 +40,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from patchd.plugins.augmenters.previews import save_grid
-from patchd.plugins.trainers.base import BalancedSampler, pick_device, seed_everything
+from patchd.plugins.trainers.base import BalancedSampler, pick_device
 from torch import nn
 
 from patchd.abc import Augmentation, Augmenter, StageContext
 from patchd.exceptions import DependencyMissingError, StageError
 from patchd.ml.data import ImageSet
+from patchd.ml.training import seed_everything
 
 log = logging.getLogger(__name__)
 

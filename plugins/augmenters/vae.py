@@ -31,12 +31,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from patchd.plugins.augmenters.previews import save_grid
-from patchd.plugins.trainers.base import BalancedSampler, pick_device, predict, seed_everything
+from patchd.plugins.trainers.base import BalancedSampler, pick_device, predict
 from torch import nn
 
 from patchd.abc import Augmentation, Augmenter, StageContext
 from patchd.exceptions import StageError
 from patchd.ml.data import ImageSet
+from patchd.ml.training import seed_everything
 
 INVALID = "invalid"
 

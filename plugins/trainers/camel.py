@@ -40,7 +40,6 @@ from patchd.plugins.trainers.base import (
     make_optimizer,
     pick_device,
     run_epochs,
-    seed_everything,
 )
 from patchd.plugins.trainers.gdro import require_groups
 from torch import nn
@@ -49,6 +48,7 @@ from patchd.abc import Augmentation, StageContext, Trainer, TrainResult
 from patchd.exceptions import StageError
 from patchd.ml.data import ImageSet
 from patchd.ml.losses import GroupDRO, consistency_terms
+from patchd.ml.training import seed_everything
 
 
 def merge_extra(train: ImageSet, extra: ImageSet | None) -> ImageSet:

@@ -28,13 +28,13 @@ from patchd.plugins.trainers.base import (
     make_optimizer,
     pick_device,
     run_epochs,
-    seed_everything,
 )
 from torch import nn
 
 from patchd.abc import Augmentation, StageContext, Trainer, TrainResult
 from patchd.exceptions import StageError
 from patchd.ml.data import ImageSet
+from patchd.ml.training import seed_everything
 
 
 def region_set(

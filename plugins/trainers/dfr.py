@@ -17,13 +17,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from patchd.plugins.trainers.base import clone_to, pick_device, seed_everything
+from patchd.plugins.trainers.base import clone_to, pick_device
 from torch import nn
 
 from patchd.abc import Augmentation, StageContext, Trainer, TrainResult
 from patchd.exceptions import StageError
 from patchd.ml.data import ImageSet
 from patchd.ml.models import features, last_linear
+from patchd.ml.training import seed_everything
 
 DEFAULT_CS = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
 

@@ -22,7 +22,6 @@ from patchd.plugins.trainers.base import (
     make_optimizer,
     pick_device,
     run_epochs,
-    seed_everything,
 )
 from torch import nn
 
@@ -30,6 +29,7 @@ from patchd.abc import Augmentation, StageContext, Trainer, TrainResult
 from patchd.exceptions import StageError
 from patchd.ml.data import ImageSet
 from patchd.ml.losses import GroupDRO
+from patchd.ml.training import seed_everything
 
 
 def require_groups(train: ImageSet, trainer: str) -> None:
