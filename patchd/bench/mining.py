@@ -91,8 +91,9 @@ def run(n_train: int, epochs: int, seed: int, p_train: float = 0.99) -> dict[str
     from patchd.abc import StageContext
     from patchd.config import DatasetSpec, PatchConfig
     from patchd.ml.datasets import load_splits
+    from patchd.ml.evaluation import evaluate_model
     from patchd.ml.models import small_cnn
-    from patchd.ml.training import accuracy_by_cell, fit, seed_everything
+    from patchd.ml.training import fit, seed_everything
     from patchd.plugins.miners.svm import SVMDirectionMiner
 
     torch.set_num_threads(1)
@@ -105,7 +106,7 @@ def run(n_train: int, epochs: int, seed: int, p_train: float = 0.99) -> dict[str
     model = small_cnn()
     fit(model, s.train, epochs=epochs, batch_size=64, lr=1e-3, seed=seed)
     t_train = time.monotonic() - t0
-    erm = accuracy_by_cell(model, s.test, s.train)
+    erm = evaluate_model(model, s.test, s.train)
 
     def hide(d):  # noqa: ANN001, ANN202
         return d.with_groups(torch.full_like(d.g, -1), ())

@@ -2,7 +2,7 @@
 
 :func:`fit` trains ``model`` in place with Adam and (optionally per-example weighted) cross
 entropy, shuffling with a seeded generator so a run is repeatable on the same device.
-:func:`accuracy_by_cell` evaluates a model per (class, subgroup) cell.
+:func:`patchd.ml.evaluation.evaluate_model` evaluates a model per (class, subgroup) cell.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from patchd.abc import TrainResult
-from patchd.evaluation import ModelEvaluation
 from patchd.exceptions import StageError
 from patchd.ml.data import ImageSet
 
@@ -108,16 +107,3 @@ def _epoch(
         total_loss += float(losses.detach().sum())
         total_correct += int((logits.argmax(1) == y).sum())
     return {"loss": total_loss / len(order), "acc": total_correct / len(order)}
-
-
-def accuracy_by_cell(
-    model: nn.Module,
-    data: ImageSet,
-    train_mix: ImageSet | np.ndarray | None = None,
-    confidence: float = 0.95,
-    n_min: int = 1,
-) -> ModelEvaluation:
-    """Per-(class, group) accuracy with Wilson intervals, worst group and averages."""
-    from patchd.ml.evaluation import evaluate_model
-
-    return evaluate_model(model, data, train_mix, confidence=confidence, n_min=n_min)

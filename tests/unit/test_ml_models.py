@@ -12,6 +12,7 @@ from torch import nn
 from patchd.config import DatasetSpec, ModelConfig
 from patchd.exceptions import PluginError, StageError
 from patchd.ml.datasets import load_splits
+from patchd.ml.evaluation import evaluate_model
 from patchd.ml.models import (
     build_model,
     features,
@@ -24,7 +25,7 @@ from patchd.ml.models import (
     sha256_file,
     small_cnn,
 )
-from patchd.ml.training import accuracy_by_cell, fit, seed_everything
+from patchd.ml.training import fit, seed_everything
 
 torch.set_num_threads(1)
 
@@ -134,7 +135,7 @@ def test_fit_learns_colored_digits_shortcut() -> None:
     seed_everything(0)
     result = fit(small_cnn(width=8), s.train, epochs=3, batch_size=64, lr=3e-3)
     assert result.history[-1]["acc"] > 0.95 and result.epochs == 3
-    ev = accuracy_by_cell(result.model, s.test, s.train)
+    ev = evaluate_model(result.model, s.test, s.train)
     # the colour shortcut: majority cells right, minority cells wrong
     assert ev.average_pooled > 0.4 and ev.worst_group_accuracy < 0.3
     assert ev.average_reweighted > 0.9
