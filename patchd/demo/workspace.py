@@ -6,6 +6,7 @@ Everything is reused on a second run: the base model is trained once, imported o
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import shutil
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ def prepare(plan: DemoPlan, port: int) -> Workspace:
     base_eval = _base_model(plan, splits)
     _reset_run_state(plan)
     _register(plan)
-    token = _token(plan.root / "admin.token")
+    token = _token(plan.state_dir / "admin.token")  # where `patchd approve -c ...` finds it
     write_config(plan, splits.train.class_names, port)
     before, after = ProductionPool(splits.val, seed=7).halves()
     return Workspace(plan, token, before, after, splits.train.class_names, base_eval)
@@ -107,11 +108,14 @@ def _register(plan: DemoPlan) -> None:
 
 
 def _token(path: Path) -> str:
+    """The demo's admin token, created once with mode 0600."""
     if path.is_file():
         return path.read_text().strip()
     token = secrets.token_urlsafe(24)
-    path.write_text(token + "\n")
-    path.chmod(0o600)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
     return token
 
 
