@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from patchd.demo.plan import DemoPlan
+from patchd.demo.pool import ProductionPool
 from patchd.demo.processes import Children, patchd_argv, wait_http
 from patchd.demo.stream import LiveAccuracy, Stream
 from patchd.demo.workspace import Workspace, prepare
@@ -132,23 +133,35 @@ class Demo:
             f"[bold]1. stationary traffic[/]: {self.plan.stationary_events} predictions, "
             f"{self.plan.minority_before:.0%} minority colour"
         )
-        for _ in range(self.plan.stationary_events):
-            live.add(stream.send(ws.before, self.plan.minority_before, "a"))
-            self.maybe_table(api, children)
+        self.replay(
+            stream,
+            ws.before,
+            self.plan.minority_before,
+            "a",
+            live,
+            api,
+            children,
+            self.plan.stationary_events,
+        )
         if self.open_run(api) is not None:
             raise PatchdError("a patch run was triggered during stationary traffic (false alarm)")
         self.say(
             f"[bold]2. the mix shifts[/]: {self.plan.minority_after:.0%} minority colour; "
             "waiting for the monitor to flag the failing subgroup"
         )
-        for i in range(self.plan.shift_events_max):
-            live.add(stream.send(ws.before, self.plan.minority_after, "b"))
-            self.maybe_table(api, children)
-            if i % 20 == 0 and self.open_run(api) is not None:
-                break
-        else:
+        triggered = self.replay(
+            stream,
+            ws.before,
+            self.plan.minority_after,
+            "b",
+            live,
+            api,
+            children,
+            self.plan.shift_events_max,
+            until_run=True,
+        )
+        if not triggered:
             raise PatchdError("the monitor did not trigger a patch run; see `patchd status`")
-        stream.flush_labels(force=True)
         self.table(api, force=True)
         return live
 
@@ -160,13 +173,43 @@ class Demo:
             f"[bold]5. traffic continues[/] on the patched model: "
             f"{self.plan.after_events} predictions"
         )
-        for _ in range(self.plan.after_events):
-            live.add(stream.send(ws.after, self.plan.minority_after, "c"))
-            self.maybe_table(api, children)
-        stream.flush_labels(force=True)
+        self.replay(
+            stream,
+            ws.after,
+            self.plan.minority_after,
+            "c",
+            live,
+            api,
+            children,
+            self.plan.after_events,
+        )
         time.sleep(2.5)  # two monitor ticks
         self.table(api, force=True)
         return live
+
+    def replay(
+        self,
+        stream: Stream,
+        pool: ProductionPool,
+        share: float,
+        phase: str,
+        live: LiveAccuracy,
+        api: httpx.Client,
+        children: Children,
+        events: int,
+        until_run: bool = False,
+    ) -> bool:
+        """Send up to ``events`` predictions; with ``until_run`` stop once a patch run is open
+        (True then). Labels still in flight are flushed before returning."""
+        opened = False
+        for i in range(events):
+            live.add(stream.send(pool, share, phase))
+            self.maybe_table(api, children)
+            if until_run and i % 20 == 0 and self.open_run(api) is not None:
+                opened = True
+                break
+        stream.flush_labels(force=True)
+        return opened
 
     def wait_run(self, api: httpx.Client, children: Children) -> dict[str, Any]:
         run = self.open_run(api)
