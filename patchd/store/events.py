@@ -20,13 +20,13 @@ by ``labeled_at`` (the monitor's cursor) never misses a row committed after its 
 
 from __future__ import annotations
 
-import math
 import os
 import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from itertools import chain
 from operator import itemgetter
 from pathlib import Path
@@ -36,25 +36,16 @@ import orjson
 
 from patchd.events import Label, Prediction
 
-# labeled_at is the commit's stamp, written as a literal (one statement per commit): binding it
-# per row would need a copy of every row tuple.
-_INSERT_PREDICTION = (
-    "INSERT OR IGNORE INTO predictions (model, id, ts, model_version, pred, confidence, probs, "
-    "group_key, groups, input_uri, embedding, source, ingested_at, label, labeled_at) VALUES "
-    "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, "
-    "CASE WHEN ?14 IS NULL THEN NULL ELSE {stamp!r} END)"
-)
 _COLUMNS = Prediction._fields  # model .. label; labeled_at follows from label and the stamp
 _LABEL_COLUMN = _COLUMNS.index("label")
-# Columns usually equal across a big batch (model, model_version, input_uri, embedding, source,
-# ingested_at, label): written as SQL literals when they are. Binding a parameter costs the
-# sqlite3 module ~0.5 us, about as much as SQLite's whole B-tree insert of the row.
+# Columns usually equal across a batch (model, model_version, input_uri, embedding, source,
+# ingested_at, label): bound once per statement when they are. Binding a value costs the sqlite3
+# module ~0.5 us, about as much as SQLite's whole B-tree insert of the row.
 _SHARED_COLUMNS = tuple(_COLUMNS.index(c) for c in (
     "model", "model_version", "input_uri", "embedding", "source", "ingested_at", "label"
 ))  # fmt: skip
-INLINE_MIN_ROWS = 64  # below this, preparing a statement per batch costs more than it saves
-ROWS_PER_STATEMENT = 32  # x 14 values at most: far below SQLite's 32766 parameters
-_INLINE_MAX_BYTES = 1024
+ROWS_PER_STATEMENT = 256  # x (14 + 8) values at most: far below SQLite's 32766 parameters
+
 _JOIN_ALL = (
     "UPDATE predictions SET label = pl.label, labeled_at = ?1 FROM pending_labels AS pl "
     "WHERE predictions.model = pl.model AND predictions.id = pl.id AND predictions.label IS NULL"
@@ -99,79 +90,71 @@ def insert_predictions(
     """
     stamp = time.time() if stamp is None else float(stamp)
     before = conn.total_changes
-    if len(rows) >= INLINE_MIN_ROWS:
-        _insert_lean(conn, rows, stamp)
-    else:
-        conn.executemany(_INSERT_PREDICTION.format(stamp=stamp), rows)
+    if rows:
+        _insert_rows(conn, rows, stamp)
     inserted = conn.total_changes - before
     joined = join_pending(conn, rows, stamp) if inserted else 0
     return PredictionWrite(inserted, len(rows) - inserted, joined)
 
 
-def _insert_lean(conn: sqlite3.Connection, rows: Sequence[Prediction], stamp: float) -> None:
-    """:data:`_INSERT_PREDICTION` for a big batch, with fewer values bound and fewer statements.
+def _insert_rows(conn: sqlite3.Connection, rows: Sequence[Prediction], stamp: float) -> None:
+    """``INSERT OR IGNORE`` every row; ``labeled_at`` is ``stamp`` where the row has a label.
 
-    Columns shared by every row become SQL literals, and each statement inserts
-    :data:`ROWS_PER_STATEMENT` rows (one VM step and one GIL release per statement, not per row).
-    Same rows, same ``INSERT OR IGNORE`` semantics, same ``total_changes`` accounting.
+    Columns whose value every row shares are bound once per statement, and each statement inserts
+    :data:`ROWS_PER_STATEMENT` rows: one VM step and one GIL release per statement, not per row.
+    The SQL depends only on which columns are shared and on the row count, so the connection's
+    statement cache reuses it from one batch to the next. Rows after the last full statement take
+    the one-row statement.
     """
-    shared = _shared_literals(rows)
-    bound = [c for c in range(len(_COLUMNS)) if c not in shared]
-    template: list[str | int] = [shared.get(c) or bound.index(c) + 1 for c in range(len(_COLUMNS))]
-    width, size = len(bound), ROWS_PER_STATEMENT
+    shared = _shared_values(rows)
+    bound = tuple(c for c in range(len(_COLUMNS)) if c not in shared)
+    tail = [*shared.values(), stamp]
     getter = itemgetter(*bound)  # id and ts are never shared: at least two columns, so tuples
+    size = ROWS_PER_STATEMENT
     full = len(rows) // size * size
     if full:
-        sql = _values_sql(template, width, size, stamp)
+        sql = _insert_sql(bound, tuple(shared), size)
         chunks = (rows[i : i + size] for i in range(0, full, size))
-        conn.executemany(sql, (list(chain.from_iterable(map(getter, c))) for c in chunks))
+        conn.executemany(
+            sql, (list(chain(chain.from_iterable(map(getter, c)), tail)) for c in chunks)
+        )
     if full < len(rows):
-        sql = _values_sql(template, width, len(rows) - full, stamp)
-        conn.execute(sql, list(chain.from_iterable(map(getter, rows[full:]))))
+        sql = _insert_sql(bound, tuple(shared), 1)
+        conn.executemany(sql, ([*getter(row), *tail] for row in rows[full:]))
 
 
-def _values_sql(template: list[str | int], width: int, count: int, stamp: float) -> str:
-    """``INSERT OR IGNORE ... VALUES`` of ``count`` rows; ints in ``template`` are parameters."""
+@lru_cache(maxsize=64)
+def _insert_sql(bound: tuple[int, ...], shared: tuple[int, ...], count: int) -> str:
+    """``INSERT OR IGNORE ... VALUES`` of ``count`` rows.
+
+    Parameters: the ``bound`` columns of row 0, of row 1, ...; then the ``shared`` columns; then
+    the stamp.
+    """
+    width = len(bound)
+    first_shared = count * width + 1
+    stamp = f"?{first_shared + len(shared)}"
     rows = []
     for row in range(count):
-        offset = row * width
-        exprs = [p if isinstance(p, str) else f"?{p + offset}" for p in template]
-        exprs.append(f"CASE WHEN {exprs[_LABEL_COLUMN]} IS NULL THEN NULL ELSE {stamp!r} END")
-        rows.append(f"({', '.join(exprs)})")
+        exprs = {c: f"?{row * width + k + 1}" for k, c in enumerate(bound)}
+        exprs.update({c: f"?{first_shared + j}" for j, c in enumerate(shared)})
+        values = [exprs[c] for c in range(len(_COLUMNS))]
+        values.append(f"CASE WHEN {exprs[_LABEL_COLUMN]} IS NULL THEN NULL ELSE {stamp} END")
+        rows.append(f"({', '.join(values)})")
     return (
         f"INSERT OR IGNORE INTO predictions ({', '.join(_COLUMNS)}, labeled_at) "
         f"VALUES {', '.join(rows)}"
     )
 
 
-def _shared_literals(rows: Sequence[Prediction]) -> dict[int, str]:
-    """Column index -> SQL literal, for the shared columns whose value is the same in all rows."""
-    found: dict[int, str] = {}
+def _shared_values(rows: Sequence[Prediction]) -> dict[int, object]:
+    """Column index -> value, for the shareable columns whose value is the same in all rows."""
+    found: dict[int, object] = {}
     for column in _SHARED_COLUMNS:
         values = list(map(itemgetter(column), rows))
         first = values[0]
         if values.count(first) == len(values):
-            literal = _sql_literal(first)
-            if literal is not None:
-                found[column] = literal
+            found[column] = first
     return found
-
-
-def _sql_literal(value: object) -> str | None:
-    """``value`` as an exact SQL literal; None when it is better bound (or has no literal)."""
-    if value is None:
-        return "NULL"
-    if type(value) is int:
-        return str(value)
-    if type(value) is float:
-        return repr(value) if math.isfinite(value) else None
-    if type(value) is str:
-        if "\x00" in value or len(value) > _INLINE_MAX_BYTES:
-            return None
-        return "'" + value.replace("'", "''") + "'"
-    if type(value) is bytes and len(value) <= _INLINE_MAX_BYTES:
-        return f"x'{value.hex()}'"
-    return None
 
 
 def join_pending(conn: sqlite3.Connection, rows: Sequence[Prediction], stamp: float) -> int:
