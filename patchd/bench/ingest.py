@@ -291,13 +291,17 @@ def _median_run(runs: list[_Measured]) -> _Measured:
     return ordered[(len(ordered) - 1) // 2]
 
 
+def _per_cpu_s(events: int, cpu_seconds: float) -> float:
+    return round(events / max(cpu_seconds, 1e-9))
+
+
 def _run_summary(events: int, m: _Measured) -> dict[str, float]:
     mib = 1 << 20
     return {
         "http_events_per_s": round(m.http_rate),
         "tail_events_per_s": round(m.tail_rate),
-        "http_events_per_serve_cpu_s": round(events / max(m.http_cpu_s, 1e-9)),
-        "tail_events_per_serve_cpu_s": round(events / max(m.tail_cpu_s, 1e-9)),
+        "http_events_per_serve_cpu_s": _per_cpu_s(events, m.http_cpu_s),
+        "tail_events_per_serve_cpu_s": _per_cpu_s(events, m.tail_cpu_s),
         "rss_peak_mib": round(max(m.rss_peak, m.rss_after_http) / mib, 1),
     }
 
@@ -318,13 +322,13 @@ def _result(
         concurrency=concurrency,
         repeats=len(runs),
         http_events_per_s=round(m.http_rate),
-        http_events_per_serve_cpu_s=round(events / max(m.http_cpu_s, 1e-9)),
+        http_events_per_serve_cpu_s=_per_cpu_s(events, m.http_cpu_s),
         http_p50_ms=round(percentile(m.latencies, 0.50) * 1000, 1),
         http_p99_ms=round(percentile(m.latencies, 0.99) * 1000, 1),
         small_batch_p50_ms=round(percentile(m.small_latencies, 0.50) * 1000, 1),
         small_batch_p99_ms=round(percentile(m.small_latencies, 0.99) * 1000, 1),
         tail_events_per_s=round(tail_rate),
-        tail_events_per_serve_cpu_s=round(median(events / max(r.tail_cpu_s, 1e-9) for r in runs)),
+        tail_events_per_serve_cpu_s=median(_per_cpu_s(events, r.tail_cpu_s) for r in runs),
         rss_after_http_mib=round(m.rss_after_http / mib, 1),
         rss_peak_mib=round(peak, 1),
         stored=m.stored,
