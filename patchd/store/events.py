@@ -44,7 +44,7 @@ _LABEL_COLUMN = _COLUMNS.index("label")
 _SHARED_COLUMNS = tuple(_COLUMNS.index(c) for c in (
     "model", "model_version", "input_uri", "embedding", "source", "ingested_at", "label"
 ))  # fmt: skip
-ROWS_PER_STATEMENT = 256  # x (14 + 8) values at most: far below SQLite's 32766 parameters
+ROWS_PER_STATEMENT = 256  # x (14 + 8) values at most: SQLite >= 3.32 binds 32766
 
 _JOIN_ALL = (
     "UPDATE predictions SET label = pl.label, labeled_at = ?1 FROM pending_labels AS pl "
@@ -110,7 +110,7 @@ def _insert_rows(conn: sqlite3.Connection, rows: Sequence[Prediction], stamp: fl
     bound = tuple(c for c in range(len(_COLUMNS)) if c not in shared)
     tail = [*shared.values(), stamp]
     getter = itemgetter(*bound)  # id and ts are never shared: at least two columns, so tuples
-    size = ROWS_PER_STATEMENT
+    size = _rows_per_statement(conn, len(bound), len(tail))
     full = len(rows) // size * size
     if full:
         sql = _insert_sql(bound, tuple(shared), size)
@@ -121,6 +121,12 @@ def _insert_rows(conn: sqlite3.Connection, rows: Sequence[Prediction], stamp: fl
     if full < len(rows):
         sql = _insert_sql(bound, tuple(shared), 1)
         conn.executemany(sql, ([*getter(row), *tail] for row in rows[full:]))
+
+
+def _rows_per_statement(conn: sqlite3.Connection, width: int, extra: int) -> int:
+    """:data:`ROWS_PER_STATEMENT`, or fewer where SQLite binds fewer (999 before 3.32)."""
+    limit = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    return max(1, min(ROWS_PER_STATEMENT, (limit - extra) // width))
 
 
 @lru_cache(maxsize=64)

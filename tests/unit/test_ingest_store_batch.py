@@ -99,3 +99,22 @@ def test_the_sql_does_not_depend_on_values_so_statements_are_reused(tmp_path: Pa
         assert ev._insert_sql.cache_info().misses == misses
     finally:
         store.close()
+
+
+def test_an_older_sqlite_parameter_limit_gives_smaller_statements(tmp_path: Path) -> None:
+    """SQLite before 3.32 binds at most 999 parameters a statement: the insert fits under it."""
+    store = Store.open(tmp_path / "s.db")
+    now = 1795000000.0
+    rows = [  # nothing shared: 14 values a row, 256 rows would need 3,584 parameters
+        _row(i, label=i % 2 or None, version=f"v{i}", source=f"s{i % 2}", now=now + i)
+        for i in range(600)
+    ]
+    try:
+        with store.write() as conn:
+            conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+            result = ev.insert_predictions(conn, rows, stamp=2000.0)
+        with store.read() as conn:
+            count = conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
+    finally:
+        store.close()
+    assert (result.inserted, result.duplicates, count) == (600, 0, 600)
