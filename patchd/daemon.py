@@ -21,6 +21,7 @@ import importlib
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -82,6 +83,21 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
+def tune_gil() -> None:
+    """Hand the GIL over every 0.5 ms instead of every 5 ms.
+
+    The ingest writer releases the GIL while SQLite inserts a statement's rows, then needs it back
+    to bind the next ones; while a parsing thread (HTTP handler, tailer) runs Python it only gets
+    it after the switch interval, so with 5 ms SQLite's work overlapped little with parsing. With
+    ``patchd bench ingest``, six alternating pairs of runs: 0.5 ms was faster in all six, by 9%
+    (HTTP) and 12% (tail) on average.
+    """
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+
+
 class _Server(uvicorn.Server):
     """uvicorn without its own signal handling (the daemon owns SIGTERM/SIGINT)."""
 
@@ -137,6 +153,7 @@ class Daemon:
         try:
             self.start()
             tune_gc()
+            tune_gil()
             if self._signals == 0:
                 self._serve()
         except PatchdError:
