@@ -166,18 +166,22 @@ class CandidatesComponent(Component):
                 return self._gate(cid, model, run_id, digest, inputs)
             except Exception as err:  # never leave a candidate stuck in `evaluating`
                 self._finish(cid, "fail", None, None, note=f"evaluation error: {err}")
-                self.audit.append(
-                    AuditEntry(
-                        "gate",
-                        "evaluated",
-                        model,
-                        digest,
-                        cid,
-                        inputs.parent,
-                        detail=f"error: {err}",
-                    )
-                )
+                self._audit_evaluated(cid, model, digest, inputs.parent, f"error: {err}")
                 raise
+
+    def _audit_evaluated(
+        self,
+        cid: str,
+        model: str,
+        digest: str,
+        parent: str | None,
+        detail: str,
+        metrics: dict[str, Any] | None = None,
+    ) -> None:
+        """The audit line of a gate evaluation: its verdict, or the error that ended it."""
+        metrics = metrics or {}
+        entry = AuditEntry("gate", "evaluated", model, digest, cid, parent, metrics, detail)
+        self.audit.append(entry)
 
     def _run_inputs(self, run_id: str, model: str) -> RunInputs:
         from patchd.candidates_inputs import read_run_inputs
@@ -216,17 +220,8 @@ class CandidatesComponent(Component):
         expires = time.time() + ttl if decision.passed else None
         self._finish(cid, state, decision, evaluation, expires_at=expires)
         self.write_report(cid)
-        self.audit.append(
-            AuditEntry(
-                "gate",
-                "evaluated",
-                model,
-                digest,
-                cid,
-                inputs.parent,
-                metrics=audit_metrics(decision),
-                detail=decision.verdict.value,
-            )
+        self._audit_evaluated(
+            cid, model, digest, inputs.parent, decision.verdict.value, audit_metrics(decision)
         )
         self.services.bus.publish(
             CandidateEvaluated(
