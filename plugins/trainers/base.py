@@ -13,12 +13,14 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from patchd.abc import StageContext, TrainResult
 from patchd.ml.data import ImageSet
+from patchd.ml.training import seed_everything
 
 
 def pick_device(ctx: StageContext) -> torch.device:
@@ -115,6 +117,24 @@ class Budget:
             lr=float(params.get("lr", b.lr)),  # type: ignore[arg-type]
             max_seconds=float(b.max_minutes) * 60.0,
         )
+
+
+class Start(NamedTuple):
+    """What a fine-tuning trainer begins with (see :func:`start`)."""
+
+    params: dict[str, Any]  # patch.params.<trainer>
+    gen: torch.Generator  # seeded from ctx.seed
+    device: torch.device
+    net: nn.Module  # a trainable copy of the incumbent on ``device``
+    budget: Budget
+
+
+def start(ctx: StageContext, model: nn.Module, trainer: str) -> Start:
+    """Seed everything from ``ctx.seed``, copy ``model`` to the device, read params and budget."""
+    params: dict[str, Any] = ctx.plugin_params(trainer)
+    gen = seed_everything(ctx.seed)
+    device = pick_device(ctx)
+    return Start(params, gen, device, clone_to(model, device), Budget.from_ctx(ctx, params))
 
 
 def make_optimizer(model: nn.Module, params: dict[str, object], lr: float) -> torch.optim.Optimizer:

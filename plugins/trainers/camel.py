@@ -26,20 +26,16 @@ Hyperparameters (``patch.params.camel``): ``lambda`` 5.0 (MNIST-Correlation/Cele
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from patchd.plugins.trainers.base import (
     BalancedSampler,
-    Budget,
     cell_counts,
     cells_of,
-    clone_to,
     groups_per_class,
     make_optimizer,
-    pick_device,
     run_epochs,
+    start,
 )
 from patchd.plugins.trainers.gdro import require_groups
 from torch import nn
@@ -48,7 +44,6 @@ from patchd.abc import Augmentation, StageContext, Trainer, TrainResult
 from patchd.exceptions import StageError
 from patchd.ml.data import ImageSet
 from patchd.ml.losses import GroupDRO, consistency_terms
-from patchd.ml.training import seed_everything
 
 
 def merge_extra(train: ImageSet, extra: ImageSet | None) -> ImageSet:
@@ -101,11 +96,7 @@ class CamelTrainer(Trainer):
         augmentation: Augmentation | None,
     ) -> TrainResult:
         require_groups(train, self.name)
-        params: dict[str, Any] = ctx.plugin_params(self.name)
-        gen = seed_everything(ctx.seed)
-        device = pick_device(ctx)
-        net = clone_to(model, device)
-        budget = Budget.from_ctx(ctx, params)
+        params, gen, device, net, budget = start(ctx, model, self.name)
         views = paired_views(train, augmentation)
         counts_from = train
         extra = augmentation.extra if augmentation else None

@@ -23,18 +23,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from patchd.plugins.trainers.base import (
-    Budget,
-    clone_to,
     make_optimizer,
-    pick_device,
     run_epochs,
+    start,
 )
 from torch import nn
 
 from patchd.abc import Augmentation, StageContext, Trainer, TrainResult
 from patchd.exceptions import StageError
 from patchd.ml.data import ImageSet
-from patchd.ml.training import seed_everything
 
 
 def region_set(
@@ -64,12 +61,8 @@ class DefuseTrainer(Trainer):
         val: ImageSet,
         augmentation: Augmentation | None,
     ) -> TrainResult:
-        params: dict[str, Any] = ctx.plugin_params(self.name)
-        regions = region_set(ctx, augmentation, params)
-        gen = seed_everything(ctx.seed)
-        device = pick_device(ctx)
-        net = clone_to(model, device)
-        budget = Budget.from_ctx(ctx, params)
+        regions = region_set(ctx, augmentation, ctx.plugin_params(self.name))
+        params, gen, device, net, budget = start(ctx, model, self.name)
         lam = float(params.get("lambda", 1.0))
         bs = budget.batch_size
 

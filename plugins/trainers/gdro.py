@@ -8,20 +8,16 @@ consistency), plus ``epochs``/``batch_size``/``lr`` overriding the run budget.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from patchd.plugins.trainers.base import (
     BalancedSampler,
-    Budget,
     cell_counts,
     cells_of,
-    clone_to,
     groups_per_class,
     make_optimizer,
-    pick_device,
     run_epochs,
+    start,
 )
 from torch import nn
 
@@ -29,7 +25,6 @@ from patchd.abc import Augmentation, StageContext, Trainer, TrainResult
 from patchd.exceptions import StageError
 from patchd.ml.data import ImageSet
 from patchd.ml.losses import GroupDRO
-from patchd.ml.training import seed_everything
 
 
 def require_groups(train: ImageSet, trainer: str) -> None:
@@ -53,11 +48,7 @@ class GroupDROTrainer(Trainer):
         augmentation: Augmentation | None,
     ) -> TrainResult:
         require_groups(train, self.name)
-        params: dict[str, Any] = ctx.plugin_params(self.name)
-        gen = seed_everything(ctx.seed)
-        device = pick_device(ctx)
-        net = clone_to(model, device)
-        budget = Budget.from_ctx(ctx, params)
+        params, gen, device, net, budget = start(ctx, model, self.name)
         k = groups_per_class(train)
         dro = GroupDRO(
             cell_counts(train, k),
