@@ -103,42 +103,39 @@ class RunRecord:
 # --- persistence (the runs table) -------------------------------------------------------------
 
 
+def _row(rec: RunRecord) -> dict[str, Any]:
+    """The record as the runs table's columns (JSON columns encoded), for named parameters."""
+    return {
+        "id": rec.id,
+        "model": rec.model,
+        "state": rec.state,
+        "stage": rec.stage,
+        "reason": rec.reason,
+        "recipe": json.dumps(rec.recipe),
+        "job_ids": json.dumps(rec.job_ids),
+        "stage_times": json.dumps(rec.stage_times),
+        "error": rec.error,
+        "result": json.dumps(rec.result) if rec.result is not None else None,
+        "created_at": rec.created_at,
+        "updated_at": rec.updated_at,
+    }
+
+
+_INSERT = (
+    f"INSERT INTO runs ({_COLUMNS}) VALUES ({', '.join(f':{c}' for c in _COLUMNS.split(', '))})"
+)
+_UPDATE = (
+    "UPDATE runs SET state=:state, stage=:stage, recipe=:recipe, job_ids=:job_ids, "
+    "stage_times=:stage_times, error=:error, result=:result, updated_at=:updated_at WHERE id=:id"
+)
+
+
 def _insert(conn: sqlite3.Connection, rec: RunRecord) -> None:
-    conn.execute(
-        f"INSERT INTO runs ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-        (
-            rec.id,
-            rec.model,
-            rec.state,
-            rec.stage,
-            rec.reason,
-            json.dumps(rec.recipe),
-            json.dumps(rec.job_ids),
-            json.dumps(rec.stage_times),
-            rec.error,
-            json.dumps(rec.result) if rec.result is not None else None,
-            rec.created_at,
-            rec.updated_at,
-        ),
-    )
+    conn.execute(_INSERT, _row(rec))
 
 
 def _update(conn: sqlite3.Connection, rec: RunRecord) -> None:
-    conn.execute(
-        "UPDATE runs SET state=?, stage=?, recipe=?, job_ids=?, stage_times=?, error=?, result=?, "
-        "updated_at=? WHERE id=?",
-        (
-            rec.state,
-            rec.stage,
-            json.dumps(rec.recipe),
-            json.dumps(rec.job_ids),
-            json.dumps(rec.stage_times),
-            rec.error,
-            json.dumps(rec.result) if rec.result is not None else None,
-            rec.updated_at,
-            rec.id,
-        ),
-    )
+    conn.execute(_UPDATE, _row(rec))
 
 
 def _select(conn: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> list[RunRecord]:
