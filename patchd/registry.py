@@ -92,6 +92,18 @@ def check_model_name(model: str) -> str:
     return model
 
 
+def _dump(record: Any) -> bytes:
+    return json.dumps(asdict(record), indent=2, sort_keys=True).encode()
+
+
+def _load(raw: bytes | str, schema: int, what: str) -> dict[str, Any]:
+    """The JSON object of a manifest or pointer; IntegrityError when its schema differs."""
+    data: dict[str, Any] = json.loads(raw)
+    if data.get("schema") != schema:
+        raise IntegrityError(f"{what} schema {data.get('schema')!r} is not {schema}")
+    return data
+
+
 @dataclass(frozen=True)
 class VersionManifest:
     """What a version is and where it came from (``manifest.json``)."""
@@ -109,14 +121,11 @@ class VersionManifest:
     schema: int = MANIFEST_SCHEMA
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=2, sort_keys=True).encode()
+        return _dump(self)
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> VersionManifest:
-        data = json.loads(raw)
-        if data.get("schema") != MANIFEST_SCHEMA:
-            raise IntegrityError(f"manifest schema {data.get('schema')!r} is not {MANIFEST_SCHEMA}")
-        return cls(**data)
+        return cls(**_load(raw, MANIFEST_SCHEMA, "manifest"))
 
 
 @dataclass(frozen=True)
@@ -131,14 +140,11 @@ class Pointer:
     schema: int = POINTER_SCHEMA
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=2, sort_keys=True).encode()
+        return _dump(self)
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Pointer:
-        data = json.loads(raw)
-        if data.get("schema") != POINTER_SCHEMA:
-            raise IntegrityError(f"pointer schema {data.get('schema')!r} is not {POINTER_SCHEMA}")
-        return cls(**data)
+        return cls(**_load(raw, POINTER_SCHEMA, "pointer"))
 
 
 @dataclass(frozen=True)
