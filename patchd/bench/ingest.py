@@ -37,6 +37,7 @@ import yaml
 TOKEN = "bench-token-0123456789abcdef0123"
 TARGET_EVENTS_PER_S = 100_000
 TARGET_RSS_MIB = 300
+SMALL_REQUESTS, SMALL_BATCH = 300, 100  # the latency phase: 100-event requests
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,9 @@ def run_http(url: str, events: int, batch: int, concurrency: int) -> tuple[float
     return events / (time.perf_counter() - start), latencies
 
 
-def run_small_batches(url: str, requests: int = 300, size: int = 100) -> list[float]:
+def run_small_batches(
+    url: str, requests: int = SMALL_REQUESTS, size: int = SMALL_BATCH
+) -> list[float]:
     """Sequential requests of ``size`` events on an otherwise idle serve: a plugin's view."""
     headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
     latencies = []

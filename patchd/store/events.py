@@ -108,18 +108,18 @@ def _insert_rows(conn: sqlite3.Connection, rows: Sequence[Prediction], stamp: fl
     """
     shared = _shared_values(rows)
     bound = tuple(c for c in range(len(_COLUMNS)) if c not in shared)
-    tail = [*shared.values(), stamp]
+    shared_columns, tail = tuple(shared), [*shared.values(), stamp]
     getter = itemgetter(*bound)  # id and ts are never shared: at least two columns, so tuples
     size = _rows_per_statement(conn, len(bound), len(tail))
     full = len(rows) // size * size
     if full:
-        sql = _insert_sql(bound, tuple(shared), size)
+        sql = _insert_sql(bound, shared_columns, size)
         chunks = (rows[i : i + size] for i in range(0, full, size))
         conn.executemany(
             sql, (list(chain(chain.from_iterable(map(getter, c)), tail)) for c in chunks)
         )
     if full < len(rows):
-        sql = _insert_sql(bound, tuple(shared), 1)
+        sql = _insert_sql(bound, shared_columns, 1)
         conn.executemany(sql, ([*getter(row), *tail] for row in rows[full:]))
 
 

@@ -12,8 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from patchd.bench.ingest import SMALL_BATCH, SMALL_REQUESTS
+
 EVENTS = 2_000
-SMALL_BATCH_EVENTS = 300 * 100  # run_small_batches: 300 requests of 100 events
+SMALL_BATCH_EVENTS = SMALL_REQUESTS * SMALL_BATCH  # the 100-event requests
 
 
 def test_bench_ingest_stores_every_event_it_times(tmp_path: Path) -> None:
