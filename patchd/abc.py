@@ -1,10 +1,10 @@
 """Interfaces of patchd's pluggable parts.
 
-- :class:`Component`: a part of ``patchd serve`` (monitor, runs, candidates, source adapters)
-  with a lifecycle; it contributes API routers and Prometheus collectors.
+The parts of ``patchd serve`` itself implement :class:`patchd.services.Component`.
+
 - :class:`Miner`, :class:`Augmenter`, :class:`Trainer`: the ML stages that run in workers.
   Implementations live in ``patchd.plugins.<kind>s`` and are registered in
-  :mod:`patchd.plugins.registry` (name -> class); a ``module:Class`` path selects a third-party one.
+  :mod:`patchd.plugins.catalog` (name -> class); a ``module:Class`` path selects a third-party one.
 
 Torch types appear only as strings so importing this module stays light.
 """
@@ -13,44 +13,16 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
-    from fastapi import APIRouter
-    from prometheus_client.registry import Collector
 
     from patchd.config import PatchConfig
     from patchd.ml.data import ImageSet
-    from patchd.services import Services
-
-
-class Component:
-    """A part of ``patchd serve``. Built once with the shared :class:`Services`.
-
-    ``start`` runs after the store is open and before the API answers; ``stop`` runs on shutdown
-    (warm: finish what is in progress quickly). Neither may block for long.
-    """
-
-    name: str = "component"
-
-    def __init__(self, services: Services) -> None:
-        self.services = services
-
-    def routers(self) -> Sequence[APIRouter]:
-        return ()
-
-    def collectors(self) -> Iterable[Collector]:
-        return ()
-
-    def start(self) -> None:
-        """Register scheduler jobs, subscribe to domain events."""
-
-    def stop(self) -> None:
-        """Release resources; called once."""
 
 
 @dataclass

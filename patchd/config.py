@@ -158,7 +158,7 @@ class PatchConfig(Section):
     queues: dict[str, str] = Field(default_factory=dict)  # stage -> queue name (default: patchd)
     stage_timeout_s: dict[str, int] = Field(default_factory=dict)
     retries: int = Field(2, ge=0, le=10)
-    # pipeline (patchd.runs / patchd worker): poll tick, worker heartbeats, torch threads per job
+    # pipeline (patchd.runs.component / patchd worker): poll tick, worker heartbeats, torch threads per job
     poll_interval_s: float = Field(1.0, gt=0)
     job_monitoring_interval_s: int = Field(30, ge=1)  # worker heartbeat period while a job runs
     heartbeat_grace_s: int = Field(60, ge=2)  # a silent worker's job is abandoned after this

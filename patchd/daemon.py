@@ -3,7 +3,7 @@
 Lifecycle (:class:`RunState`): ``created → starting → running → stopping → stopped``.
 
 Start: Redis (embedded when configured and nothing answers), the store, the ingest pipeline,
-:class:`~patchd.services.Services`, every component of :data:`patchd.components.COMPONENTS`
+:class:`~patchd.services.Services`, every component of :data:`COMPONENTS`
 (collectors and routers registered, then ``start()``), the scheduler, tail sources, then uvicorn.
 A listed component that cannot be imported or built stops startup with an error naming it.
 
@@ -32,19 +32,19 @@ import uvicorn
 from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry
 
-from patchd.abc import Component
 from patchd.api.app import create_app
-from patchd.api.ingest import ingest_router
+from patchd.api.auth import TokenStore
+from patchd.api.metrics import BuildInfoCollector, metrics_router, patchd_version
 from patchd.api.status import status_router
-from patchd.auth import TokenStore
-from patchd.components import COMPONENTS
 from patchd.config import Config
 from patchd.domain import EventBus
 from patchd.exceptions import ConfigError, PatchdError, PluginError
-from patchd.exporter import BuildInfoCollector, IngestCollector, metrics_router
-from patchd.ingest import IngestPipeline
-from patchd.services import Services
+from patchd.ingest.api import ingest_router
+from patchd.ingest.metrics import IngestCollector
+from patchd.ingest.pipeline import IngestPipeline
+from patchd.services import Component, Services
 from patchd.store.db import Store
+from patchd.store.predictions import count_pending, count_predictions
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,15 @@ _ALLOWED = {
     RunState.STOPPED: set(),
 }
 
+
+# The parts serve is composed of, in start order (``module:Class`` of a Component).
+COMPONENTS: list[str] = [
+    "patchd.monitor.component:MonitorComponent",
+    "patchd.runs.component:RunsComponent",
+    "patchd.promotion.component:CandidatesComponent",
+    "patchd.plugins.sources.kserve:KServeComponent",
+    "patchd.plugins.sources.seldon:SeldonComponent",
+]
 
 GC_THRESHOLDS = (100_000, 20, 50)
 
@@ -115,7 +124,9 @@ def component_class(target: str) -> type[Component]:
         raise PluginError(f"component {target}: import failed: {err!r}") from err
     cls = getattr(module, attr, None)
     if not (isinstance(cls, type) and issubclass(cls, Component)):
-        raise PluginError(f"component {target}: {attr!r} is not a patchd.abc.Component subclass")
+        raise PluginError(
+            f"component {target}: {attr!r} is not a patchd.services.Component subclass"
+        )
     return cls
 
 
@@ -187,11 +198,41 @@ class Daemon:
             self._server.force_exit = self._cold
 
     # -- start -------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """The ``GET /v1/status`` document: state, store counts, ingest counters, sources."""
+        services = self.services
+        config = services.config
+        with services.store.read() as conn:
+            stored, labeled = count_predictions(conn, config.model.name)
+            pending = count_pending(conn)
+        ingested, rejected, joined = services.ingest.stats.snapshot()
+        return {
+            "version": patchd_version(),
+            "state": self.state.value,
+            "uptime_s": round(time.monotonic() - self.started_monotonic, 3),
+            "model": config.model.name,
+            "store": {
+                "path": str(services.store.path),
+                "predictions": stored,
+                "labeled": labeled,
+                "pending_labels": pending,
+            },
+            "ingest": {
+                "queued": services.ingest.queued,
+                "ingested": ingested,
+                "rejected": {f"{s}/{r}": n for (s, r), n in sorted(rejected.items())},
+                "labels_joined": joined,
+            },
+            "sources": [t.status() for t in self.tailers],
+            "redis_url": services.redis_url,
+            "components": sorted(services.components),
+        }
+
     def start(self) -> None:
         self._transition(RunState.STARTING)
         config = self.config
         for i, source in enumerate(config.sources.tail):  # fail fast, before anything starts
-            from patchd.tailer import check_glob
+            from patchd.ingest.tailer import check_glob
 
             try:
                 check_glob(source.glob, config.sources.allowed_roots)
@@ -220,7 +261,7 @@ class Daemon:
         self._transition(RunState.RUNNING)
 
     def _start_redis(self) -> str:
-        from patchd.redis_embedded import ensure_redis
+        from patchd.runs.redis_embedded import ensure_redis
 
         self.redis, url = ensure_redis(self.config)
         return url
@@ -245,7 +286,7 @@ class Daemon:
     def _build_tailers(self) -> list[Any]:
         if not self.config.sources.tail:
             return []
-        from patchd.tailer import Tailer
+        from patchd.ingest.tailer import Tailer
 
         return [
             Tailer(source, self.config, self.services.ingest, self.services.store)
@@ -256,7 +297,10 @@ class Daemon:
         services = self.services
         services.metrics.register(IngestCollector(services.ingest))
         services.metrics.register(BuildInfoCollector())
-        routers = [status_router(self), ingest_router(services.ingest)]
+        routers = [
+            status_router(lambda: self.state.value, self.status),
+            ingest_router(services.ingest),
+        ]
         routers.append(metrics_router(services.metrics))
         for component in self.components:
             routers.extend(component.routers())

@@ -1,7 +1,13 @@
-"""The shared context of ``patchd serve``: built once by the daemon and handed to every part."""
+"""How ``patchd serve`` is composed: the shared :class:`Services` and the :class:`Component` base.
+
+The daemon builds one :class:`Services` and hands it to every component (monitor, runs,
+candidates, source adapters); components find each other by name through
+:meth:`Services.component`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -9,12 +15,13 @@ from patchd.exceptions import NotFoundError
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.background import BackgroundScheduler
+    from fastapi import APIRouter
     from prometheus_client import CollectorRegistry
+    from prometheus_client.registry import Collector
 
-    from patchd.abc import Component
     from patchd.config import Config
     from patchd.domain import EventBus
-    from patchd.ingest import IngestPipeline
+    from patchd.ingest.pipeline import IngestPipeline
     from patchd.store.db import Store
 
 C = TypeVar("C", bound="Component")
@@ -38,3 +45,28 @@ class Services:
         if not isinstance(found, kind):
             raise NotFoundError("component", name)
         return found
+
+
+class Component:
+    """A part of ``patchd serve``. Built once with the shared :class:`Services`.
+
+    ``start`` runs after the store is open and before the API answers; ``stop`` runs on shutdown
+    (warm: finish what is in progress quickly). Neither may block for long.
+    """
+
+    name: str = "component"
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    def routers(self) -> Sequence[APIRouter]:
+        return ()
+
+    def collectors(self) -> Iterable[Collector]:
+        return ()
+
+    def start(self) -> None:
+        """Register scheduler jobs, subscribe to domain events."""
+
+    def stop(self) -> None:
+        """Release resources; called once."""

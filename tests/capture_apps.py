@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 def build_app() -> Any:
     from fastapi import FastAPI
+
     from patchd.plugins.serving.asgi import PatchdMiddleware
     from patchd.plugins.serving.client import PatchdLogger
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from patchd.config import Config, build_config
 from patchd.evaluation import PairedEvaluation, paired
-from patchd.gate import GateInput
+from patchd.promotion.gate import GateInput
 
 
 def gate_input(

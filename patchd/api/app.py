@@ -17,6 +17,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from patchd.api.metrics import patchd_version
 from patchd.exceptions import (
     ConflictError,
     NotFoundError,
@@ -24,7 +25,6 @@ from patchd.exceptions import (
     QueueFullError,
     ValidationError,
 )
-from patchd.exporter import patchd_version
 
 OPEN_PROBES = frozenset({"/metrics", "/healthz", "/readyz"})
 

@@ -91,7 +91,7 @@ def run(n_train: int, epochs: int, seed: int, p_train: float = 0.99) -> dict[str
     from patchd.abc import StageContext
     from patchd.config import DatasetSpec, PatchConfig
     from patchd.ml.datasets import load_splits
-    from patchd.ml.evaluation import evaluate_model
+    from patchd.ml.evaluate import evaluate_model
     from patchd.ml.models import small_cnn
     from patchd.ml.training import fit, seed_everything
     from patchd.plugins.miners.svm import SVMDirectionMiner

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 
 def _request(config: Config, method: str, path: str, **kwargs: Any) -> Any:
-    from patchd.api_client import ApiClient
+    from patchd.api.client import ApiClient
 
     with ApiClient.from_config(config) as client:
         response = client.request(method, path, **kwargs)
@@ -138,7 +138,7 @@ def rollback(config: Config, model: str | None, digest: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report.")
 def report(config: Config, candidate_id: str, open_browser: bool, as_json: bool) -> None:
     """Print the path of a candidate's HTML report (beside its manifest), or open it."""
-    from patchd.registry import Registry
+    from patchd.promotion.registry import Registry
 
     cand = _request(config, "GET", f"/v1/candidates/{candidate_id}")
     vdir = Registry(config.registry_root).version_dir(cand["model"], cand["digest"])
@@ -171,8 +171,8 @@ def registry() -> None:
 @click.option("--by", default=None, help="Who approves (default: the OS user).")
 def import_cmd(config: Config, weights: Path, model: str | None, by: str | None) -> None:
     """Import a safetensors file as the production version (the first one, typically)."""
-    from patchd.audit import AuditEntry, AuditLog
-    from patchd.registry import Registry
+    from patchd.promotion.audit import AuditEntry, AuditLog
+    from patchd.promotion.registry import Registry
 
     if weights.suffix != ".safetensors":
         raise click.ClickException(f"{weights} is not a .safetensors file (no pickles)")
@@ -199,7 +199,7 @@ def import_cmd(config: Config, weights: Path, model: str | None, by: str | None)
 @click.option("--model", default=None, help="Model name (default: model.name).")
 def list_cmd(config: Config, model: str | None) -> None:
     """Versions of a model; the production one is marked."""
-    from patchd.registry import Registry
+    from patchd.promotion.registry import Registry
 
     name = model or config.model.name
     reg = Registry(config.registry_root)

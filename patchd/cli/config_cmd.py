@@ -37,7 +37,7 @@ def check(config_path: Path | None) -> None:
 
 def semantic_errors(config: Config) -> list[str]:
     """Checks that need more than one field: tail globs inside allowed roots, token file."""
-    from patchd.tailer import check_glob
+    from patchd.ingest.tailer import check_glob
 
     errors = []
     for i, source in enumerate(config.sources.tail):
@@ -47,7 +47,7 @@ def semantic_errors(config: Config) -> list[str]:
             errors.append(f"sources.tail.{i}.glob: {err}")
     token_file = config.api.token_file
     if token_file is not None:
-        from patchd.auth import read_token_file
+        from patchd.api.auth import read_token_file
 
         try:
             read_token_file(token_file)

@@ -1,6 +1,6 @@
 """``patchd status``: serve's status and the per-(class, subgroup) table of the monitor.
 
-Reads ``GET /v1/status`` and ``GET /v1/groups`` through :class:`patchd.api_client.ApiClient`;
+Reads ``GET /v1/status`` and ``GET /v1/groups`` through :class:`patchd.api.client.ApiClient`;
 ``--watch`` redraws every few seconds, ``--json`` prints both documents as one JSON object.
 """
 
@@ -23,7 +23,7 @@ STATE_STYLE = {"ok": "green", "warning": "yellow", "degraded": "bold red"}
 
 
 def fetch(config: Config) -> dict[str, Any]:
-    from patchd.api_client import ApiClient
+    from patchd.api.client import ApiClient
 
     with ApiClient.from_config(config) as client:
         return {"status": client.get("/v1/status"), "groups": client.get("/v1/groups")}

@@ -18,7 +18,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 def _request(config: Config, method: str, path: str, **kwargs: Any) -> Any:
     """One API call; failures raise ApiError (a PatchdError: one clear line, exit 1)."""
-    from patchd.api_client import ApiClient
+    from patchd.api.client import ApiClient
 
     with ApiClient.from_config(config) as client:
         return client.request(method, path, **kwargs).json()

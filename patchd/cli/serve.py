@@ -15,7 +15,7 @@ from patchd.cli.options import config_option, with_overrides
 from patchd.config import Config
 
 if TYPE_CHECKING:
-    from patchd.api_client import ApiClient
+    from patchd.api.client import ApiClient
 
 BACKFILL_BATCH = 5000
 
@@ -49,7 +49,7 @@ def serve(config: Config, host: str | None, port: int | None) -> None:
 @click.option("--batch", type=click.IntRange(1, 100_000), default=BACKFILL_BATCH, show_default=True)
 def ingest(config: Config, file: Path, labels: bool, batch: int) -> None:
     """Backfill a JSONL file of prediction events (or labels) into the running serve."""
-    from patchd.api_client import ApiClient
+    from patchd.api.client import ApiClient
 
     route = "/v1/labels" if labels else "/v1/predictions"
     totals = {"accepted": 0, "duplicates": 0, "rejected": 0}
@@ -89,7 +89,7 @@ def _batches(fh: BinaryIO, size: int) -> Iterator[list[bytes]]:
 
 def _send(client: ApiClient, route: str, body: bytes) -> dict[str, Any]:
     """POST one batch; waits and retries while serve answers 429 (queue full) or 503."""
-    from patchd.api_client import ApiError
+    from patchd.api.client import ApiError
 
     while True:
         try:

@@ -61,7 +61,7 @@ def prepare(plan: DemoPlan, port: int) -> Workspace:
 
 def _base_model(plan: DemoPlan, splits: Any) -> dict[str, float]:
     """Train the base model with plain ERM on the colour-correlated train split (once)."""
-    from patchd.ml.evaluation import evaluate_model
+    from patchd.ml.evaluate import evaluate_model
     from patchd.ml.models import build_from_factory, load_weights, pick_device, save_weights
     from patchd.ml.training import fit
 
@@ -97,7 +97,7 @@ def _reset_run_state(plan: DemoPlan) -> None:
 
 def _register(plan: DemoPlan) -> None:
     """The base model is production: imported on the first run, promoted back on a rerun."""
-    from patchd.registry import Registry, sha256_file
+    from patchd.promotion.registry import Registry, sha256_file
 
     registry = Registry(plan.state_dir / "registry")
     current = registry.production(MODEL_NAME, verify=False)

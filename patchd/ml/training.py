@@ -2,7 +2,7 @@
 
 :func:`fit` trains ``model`` in place with Adam and (optionally per-example weighted) cross
 entropy, shuffling with a seeded generator so a run is repeatable on the same device.
-:func:`patchd.ml.evaluation.evaluate_model` evaluates a model per (class, subgroup) cell.
+:func:`patchd.ml.evaluate.evaluate_model` evaluates a model per (class, subgroup) cell.
 """
 
 from __future__ import annotations

@@ -8,12 +8,12 @@ Modules, one concept each:
 - :mod:`~patchd.monitor.reference`: the frozen reference, persisted in the store's kv table.
 - :mod:`~patchd.monitor.sequential`: the Bernoulli CUSUM (valid under a look every tick).
 - :mod:`~patchd.monitor.policy`: cell states (ok / warning / degraded), hysteresis, cooldown.
-- :mod:`~patchd.monitor.drift`: the one evidently adapter (label-free drift signals).
+- :mod:`~patchd.monitor.drift`: label-free drift distances (numpy/scipy; evidently's definitions).
 - :mod:`~patchd.monitor.trigger`: the one function that turns degradation into a patch run.
 - :mod:`~patchd.monitor.engine`: one model's monitor state, its tick and its drift pass.
 - :mod:`~patchd.monitor.metrics`: the Prometheus collector (read at scrape time).
 - :mod:`~patchd.monitor.api`: ``GET /v1/groups``.
 - :mod:`~patchd.monitor.component`: the serve component (scheduler jobs, event subscriptions).
 
-Nothing here imports evidently (or torch) at module level.
+Nothing here imports torch.
 """

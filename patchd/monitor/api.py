@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 
-from patchd.auth import require_scope
+from patchd.api.auth import require_scope
 from patchd.monitor.engine import CellReport, MonitorSnapshot
 
 LABEL_FREE_NOTE = (

@@ -19,7 +19,6 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from patchd.abc import Component
 from patchd.domain import (
     DomainEvent,
     GroupDegraded,
@@ -30,12 +29,12 @@ from patchd.domain import (
 from patchd.monitor import reference as refmod
 from patchd.monitor.engine import ModelMonitor, MonitorSnapshot
 from patchd.monitor.trigger import patch_requests, request_patch
+from patchd.services import Component, Services
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
     from prometheus_client.registry import Collector
 
-    from patchd.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +173,7 @@ class MonitorComponent(Component):
 def _production_evaluation(services: Services, model: str) -> dict[str, Any] | None:
     """The promoted version's evaluation cells (candidate side of a paired evaluation), if any."""
     try:
-        from patchd.registry import Registry
+        from patchd.promotion.registry import Registry
 
         version = Registry(services.config.registry_root).production(model, verify=False)
     except Exception as err:  # a broken registry must not stop the monitor

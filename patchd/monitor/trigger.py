@@ -72,7 +72,7 @@ def request_patch(
 
 def _runs_component(services: Services) -> Any | None:
     try:
-        from patchd.runs import RunsComponent
+        from patchd.runs.component import RunsComponent
     except ImportError:
         return None
     try:

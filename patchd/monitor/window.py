@@ -6,7 +6,7 @@ appends them; the window keeps the newest ``monitor.window`` events (and, when
 O(new events) in SQLite and O(window) in numpy, never a full re-read.
 
 Queries here are the monitor's own reads of the ``predictions`` table (schema v1); the table is
-written only by :mod:`patchd.store.events`.
+written only by :mod:`patchd.store.predictions`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 MIGRATIONS: list[str] = [
     # 1: events, sources, runs, candidates, component state
     """
-    -- patchd.store.events: one row per prediction; the label joins in place.
+    -- patchd.store.predictions: one row per prediction; the label joins in place.
     CREATE TABLE predictions (
         model         TEXT    NOT NULL,
         id            TEXT    NOT NULL,
@@ -32,7 +32,7 @@ MIGRATIONS: list[str] = [
     CREATE INDEX predictions_labeled ON predictions (model, labeled_at) WHERE label IS NOT NULL;
     CREATE INDEX predictions_ts ON predictions (model, ts);
 
-    -- patchd.store.events: labels that arrived before their prediction.
+    -- patchd.store.predictions: labels that arrived before their prediction.
     CREATE TABLE pending_labels (
         model       TEXT    NOT NULL,
         id          TEXT    NOT NULL,
@@ -41,7 +41,7 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (model, id)
     ) WITHOUT ROWID;
 
-    -- patchd.tailer: durable read offsets per tailed file.
+    -- patchd.ingest.tailer: durable read offsets per tailed file.
     CREATE TABLE source_offsets (
         source     TEXT    NOT NULL,
         path       TEXT    NOT NULL,
@@ -52,7 +52,7 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (source, path)
     );
 
-    -- patchd.runs: patch runs and their RQ job ids.
+    -- patchd.runs.component: patch runs and their RQ job ids.
     CREATE TABLE runs (
         id          TEXT PRIMARY KEY,
         model       TEXT NOT NULL,
@@ -69,7 +69,7 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX runs_model_state ON runs (model, state);
 
-    -- patchd.candidates: patched models and their gate / approval lifecycle.
+    -- patchd.promotion.component: patched models and their gate / approval lifecycle.
     CREATE TABLE candidates (
         id          TEXT PRIMARY KEY,
         model       TEXT NOT NULL,
@@ -93,7 +93,7 @@ MIGRATIONS: list[str] = [
         updated_at REAL NOT NULL
     );
     """,
-    # 2: patchd.candidates: the gate decision (JSON), the incumbent digest the candidate was
+    # 2: patchd.promotion: the gate decision (JSON), the incumbent digest the candidate was
     # evaluated against, and the note of the last decision (reject reason, error).
     """
     ALTER TABLE candidates ADD COLUMN gate TEXT;

@@ -14,8 +14,8 @@ import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry
 
-from patchd.candidates import CandidatesComponent
 from patchd.domain import EventBus
+from patchd.promotion.component import CandidatesComponent
 from patchd.services import Services
 from patchd.store.db import Store
 from tests.gate_support import fake_run, make_config, passing, png_bytes, write_weights

@@ -17,8 +17,8 @@ import httpx
 import pytest
 import yaml
 
-from patchd.audit import AuditLog
-from patchd.registry import Registry, write_file_atomic
+from patchd.promotion.audit import AuditLog
+from patchd.promotion.registry import Registry, write_file_atomic
 from tests.gate_support import failing, fake_run, passing, safetensors_bytes, write_weights
 from tests.procs import PATCHD, TOKEN, ServeProcess, start_serve, write_config
 

@@ -14,7 +14,7 @@ import httpx
 import orjson
 import pytest
 
-from patchd.redis_embedded import answers
+from patchd.runs.redis_embedded import answers
 from tests.conftest import free_port
 from tests.procs import PATCHD, TOKEN, ServeProcess, start_serve, write_config
 

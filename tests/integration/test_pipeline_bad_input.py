@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 import yaml
-from patchd.workers.artifacts import sha256_file
 from PIL import Image
 
-from patchd import jobqueue
 from patchd.config import build_config
-from patchd.recipe import build_recipe
-from patchd.runs import assess
+from patchd.runs import jobqueue
+from patchd.runs.component import assess
+from patchd.runs.recipe import build_recipe
+from patchd.workers.artifacts import sha256_file
 from tests.integration import pipeline_support as ps
 
 pytestmark = pytest.mark.integration

@@ -17,10 +17,10 @@ from typing import Any
 
 import httpx
 import pytest
-from patchd.workers import artifacts
 from rq import Queue
 
-from patchd import jobqueue
+from patchd.runs import jobqueue
+from patchd.workers import artifacts
 from tests.integration import pipeline_support as ps
 from tests.procs import ServeProcess, start_serve, write_config
 
@@ -145,9 +145,8 @@ def _check_cli(serve: ServeProcess, run_id: str) -> None:
 
 
 def _assert_rerun_is_noop(serve: ServeProcess, run: dict[str, Any], redis_url: str) -> None:
-    from patchd.workers import jobs
-
     from patchd.config import load_config
+    from patchd.workers import jobs
 
     config = load_config(serve.config_path, {})
     conn = jobqueue.connect(redis_url)

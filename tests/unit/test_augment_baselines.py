@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from patchd.plugins.trainers.base import group_scores
 
 from patchd.abc import StageContext
 from patchd.config import BudgetConfig, DatasetSpec, PatchConfig
 from patchd.exceptions import StageError
+from patchd.plugins.trainers.base import group_scores
 
 torch.set_num_threads(1)
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from patchd.plugins.trainers.base import BalancedSampler, group_scores
 
 from patchd.abc import Augmentation, StageContext
 from patchd.config import BudgetConfig, DatasetSpec, PatchConfig
 from patchd.exceptions import StageError
 from patchd.ml.data import ImageSet
+from patchd.plugins.trainers.base import BalancedSampler, group_scores
 
 torch.set_num_threads(1)
 
@@ -38,13 +38,12 @@ def ctx_for(tmp_path: Path, stage: str, params: dict[str, dict[str, object]]) ->
 
 @pytest.mark.slow
 def test_camel_beats_erm_worst_group_on_colored_digits(tmp_path: Path) -> None:
-    from patchd.plugins.augmenters.cyclegan import CycleGANAugmenter
-    from patchd.plugins.trainers.camel import CamelTrainer
-    from patchd.plugins.trainers.erm import ERMTrainer
-
     from patchd.ml.datasets import load_splits
     from patchd.ml.models import small_cnn
     from patchd.ml.training import fit
+    from patchd.plugins.augmenters.cyclegan import CycleGANAugmenter
+    from patchd.plugins.trainers.camel import CamelTrainer
+    from patchd.plugins.trainers.erm import ERMTrainer
 
     splits = load_splits(DatasetSpec(kind="colored-digits", options={"p_train": 0.97}))
     torch.manual_seed(0)
@@ -87,9 +86,8 @@ def test_balanced_sampler_draws_every_cell_equally() -> None:
 
 
 def test_camel_rejects_unknown_groups_and_misaligned_translations(tmp_path: Path) -> None:
-    from patchd.plugins.trainers.camel import CamelTrainer
-
     from patchd.ml.models import small_cnn
+    from patchd.plugins.trainers.camel import CamelTrainer
 
     data, model = toy(), small_cnn(width=4)
     hidden = data.with_groups(torch.full_like(data.g, -1), ())

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from patchd.plugins.augmenters.diffusion import DiffusionAugmenter, minority_cells
 
 from patchd.abc import StageContext
 from patchd.config import BudgetConfig, DatasetSpec, PatchConfig
 from patchd.ml.data import ImageSet
+from patchd.plugins.augmenters.diffusion import DiffusionAugmenter, minority_cells
 
 torch.set_num_threads(1)
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from patchd.plugins.augmenters.vae import VAEAugmenter, apply_region_labels, labels_path
 
 from patchd.abc import StageContext
 from patchd.config import DatasetSpec, PatchConfig
 from patchd.exceptions import StageError
 from patchd.ml.data import ImageSet
+from patchd.plugins.augmenters.vae import VAEAugmenter, apply_region_labels, labels_path
 
 torch.set_num_threads(1)
 

@@ -8,10 +8,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
+
 from patchd.plugins.serving.asgi import PatchdMiddleware, default_extract
 from patchd.plugins.serving.client import PatchdLogger
 from patchd.plugins.serving.torchserve import PatchdHandlerMixin
-
 from tests.capture_payloads import PNG
 
 

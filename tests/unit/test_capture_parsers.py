@@ -10,6 +10,8 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from patchd.exceptions import ConfigError, ValidationError
 from patchd.plugins.sources.cloudevents import parse_cloudevent
 from patchd.plugins.sources.join import PairJoiner
 from patchd.plugins.sources.mapping import check_mapping, map_record
@@ -25,8 +27,6 @@ from patchd.plugins.sources.payloads import (
     v1_inputs,
 )
 from patchd.plugins.sources.seldon import seldon_inputs, seldon_predictions
-
-from patchd.exceptions import ConfigError, ValidationError
 from tests import capture_payloads as cp
 
 CLASSES = ("benign", "malignant")

@@ -11,9 +11,9 @@ import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry, generate_latest
 
-from patchd.candidates import CandidatesComponent
 from patchd.domain import CandidateEvaluated, EventBus, ModelPromoted, ModelRolledBack, RunFinished
 from patchd.exceptions import ConflictError, NotFoundError
+from patchd.promotion.component import CandidatesComponent
 from patchd.services import Services
 from patchd.store.db import Store
 from tests.gate_support import (

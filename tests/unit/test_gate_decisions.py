@@ -7,7 +7,7 @@ import pytest
 
 from patchd.config import GateConfig
 from patchd.exceptions import ValidationError
-from patchd.gate import GateDecision, GateInput, Verdict, bootstrap_deltas, decide
+from patchd.promotion.gate import GateDecision, GateInput, Verdict, bootstrap_deltas, decide
 from tests.gate_support import gate_input
 
 CFG = GateConfig(min_improvement=0.02, avg_tolerance=0.02, confidence=0.95, n_min=20)
@@ -66,7 +66,7 @@ def test_decision_is_deterministic_and_round_trips() -> None:
 def test_bootstrap_matches_example_resampling() -> None:
     """The multinomial shortcut equals resampling examples within cells (in distribution)."""
     data = gate_input([60, 80], [0.5, 0.8], [0.7, 0.8], seed=3)
-    from patchd.gate import _cell_counts
+    from patchd.promotion.gate import _cell_counts
 
     d_wg, _ = bootstrap_deltas(_cell_counts(data), 4000)
     rng = np.random.default_rng(1)

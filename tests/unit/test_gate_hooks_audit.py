@@ -11,9 +11,9 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from patchd.audit import AuditEntry, AuditLog
 from patchd.config import HookConfig
-from patchd.hooks import HookEvent, HookRunner
+from patchd.promotion.audit import AuditEntry, AuditLog
+from patchd.promotion.hooks import HookEvent, HookRunner
 
 EVENT = HookEvent("promoted", "m", "a" * 64, "b" * 64, Path("/x/model.safetensors"))
 

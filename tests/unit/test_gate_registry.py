@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from patchd.exceptions import ConflictError, IntegrityError, NotFoundError, ValidationError
-from patchd.registry import Pointer, Registry, VersionManifest
+from patchd.promotion.registry import Pointer, Registry, VersionManifest
 from tests.gate_support import write_weights
 
 
@@ -127,7 +127,7 @@ def test_readers_never_see_a_partial_pointer(tmp_path: Path) -> None:
 
 def _child_loop(root: Path, work: Path, out: int) -> None:
     """Publish + promote fresh small versions forever, announcing each digest first."""
-    from patchd.registry import sha256_file
+    from patchd.promotion.registry import sha256_file
 
     reg = Registry(root)
     work.mkdir(exist_ok=True)

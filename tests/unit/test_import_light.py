@@ -13,13 +13,13 @@ SERVE_MODULES = [
     "patchd.cli.config_cmd",
     "patchd.daemon",
     "patchd.api.app",
-    "patchd.tailer",
-    "patchd.api_client",
+    "patchd.ingest.tailer",
+    "patchd.api.client",
     # the modules `patchd status` and serve's components need (those that exist)
     "patchd.cli.monitor",
-    "patchd.runs",
-    "patchd.candidates",
-    "patchd.registry",
+    "patchd.runs.component",
+    "patchd.promotion.component",
+    "patchd.promotion.registry",
 ]
 
 # One fresh interpreter imports each module in turn (then every listed component class, as serve
@@ -37,7 +37,7 @@ for name in modules:
     if exists(name):
         importlib.import_module(name)
         report[name] = sorted(m for m in heavy if m in sys.modules)
-from patchd.components import COMPONENTS
+from patchd.daemon import COMPONENTS
 from patchd.daemon import component_class
 for target in COMPONENTS:
     component_class(target)

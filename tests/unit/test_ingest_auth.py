@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from patchd.auth import SCOPES, TokenStore, ensure_admin_token, read_token_file
+from patchd.api.auth import SCOPES, TokenStore, ensure_admin_token, read_token_file
 from patchd.config import build_config
 from patchd.exceptions import ConfigError
 
@@ -37,8 +37,8 @@ def test_comparison_is_constant_time_over_every_token(monkeypatch: pytest.Monkey
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr("patchd.auth.hmac.compare_digest", spy)
-    from patchd.auth import Principal
+    monkeypatch.setattr("patchd.api.auth.hmac.compare_digest", spy)
+    from patchd.api.auth import Principal
 
     store = TokenStore(
         [(f"token-{i}-0123456789abcdef", Principal(str(i), SCOPES)) for i in range(3)]

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from patchd.abc import Component
 from patchd.config import build_config
 from patchd.daemon import Daemon, RunState, component_class
 from patchd.exceptions import ConfigError, PluginError
+from patchd.services import Component
 
 
 @pytest.fixture
 def modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "pd_good.py").write_text(
-        "from patchd.abc import Component\nclass Good(Component):\n    name = 'good'\n"
+        "from patchd.services import Component\nclass Good(Component):\n    name = 'good'\n"
     )
     (tmp_path / "pd_broken.py").write_text("raise RuntimeError('boom at import')\n")
     (tmp_path / "pd_notcomp.py").write_text("class NotComponent:\n    pass\n")
@@ -34,9 +34,9 @@ def test_component_import_errors_name_the_component(modules: Path) -> None:
     assert issubclass(component_class("pd_good:Good"), Component)
     with pytest.raises(PluginError, match="pd_broken:X: import failed.*boom at import"):
         component_class("pd_broken:X")
-    with pytest.raises(PluginError, match="not a patchd.abc.Component"):
+    with pytest.raises(PluginError, match="not a patchd.services.Component"):
         component_class("pd_notcomp:NotComponent")
-    with pytest.raises(PluginError, match="not a patchd.abc.Component"):
+    with pytest.raises(PluginError, match="not a patchd.services.Component"):
         component_class("pd_good:Missing")
 
 

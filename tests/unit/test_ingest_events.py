@@ -14,14 +14,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from patchd.config import build_config
-from patchd.events import (
+from patchd.exceptions import PathNotAllowedError, ValidationError
+from patchd.ingest.records import (
     EventParser,
     GroupCap,
     Prediction,
     is_malformed,
     split_body,
 )
-from patchd.exceptions import PathNotAllowedError, ValidationError
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from patchd.event_fields import check_inside, resolve_input_path
 from patchd.exceptions import PathNotAllowedError, ValidationError
-from patchd.input_paths import InputResolver
+from patchd.ingest.fields import check_inside, resolve_input_path
+from patchd.ingest.input_paths import InputResolver
 
 
 def _reference(uri: str, roots: tuple[Path, ...]) -> str:

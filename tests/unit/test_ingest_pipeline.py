@@ -12,14 +12,15 @@ import pytest
 from fastapi.testclient import TestClient
 
 from patchd.api.app import create_app
-from patchd.api.ingest import ingest_router
-from patchd.auth import Principal, TokenStore
+from patchd.api.auth import Principal, TokenStore
+from patchd.api.metrics import metrics_router
 from patchd.config import build_config
 from patchd.exceptions import QueueFullError
-from patchd.exporter import IngestCollector, metrics_router
-from patchd.ingest import BatchResult, IngestPipeline, ShuttingDownError
+from patchd.ingest.api import ingest_router
+from patchd.ingest.metrics import IngestCollector
+from patchd.ingest.pipeline import BatchResult, IngestPipeline, ShuttingDownError
 from patchd.store.db import Store
-from patchd.store.events import count_predictions
+from patchd.store.predictions import count_predictions
 
 ADMIN = "admin-token-0123456789abcdef"
 READER = "reader-token-0123456789abcdef"

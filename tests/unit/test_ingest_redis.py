@@ -9,7 +9,7 @@ import pytest
 
 from patchd.config import build_config
 from patchd.exceptions import DependencyMissingError
-from patchd.redis_embedded import answers, ensure_redis
+from patchd.runs.redis_embedded import answers, ensure_redis
 
 
 def free_port() -> int:
@@ -56,7 +56,7 @@ def test_never_does_not_start_one(tmp_path: Path) -> None:
 def test_missing_binary_gives_the_install_hint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("patchd.redis_embedded.shutil.which", lambda name: None)
+    monkeypatch.setattr("patchd.runs.redis_embedded.shutil.which", lambda name: None)
     config = build_config(
         {"state_dir": str(tmp_path), "redis": {"url": f"redis://127.0.0.1:{free_port()}/0"}}
     )

@@ -12,9 +12,9 @@ import orjson
 import pytest
 
 from patchd.config import build_config
-from patchd.events import EventParser, Label
 from patchd.exceptions import StoreError
-from patchd.store import events as ev
+from patchd.ingest.records import EventParser, Label
+from patchd.store import predictions as ev
 from patchd.store.db import Store
 from patchd.store.retention import Retention
 from patchd.store.schema import MIGRATIONS

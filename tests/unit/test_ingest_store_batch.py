@@ -6,8 +6,8 @@ import sqlite3
 from array import array
 from pathlib import Path
 
-from patchd.events import Prediction
-from patchd.store import events as ev
+from patchd.ingest.records import Prediction
+from patchd.store import predictions as ev
 from patchd.store.db import Store
 
 

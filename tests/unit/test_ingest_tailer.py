@@ -12,10 +12,10 @@ import pytest
 
 from patchd.config import Config, TailSourceConfig, build_config
 from patchd.exceptions import ConfigError
-from patchd.ingest import IngestPipeline
+from patchd.ingest.pipeline import IngestPipeline
+from patchd.ingest.tailer import Tailer, check_glob
 from patchd.store.db import Store
-from patchd.store.events import count_predictions
-from patchd.tailer import Tailer, check_glob
+from patchd.store.predictions import count_predictions
 
 
 def line(i: int | str) -> bytes:

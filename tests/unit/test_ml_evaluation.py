@@ -96,7 +96,7 @@ def test_unknown_schema_or_malformed(doc: str) -> None:
 
 def test_evaluate_pair_on_colored_digits() -> None:
     from patchd.ml.datasets import load_splits
-    from patchd.ml.evaluation import evaluate_pair
+    from patchd.ml.evaluate import evaluate_pair
     from patchd.ml.models import predict, small_cnn
 
     s = load_splits(DatasetSpec(kind="colored-digits"))

@@ -9,9 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from patchd.plugins.miners.clusters import dp_clusters
-from patchd.plugins.miners.directions import Preprocessor, fit_class_direction
-from patchd.plugins.miners.svm import PSEUDO_GROUPS, SVMDirectionMiner
 from PIL import Image
 from sklearn.metrics import adjusted_rand_score
 from torch import nn
@@ -23,6 +20,9 @@ from patchd.ml.data import ImageSet, Splits
 from patchd.ml.datasets import load_splits
 from patchd.ml.models import small_cnn
 from patchd.ml.training import fit, seed_everything
+from patchd.plugins.miners.clusters import dp_clusters
+from patchd.plugins.miners.directions import Preprocessor, fit_class_direction
+from patchd.plugins.miners.svm import PSEUDO_GROUPS, SVMDirectionMiner
 
 torch.set_num_threads(1)
 

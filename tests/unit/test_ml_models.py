@@ -12,7 +12,7 @@ from torch import nn
 from patchd.config import DatasetSpec, ModelConfig
 from patchd.exceptions import PluginError, StageError
 from patchd.ml.datasets import load_splits
-from patchd.ml.evaluation import evaluate_model
+from patchd.ml.evaluate import evaluate_model
 from patchd.ml.models import (
     build_model,
     features,

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
-from patchd.auth import Principal, TokenStore
+from patchd.api.auth import Principal, TokenStore
 from patchd.domain import DomainEvent, EventBus, GroupDegraded, ModelPromoted, PatchRequested
 from patchd.monitor.component import DRIFT_JOB_ID, JOB_ID, MonitorComponent
 from patchd.monitor.reference import Learning

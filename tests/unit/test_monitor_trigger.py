@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry
 from patchd.config import build_config
 from patchd.domain import DomainEvent, EventBus, PatchRequested
 from patchd.monitor.trigger import patch_requests, request_patch
-from patchd.runs import RunsComponent
+from patchd.runs.component import RunsComponent
 from patchd.services import Services
 from patchd.store.db import Store
 

@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 import torch
-from patchd.workers import artifacts, jobs
 
 from patchd.abc import Augmentation
 from patchd.config import build_config
 from patchd.exceptions import IntegrityError, StageError
 from patchd.ml.data import ImageSet
-from patchd.recipe import build_recipe
+from patchd.runs.recipe import build_recipe
+from patchd.workers import artifacts, jobs
 
 
 def _publish(tmp_path: Path, files: dict[str, bytes]) -> Path:

@@ -7,11 +7,11 @@ from redis import Redis
 from rq import Queue
 from rq.job import Job
 
-from patchd import jobqueue
 from patchd.config import build_config
 from patchd.exceptions import ConfigError, ValidationError
-from patchd.jobqueue import JobState
-from patchd.runs import assess
+from patchd.runs import jobqueue
+from patchd.runs.component import assess
+from patchd.runs.jobqueue import JobState
 
 
 def test_job_ids_are_deterministic_and_rq_safe() -> None:

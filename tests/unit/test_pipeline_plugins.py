@@ -7,10 +7,10 @@ import types
 from collections.abc import Iterator
 
 import pytest
-from patchd.plugins import registry
 
 from patchd.abc import Trainer
 from patchd.exceptions import PluginError
+from patchd.plugins import catalog
 
 
 @pytest.fixture
@@ -35,20 +35,20 @@ def fake_module() -> Iterator[types.ModuleType]:
 
 
 def test_builtin_tables_name_every_contract_plugin() -> None:
-    assert set(registry.MINERS) == {"svm"}
-    assert set(registry.AUGMENTERS) == {"none", "cyclegan", "diffusion", "vae"}
-    assert set(registry.TRAINERS) == {"erm", "gdro", "dfr", "camel", "defuse"}
-    assert registry.TRAINERS["erm"] == "patchd.plugins.trainers.erm:ERMTrainer"
-    assert registry.MINERS["svm"] == "patchd.plugins.miners.svm:SVMDirectionMiner"
+    assert set(catalog.MINERS) == {"svm"}
+    assert set(catalog.AUGMENTERS) == {"none", "cyclegan", "diffusion", "vae"}
+    assert set(catalog.TRAINERS) == {"erm", "gdro", "dfr", "camel", "defuse"}
+    assert catalog.TRAINERS["erm"] == "patchd.plugins.trainers.erm:ERMTrainer"
+    assert catalog.MINERS["svm"] == "patchd.plugins.miners.svm:SVMDirectionMiner"
 
 
 def test_builtin_erm_and_none_load() -> None:
     from patchd.plugins.trainers.erm import ERMTrainer
 
-    assert isinstance(registry.load_plugin("trainer", "erm"), ERMTrainer)
-    none = registry.load_plugin("augmenter", "none")
+    assert isinstance(catalog.load_plugin("trainer", "erm"), ERMTrainer)
+    none = catalog.load_plugin("augmenter", "none")
     assert none.synthesize(None, None, None).kind == "none"  # type: ignore[arg-type]
-    dotted = registry.load_plugin("trainer", "patchd.plugins.trainers.erm:ERMTrainer")
+    dotted = catalog.load_plugin("trainer", "patchd.plugins.trainers.erm:ERMTrainer")
     assert isinstance(dotted, ERMTrainer)
 
 
@@ -72,10 +72,10 @@ def test_errors_name_the_plugin(
     fake_module: types.ModuleType, kind: str, name: str, match: str
 ) -> None:
     with pytest.raises(PluginError, match=match):
-        registry.load_plugin(kind, name)
+        catalog.load_plugin(kind, name)
 
 
 def test_resolve_does_not_import() -> None:
     before = set(sys.modules)
-    assert registry.resolve("augmenter", "diffusion").endswith(":DiffusionAugmenter")
+    assert catalog.resolve("augmenter", "diffusion").endswith(":DiffusionAugmenter")
     assert "patchd.plugins.augmenters.diffusion" not in set(sys.modules) - before

@@ -12,11 +12,11 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry
 from rq import Queue
 
-from patchd import jobqueue
 from patchd.config import build_config
 from patchd.domain import DomainEvent, EventBus, RunFinished, RunQueued
 from patchd.exceptions import ConflictError, NotFoundError, PluginError, ValidationError
-from patchd.runs import RunsComponent
+from patchd.runs import jobqueue
+from patchd.runs.component import RunsComponent
 from patchd.services import Services
 from patchd.store.db import Store
 

@@ -1,0 +1,343 @@
+"""The ingest pipeline: validate in the caller's thread, write in one thread with group commit.
+
+Every source (HTTP, the JSONL tailer, KServe/Seldon adapters) hands raw records to
+:class:`IngestPipeline`. Records are validated where they arrive (per-record errors, valid ones
+kept), queued in a bounded queue (counted in events; :class:`QueueFullError` when full), and
+written by a single writer thread that commits everything queued in one transaction (group
+commit). A caller learns its :class:`BatchResult` only after that transaction COMMITS, so an
+acknowledged record is durable. Tail sources attach their file offsets to the same transaction.
+
+Usage (a sync caller, e.g. a plugin's endpoint running in the threadpool)::
+
+    result = services.ingest.submit_predictions(records, source="kserve")
+
+An async caller awaits ``asyncio.wrap_future(pipeline.predictions_future(records, source))``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from patchd.config import Config
+from patchd.exceptions import PatchdError, QueueFullError, StoreError, ValidationError
+from patchd.ingest.records import PLACEHOLDER, EventParser, GroupCap, Label, Prediction, RecordError
+from patchd.store import predictions as store_predictions
+from patchd.store.db import Store
+
+log = logging.getLogger(__name__)
+
+GROUPS_KV_KEY = "ingest:group_values"
+
+
+class ShuttingDownError(PatchdError):
+    """serve is stopping and takes no new records (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What happened to one submitted batch, known after its transaction committed."""
+
+    accepted: int
+    duplicates: int
+    rejected: tuple[RecordError, ...] = ()
+    joined: int = 0  # labels attached to predictions (either arrival order)
+    pending: int = 0  # labels waiting for their prediction
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "accepted": self.accepted,
+            "duplicates": self.duplicates,
+            "joined": self.joined,
+            "pending": self.pending,
+            "rejected": [
+                {"index": e.index, "reason": e.reason, "message": e.message} for e in self.rejected
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class OffsetUpdate:
+    """A tail source's read position, committed with the events read before it."""
+
+    source: str
+    path: str
+    device: int
+    inode: int
+    offset: int
+
+
+@dataclass
+class _Work:
+    source: str
+    predictions: list[Prediction] = field(default_factory=list)
+    labels: list[Label] = field(default_factory=list)
+    errors: list[RecordError] = field(default_factory=list)
+    offsets: Sequence[OffsetUpdate] = ()
+    future: Future[BatchResult] = field(default_factory=Future)
+
+    @property
+    def size(self) -> int:
+        return len(self.predictions) + len(self.labels)
+
+
+class IngestStats:
+    """Counters of committed work, read by the Prometheus collector at scrape time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.ingested: Counter[str] = Counter()
+        self.rejected: Counter[tuple[str, str]] = Counter()
+        self.labels_joined = 0
+        self.labels_pending = 0
+        self.commits = 0
+
+    def reject(self, source: str, errors: Sequence[RecordError]) -> None:
+        if errors:
+            with self._lock:
+                self.rejected.update((source, e.reason) for e in errors)
+
+    def committed(self, work: _Work, result: BatchResult) -> None:
+        with self._lock:
+            if work.predictions:
+                self.ingested[work.source] += result.accepted
+            if result.duplicates:
+                self.rejected[(work.source, "duplicate")] += result.duplicates
+            self.labels_joined += result.joined
+            self.labels_pending += result.pending
+
+    def snapshot(self) -> tuple[dict[str, int], dict[tuple[str, str], int], int]:
+        with self._lock:
+            return dict(self.ingested), dict(self.rejected), self.labels_joined
+
+
+class IngestPipeline:
+    """Bounded queue + single writer thread with group commit (see the module docstring)."""
+
+    def __init__(self, config: Config, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self.stats = IngestStats()
+        self.parser = EventParser(config, GroupCap(config.groups, self._load_groups()))
+        self.max_queued = config.api.ingest_queue_max
+        self.batch_size = config.store.batch_size
+        self._queue: deque[_Work] = deque()
+        self._queued = 0  # events waiting
+        self._cond = threading.Condition()
+        self._accepting = False
+        self._stopping = False
+        self._busy = False
+        self._groups_version = self.parser.groups.version
+        self._stamp = self._last_stamp()  # labeled_at of the newest label in the store
+        self._thread: threading.Thread | None = None
+        self.on_commit: list[Callable[[int], None]] = []  # called with events written
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._accepting = True
+        self._thread = threading.Thread(target=self._run, name="patchd-ingest-writer", daemon=True)
+        self._thread.start()
+        log.info("ingest writer started (queue bound %d events)", self.max_queued)
+
+    def stop_intake(self) -> None:
+        """Refuse new records (HTTP 503); what is queued is still written. Signal-safe."""
+        self._accepting = False  # a plain store: safe from a signal handler (no lock)
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until everything queued so far is committed; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def stop(self, *, drain: bool = True, timeout: float = 30.0) -> None:
+        """Warm (``drain``): write what is queued, then stop. Cold: fail what is queued."""
+        self.stop_intake()
+        with self._cond:
+            self._stopping = True
+            if not drain:
+                self._fail_queued(ShuttingDownError("serve stopped before this batch was written"))
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("ingest writer did not stop within %.0fs", timeout)
+        log.info("ingest writer stopped (%d commits)", self.stats.commits)
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    # -- submission ------------------------------------------------------------------------
+    def submit_predictions(self, records: Sequence[object], source: str) -> BatchResult:
+        """Validate, queue and wait for the commit. Raises :class:`QueueFullError`."""
+        return self.predictions_future(records, source).result()
+
+    def submit_labels(self, records: Sequence[object], source: str) -> BatchResult:
+        return self.labels_future(records, source).result()
+
+    def predictions_future(
+        self,
+        records: Sequence[object],
+        source: str,
+        offsets: Sequence[OffsetUpdate] = (),
+        errors: Sequence[RecordError] = (),
+        first_index: int = 0,
+    ) -> Future[BatchResult]:
+        work = _Work(source, offsets=offsets, errors=list(errors))
+        parse, rows, skip = self.parser.prediction, work.predictions, PLACEHOLDER
+        now = time.time()
+        for i, record in enumerate(records, first_index):
+            if record is skip:
+                continue
+            try:
+                rows.append(parse(record, source, now))
+            except ValidationError as err:
+                work.errors.append(RecordError(i, err.reason, str(err)))
+        return self._submit(work)
+
+    def labels_future(
+        self, records: Sequence[object], source: str, errors: Sequence[RecordError] = ()
+    ) -> Future[BatchResult]:
+        work = _Work(source, errors=list(errors))
+        now = time.time()
+        for i, record in enumerate(records):
+            if record is PLACEHOLDER:
+                continue
+            try:
+                work.labels.append(self.parser.label(record, now))
+            except ValidationError as err:
+                work.errors.append(RecordError(i, err.reason, str(err)))
+        return self._submit(work)
+
+    def _submit(self, work: _Work) -> Future[BatchResult]:
+        work.errors.sort(key=lambda e: e.index)
+        with self._cond:
+            if not self._accepting:
+                raise ShuttingDownError("serve is shutting down and takes no new records")
+            if self._queued and self._queued + work.size > self.max_queued:
+                self.stats.reject(work.source, [RecordError(-1, "queue_full", "")] * work.size)
+                raise QueueFullError(retry_after=self._retry_after())
+            self.stats.reject(work.source, work.errors)
+            self._queue.append(work)
+            self._queued += work.size
+            self._cond.notify_all()
+        return work.future
+
+    def _retry_after(self) -> float:
+        return max(1.0, min(30.0, self._queued / 100_000))
+
+    # -- the writer thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            if not batch:
+                return
+            self._commit(batch)
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def _take(self) -> list[_Work]:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait(1.0)
+            batch: list[_Work] = []
+            size = 0
+            while self._queue and (not batch or size + self._queue[0].size <= self.batch_size):
+                work = self._queue.popleft()
+                batch.append(work)
+                size += work.size
+            self._queued -= size
+            self._busy = bool(batch)
+            return batch
+
+    def _commit(self, batch: list[_Work]) -> None:
+        stamp = self._stamp = max(time.time(), self._stamp + 1e-6)  # strictly increasing
+        try:
+            with self.store.write() as conn:
+                results = [self._apply(conn, work, stamp) for work in batch]
+                self._persist_groups(conn)
+        except Exception as err:  # a store failure fails this batch, never the writer
+            log.exception("ingest commit of %d batches failed", len(batch))
+            failure = StoreError(f"the store could not commit this batch: {err}")
+            for work in batch:
+                work.future.set_exception(failure)
+            return
+        self.stats.commits += 1
+        written = 0
+        for work, result in zip(batch, results, strict=True):
+            self.stats.committed(work, result)
+            written += result.accepted
+            work.future.set_result(result)
+        for hook in self.on_commit:
+            hook(written)
+
+    def _apply(self, conn: Any, work: _Work, stamp: float) -> BatchResult:
+        errors = tuple(work.errors)
+        if work.labels:
+            lw = store_predictions.insert_labels(conn, work.labels, stamp)
+            result = BatchResult(
+                lw.joined + lw.pending, lw.duplicates, errors, lw.joined, lw.pending
+            )
+        else:
+            pw = (
+                store_predictions.insert_predictions(conn, work.predictions)
+                if work.predictions
+                else None
+            )
+            inserted, dups, joined = (pw.inserted, pw.duplicates, pw.joined) if pw else (0, 0, 0)
+            result = BatchResult(inserted, dups, errors, joined)
+        for off in work.offsets:
+            conn.execute(
+                "INSERT OR REPLACE INTO source_offsets (source, path, device, inode, offset, "
+                "updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (off.source, off.path, off.device, off.inode, off.offset, time.time()),
+            )
+        return result
+
+    def _persist_groups(self, conn: Any) -> None:
+        version = self.parser.groups.version
+        if version == self._groups_version:
+            return
+        value = orjson.dumps(self.parser.groups.snapshot()).decode()
+        conn.execute(
+            "INSERT OR REPLACE INTO kv (key, value, updated_at) VALUES (?, ?, ?)",
+            (GROUPS_KV_KEY, value, time.time()),
+        )
+        self._groups_version = version
+
+    def _last_stamp(self) -> float:
+        with self.store.read() as conn:
+            row = conn.execute(
+                "SELECT MAX(labeled_at) FROM predictions WHERE model = ? AND label IS NOT NULL",
+                (self.config.model.name,),
+            ).fetchone()
+        return float(row[0] or 0.0)
+
+    def _load_groups(self) -> dict[str, list[str]]:
+        with self.store.read() as conn:
+            row = conn.execute("SELECT value FROM kv WHERE key = ?", (GROUPS_KV_KEY,)).fetchone()
+        return orjson.loads(row[0]) if row else {}
+
+    def _fail_queued(self, err: Exception) -> None:
+        while self._queue:
+            work = self._queue.popleft()
+            self._queued -= work.size
+            work.future.set_exception(err)

@@ -1,0 +1,526 @@
+"""CloudEvents in, schema-v1 prediction events out: the machinery KServe and Seldon share.
+
+:func:`parse_cloudevent` reads an event in binary mode (``ce-*`` headers, raw body) or structured
+mode (``application/cloudevents+json``), gunzipping the body when it is gzip.
+:class:`CloudEventSource` is the serve Component: one ``POST`` route, a request/response
+:class:`~patchd.plugins.sources.join.PairJoiner`, a periodic sweep that expires orphans, and the
+``patchd_capture_*`` metrics (one collector shared by every CloudEvents source, label ``source``).
+Subclasses say how to decode a half and how a joined pair becomes events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import json
+import logging
+import zlib
+from abc import abstractmethod
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request  # resolved at runtime by FastAPI for the route signature
+
+from patchd.exceptions import PatchdError, QueueFullError, ValidationError
+from patchd.plugins.sources.join import Half, Joined, PairJoiner
+from patchd.plugins.sources.payloads import InputRef, Prediction
+from patchd.services import Component, Services
+
+if TYPE_CHECKING:
+    from fastapi import APIRouter, Response
+    from prometheus_client.registry import Collector
+
+    from patchd.config import CloudEventSourceConfig
+
+log = logging.getLogger(__name__)
+
+MAX_DECOMPRESSED = 64 << 20
+STATS_KEY = "capture_stats"
+IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
+
+
+@dataclass(frozen=True)
+class CloudEvent:
+    id: str
+    type: str
+    attrs: Mapping[str, str]  # every other context attribute / extension, lower-case, no prefix
+    content_type: str
+    data: bytes
+
+    def attr(self, name: str) -> str | None:
+        return self.attrs.get(name)
+
+
+def parse_cloudevent(headers: Mapping[str, str], body: bytes) -> CloudEvent:
+    """Binary-mode headers + body, or a structured-mode JSON envelope → :class:`CloudEvent`."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    content_type = lower.get("content-type", "")
+    if content_type.startswith("application/cloudevents-batch"):
+        raise ValidationError("unsupported_body", "batched CloudEvents are not supported")
+    if content_type.startswith("application/cloudevents"):
+        return _structured(body)
+    attrs = {k[3:]: v for k, v in lower.items() if k.startswith("ce-")}
+    if "inference-header-content-length" in lower:  # OIP binary extension, kept by a tee proxy
+        attrs.setdefault("inferenceheadercontentlength", lower["inference-header-content-length"])
+    data = gunzip(body) if lower.get("content-encoding", "").lower() == "gzip" else body
+    return _event(attrs, content_type, data)
+
+
+def _structured(body: bytes) -> CloudEvent:
+    try:
+        env = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValidationError("bad_json", f"structured CloudEvent is not JSON: {err}") from None
+    if not isinstance(env, dict):
+        raise ValidationError("bad_cloudevent", "structured CloudEvent must be a JSON object")
+    if "data_base64" in env:
+        data = base64.b64decode(str(env.pop("data_base64")))
+    else:
+        raw = env.pop("data", None)
+        data = raw.encode() if isinstance(raw, str) else json.dumps(raw).encode()
+    content_type = str(env.pop("datacontenttype", "application/json"))
+    attrs = {str(k).lower(): v if isinstance(v, str) else json.dumps(v) for k, v in env.items()}
+    return _event(attrs, content_type, data)
+
+
+def _event(attrs: dict[str, str], content_type: str, data: bytes) -> CloudEvent:
+    ident, kind = attrs.pop("id", ""), attrs.pop("type", "")
+    if not ident or not kind:
+        raise ValidationError(
+            "bad_cloudevent", "missing ce-id or ce-type: is the logger sending binary CloudEvents?"
+        )
+    if data[:2] == b"\x1f\x8b":
+        data = gunzip(data)  # Seldon forwards gzip bodies (Triton) without Content-Encoding
+    return CloudEvent(ident, kind, attrs, content_type, data)
+
+
+def gunzip(data: bytes) -> bytes:
+    """Decompress a gzip body, refusing more than 64 MiB of output (zip bombs)."""
+    try:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        out = inflater.decompress(data, MAX_DECOMPRESSED)
+        if inflater.unconsumed_tail:
+            raise ValidationError("too_large", f"gzip body inflates past {MAX_DECOMPRESSED} bytes")
+        return out + inflater.flush()
+    except (zlib.error, gzip.BadGzipFile) as err:
+        raise ValidationError("bad_gzip", f"body is not valid gzip: {err}") from None
+
+
+def header_json(value: str | None) -> dict[str, Any]:
+    """A JSON-object header (``ce-metadata``, ``ce-annotations``); garbage → ``{}``."""
+    if not value:
+        return {}
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+# --------------------------------------------------------------------------- halves and metrics
+
+
+@dataclass(frozen=True)
+class RequestPart:
+    """The decoded request half of a pair."""
+
+    model: str | None
+    ts: str | None
+    inputs: tuple[InputRef | None, ...]
+    groups: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ResponsePart:
+    model: str | None
+    ts: str | None
+    predictions: tuple[Prediction, ...]
+    model_version: str | None = None
+    groups: Mapping[str, str] = field(default_factory=dict)
+    inputs: tuple[InputRef | None, ...] = ()  # input URIs known from headers
+
+
+Part = RequestPart | ResponsePart
+
+
+def part_size(part: Part) -> int:
+    """Bytes a buffered half holds beyond its fixed overhead (inline inputs)."""
+    return sum(len(ref.data) for ref in part.inputs if ref is not None and ref.data) + 512
+
+
+class CaptureStats:
+    """Counters of every CloudEvents source, exported by one collector (label ``source``)."""
+
+    def __init__(self) -> None:
+        self.joiners: dict[str, PairJoiner[Part]] = {}
+        self.received: Counter[tuple[str, str]] = Counter()
+        self.rejected: Counter[tuple[str, str]] = Counter()
+        self.inputs_dropped: Counter[tuple[str, str]] = Counter()
+        self.submitted: Counter[tuple[str, str]] = Counter()
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        def counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
+            return CounterMetricFamily(f"patchd_capture_{name}", doc, labels=["source", *labels])
+
+        received = counter("events", "Logger CloudEvents received", ["type"])
+        rejected = counter("rejected", "Logger CloudEvents rejected before joining", ["reason"])
+        dropped = counter("inputs_dropped", "Inputs dropped (prediction kept)", ["reason"])
+        submitted = counter("submitted", "Prediction events handed to ingest", ["result"])
+        for fam, ctr in (
+            (received, self.received),
+            (rejected, self.rejected),
+            (dropped, self.inputs_dropped),
+            (submitted, self.submitted),
+        ):
+            for labels, value in sorted(ctr.items()):
+                fam.add_metric(list(labels), value)
+        yield from (received, rejected, dropped, submitted)
+        yield from self._join_metrics(counter, GaugeMetricFamily)
+
+    def _join_metrics(self, counter: Any, gauge_cls: Any) -> Iterator[Any]:
+        orphans = counter("orphans", "Halves whose partner never came within the TTL", ["half"])
+        dups = counter("duplicates", "Halves received twice", [])
+        joined = counter("joined", "Request/response pairs joined", [])
+        pending = gauge_cls(
+            "patchd_capture_pending", "Halves waiting for a partner", labels=["source"]
+        )
+        for source, joiner in sorted(self.joiners.items()):
+            c = joiner.counts()
+            orphans.add_metric([source, "request"], c.orphan_requests)
+            orphans.add_metric([source, "response"], c.orphan_responses)
+            dups.add_metric([source], c.duplicates)
+            joined.add_metric([source], c.joined)
+            pending.add_metric([source], c.pending)
+        yield from (orphans, dups, joined, pending)
+
+
+def capture_stats(services: Services) -> tuple[CaptureStats, bool]:
+    """The serve-wide :class:`CaptureStats` (created by the first source; True when new)."""
+    found = services.extras.get(STATS_KEY)
+    if isinstance(found, CaptureStats):
+        return found, False
+    stats = CaptureStats()
+    services.extras[STATS_KEY] = stats
+    return stats, True
+
+
+# --------------------------------------------------------------------------- the component
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the route answers for one CloudEvent."""
+
+    status: str  # buffered | joined | duplicate
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: tuple[dict[str, Any], ...] = ()
+
+
+class CloudEventSource(Component):
+    """A logger CloudEvents route joined into prediction events (see the module docstring)."""
+
+    source = "cloudevents"
+    path = "/v1/sources/cloudevents"
+    request_types: frozenset[str] = frozenset()
+    response_types: frozenset[str] = frozenset()
+
+    def __init__(self, services: Services) -> None:
+        super().__init__(services)
+        self.settings: CloudEventSourceConfig = getattr(services.config.sources, self.source)
+        self.class_names = tuple(services.config.model.class_names)
+        self.model = services.config.model.name
+        self.joiner: PairJoiner[Part] = PairJoiner(
+            self.settings.ttl_s,
+            self.settings.max_pending,
+            max_bytes=self.settings.max_pending_bytes,
+            weigh=part_size,
+        )
+        self.stats, self._owns_stats = capture_stats(services)
+        self.stats.joiners[self.source] = self.joiner
+        self._roots = tuple(p.resolve() for p in services.config.sources.allowed_roots)
+
+    # -- subclass hooks
+    @abstractmethod
+    def join_key(self, event: CloudEvent) -> str: ...
+
+    @abstractmethod
+    def decode(self, event: CloudEvent, half: Half) -> Part: ...
+
+    # -- Component
+    def routers(self) -> Sequence[APIRouter]:
+        if not self.settings.enabled:
+            return ()
+        from fastapi import APIRouter, Depends
+
+        router = APIRouter(tags=["sources"])
+
+        async def receive(request: Request) -> Response:
+            return await self.respond(dict(request.headers), await request.body())
+
+        router.add_api_route(
+            self.path,
+            receive,
+            methods=["POST"],
+            dependencies=[Depends(authorize_logger)],
+            summary=f"{self.source} logger CloudEvents (binary or structured mode)",
+        )
+        return (router,)
+
+    def collectors(self) -> Iterable[Collector]:
+        return (self.stats,) if self._owns_stats else ()  # type: ignore[list-item]
+
+    def start(self) -> None:
+        every = max(0.2, min(5.0, self.settings.ttl_s / 4))
+        self.services.scheduler.add_job(
+            self.sweep,
+            "interval",
+            seconds=every,
+            id=f"{self.source}-join-sweep",
+            replace_existing=True,
+            max_instances=1,
+            coalesce=True,
+        )
+
+    def stop(self) -> None:
+        """Halves still waiting at shutdown are orphans (serve no longer takes records)."""
+        lost = self.joiner.drain()
+        if lost:
+            log.info(
+                "%s: %d unjoined halves counted as orphans at shutdown", self.source, len(lost)
+            )
+
+    def sweep(self) -> None:
+        self._emit_orphans(self.joiner.expire())
+
+    # -- request handling
+    async def respond(self, headers: Mapping[str, str], body: bytes) -> Response:
+        """Decode and join in the threadpool, then await the commit of a completed pair."""
+        from fastapi.responses import JSONResponse
+        from starlette.concurrency import run_in_threadpool
+
+        try:
+            status, pair, future = await run_in_threadpool(self.prepare, headers, body)
+            result = await asyncio.wrap_future(future) if future is not None else None
+        except ValidationError as err:
+            return JSONResponse({"reason": err.reason, "message": str(err)}, status_code=400)
+        except QueueFullError as err:
+            retry = str(max(1, round(err.retry_after)))
+            body_json = {"reason": "queue_full", "message": str(err)}
+            return JSONResponse(body_json, status_code=429, headers={"Retry-After": retry})
+        except PatchdError as err:  # shutting down, store failure: the sender may retry
+            return JSONResponse({"reason": "unavailable", "message": str(err)}, status_code=503)
+        answer: dict[str, Any] = {"status": status, "accepted": 0, "duplicates": 0, "rejected": []}
+        if result is not None:
+            answer.update(accepted=result.accepted, duplicates=result.duplicates)
+            answer["rejected"] = [
+                {"index": e.index, "reason": e.reason, "message": e.message}
+                for e in result.rejected
+            ]
+        return JSONResponse(answer, status_code=202)
+
+    def handle(self, headers: Mapping[str, str], body: bytes) -> Outcome:
+        """Synchronous :meth:`respond` (waits for the commit); raises on bad input."""
+        status, _, future = self.prepare(headers, body)
+        if future is None:
+            return Outcome(status)
+        result = future.result()
+        rejected = tuple(
+            {"index": e.index, "reason": e.reason, "message": e.message} for e in result.rejected
+        )
+        return Outcome(status, result.accepted, result.duplicates, rejected)
+
+    def prepare(
+        self, headers: Mapping[str, str], body: bytes
+    ) -> tuple[str, Joined[Part] | None, Future[Any] | None]:
+        """Parse, decode and join one CloudEvent; a completed pair is submitted to ingest."""
+        try:
+            event = parse_cloudevent(headers, body)
+            half = self._half(event.type)
+            self.stats.received[(self.source, half)] += 1
+            part = self.decode(event, half)
+        except ValidationError as err:
+            self.stats.rejected[(self.source, err.reason)] += 1
+            log.info("%s: rejected CloudEvent: %s", self.source, err)
+            raise
+        result, expired = self.joiner.add(self.join_key(event), half, part)
+        self._emit_orphans(expired)
+        if result.pair is None:
+            return result.status, None, None
+        try:
+            future = self.submit(result.pair)
+        except PatchdError:
+            self.joiner.restore(result.pair, "response" if half == "request" else "request")
+            raise
+        return "joined", result.pair, future
+
+    def _half(self, ce_type: str) -> Half:
+        if ce_type in self.request_types:
+            return "request"
+        if ce_type in self.response_types:
+            return "response"
+        known = sorted(self.request_types | self.response_types)
+        raise ValidationError("unknown_type", f"ce-type {ce_type!r} is not one of {known}")
+
+    def _emit_orphans(self, orphans: list[Joined[Part]]) -> None:
+        """Expired responses still carry a prediction: submit them (without waiting)."""
+        if not self.settings.emit_response_orphans:
+            return
+        for pair in orphans:
+            if pair.response is None:
+                continue
+            try:
+                self.submit(pair)
+            except PatchdError as err:
+                log.warning("%s: orphan response %s lost: %s", self.source, pair.key, err)
+
+    def submit(self, pair: Joined[Part]) -> Future[Any] | None:
+        """Hand a pair's events to ingest; counters update when the batch commits."""
+        records = self.records(pair)
+        if not records:
+            return None
+        ingest = self.services.ingest
+        future = ingest.predictions_future(records, self.source)
+        future.add_done_callback(lambda f: self._account(pair.key, f))
+        return future
+
+    def _account(self, key: str, future: Future[Any]) -> None:
+        if future.exception() is not None:
+            log.warning("%s: events of %s not written: %s", self.source, key, future.exception())
+            return
+        result = future.result()
+        self.stats.submitted[(self.source, "accepted")] += result.accepted
+        self.stats.submitted[(self.source, "duplicate")] += result.duplicates
+        self.stats.submitted[(self.source, "rejected")] += len(result.rejected)
+        for err in result.rejected:
+            log.info("%s: event of %s rejected by ingest: %s", self.source, key, err.message)
+
+    # -- pair -> schema-v1 events
+    def records(self, pair: Joined[Part]) -> list[dict[str, Any]]:
+        """One schema-v1 event per instance: ids ``<key>`` (1 instance) or ``<key>-<i>``."""
+        req, resp = pair.request, pair.response
+        if not isinstance(resp, ResponsePart):
+            return []
+        inputs = req.inputs if isinstance(req, RequestPart) else ()
+        inputs = inputs if len(inputs) == len(resp.predictions) else resp.inputs
+        groups = {**(req.groups if req is not None else {}), **resp.groups}
+        ts = (req.ts if req is not None else None) or resp.ts
+        n = len(resp.predictions)
+        out = []
+        for i, p in enumerate(resp.predictions):
+            event: dict[str, Any] = {
+                "id": pair.key if n == 1 else f"{pair.key}-{i}",
+                "model": self._model_name(resp.model or (req.model if req else None)),
+                "pred": p.pred,
+            }
+            self._optional(event, ts, resp.model_version, p.probs, groups)
+            ref = self.input_field(inputs[i] if i < len(inputs) else None)
+            if ref is not None:
+                event["input"] = ref
+            out.append(event)
+        return out
+
+    def _optional(
+        self,
+        event: dict[str, Any],
+        ts: str | None,
+        version: str | None,
+        probs: tuple[float, ...] | None,
+        groups: Mapping[str, str],
+    ) -> None:
+        if ts:
+            event["ts"] = ts
+        if version:
+            event["model_version"] = version
+        if probs is not None:
+            event["probs"] = list(probs)
+        if groups:
+            event["groups"] = dict(groups)
+
+    def _model_name(self, served: str | None) -> str:
+        """The served name maps to ``model.name`` when it is the one this serve watches."""
+        expected = self.settings.model or self.model
+        return self.model if served in (None, "", expected) else served
+
+    def input_field(self, ref: InputRef | None) -> dict[str, str] | None:
+        """An :class:`InputRef` as the event's ``input``, or None (counted) when serve could not
+        use it; a bad input never costs the prediction."""
+        if ref is None:
+            return None
+        if ref.data is not None:
+            if not ref.data.startswith(IMAGE_MAGIC):
+                return self._drop_input("not_image")
+            return {"base64": base64.b64encode(ref.data).decode("ascii")}
+        return self._uri_field(ref.uri or "")
+
+    def _uri_field(self, uri: str) -> dict[str, str] | None:
+        from patchd.ingest.records import check_inside, resolve_input_path
+
+        try:
+            check_inside(resolve_input_path(uri), self._roots, uri)
+        except ValidationError as err:
+            return self._drop_input(err.reason)
+        return {"uri": uri}
+
+    def _drop_input(self, reason: str) -> None:
+        self.stats.inputs_dropped[(self.source, reason)] += 1
+        return None
+
+    def header_groups(self, headers: Mapping[str, Any]) -> dict[str, str]:
+        """Group attributes from forwarded request headers: ``x-patchd-group-<attr>`` and the
+        configured ``group_headers`` (header name → attribute), matched case-insensitively."""
+        wanted = {k.lower(): v for k, v in self.settings.group_headers.items()}
+        out: dict[str, str] = {}
+        for name, value in headers.items():
+            low = str(name).lower()
+            attr = wanted.get(low)
+            if attr is None and low.startswith("x-patchd-group-"):
+                attr = low[len("x-patchd-group-") :]
+            text = first_value(value)
+            if attr and text is not None:
+                out[attr] = text
+        return out
+
+    def header_inputs(self, headers: Mapping[str, Any], n: int) -> tuple[InputRef | None, ...]:
+        """Input URIs from the configured header (comma-separated, one per instance)."""
+        wanted = self.settings.input_uri_header.lower()
+        for name, value in headers.items():
+            if str(name).lower() == wanted:
+                uris = [u.strip() for u in (first_value(value) or "").split(",") if u.strip()]
+                if len(uris) == n:
+                    return tuple(InputRef(uri=u) for u in uris)
+        return ()
+
+
+async def authorize_logger(request: Request) -> None:
+    """Bearer token with the ``ingest`` scope, or ``?token=`` in the URL: KServe's and Seldon's
+    loggers cannot add headers, only point at a URL (keep such URLs out of shared logs)."""
+    from fastapi import HTTPException
+
+    from patchd.api.auth import bearer
+
+    token = bearer(request) or request.query_params.get("token")
+    principal = request.app.state.tokens.authenticate(token) if token else None
+    if principal is None:
+        raise HTTPException(
+            401,
+            "missing or invalid token (Authorization: Bearer or ?token=)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if "ingest" not in principal.scopes:
+        raise HTTPException(403, f"token {principal.name!r} lacks the 'ingest' scope")
+
+
+def first_value(value: Any) -> str | None:
+    """KServe forwards header values as lists (``{"X-Site": ["B"]}``); take the first."""
+    if isinstance(value, list):
+        value = value[0] if value else None
+    if value is None or isinstance(value, dict):
+        return None
+    return str(value)

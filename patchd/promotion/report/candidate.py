@@ -1,0 +1,190 @@
+"""The candidate report: everything a person reads before approving, as one frozen value.
+
+:func:`build_report` gathers the gate decision, the paired evaluation (per-cell accuracy with
+Wilson intervals), the run's recipe and stage timings, the mined failure directions and the
+example images (the miner's ``failure_report.png`` and the augmenter's previews) from the run's
+artifact dir. :meth:`CandidateReport.to_json` is ``report.json``;
+:mod:`patchd.promotion.report.html` renders ``report.html`` with the images embedded as data URIs,
+so the file stands alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from patchd.evaluation import PairedEvaluation
+from patchd.promotion.gate import GateDecision
+
+log = logging.getLogger(__name__)
+
+REPORT_SCHEMA = 1
+MAX_IMAGE_BYTES = 4 << 20
+MAX_PREVIEWS = 12
+
+
+@dataclass(frozen=True)
+class CellRow:
+    cls: str
+    group: str
+    n: int
+    incumbent: float | None
+    incumbent_ci: tuple[float, float]
+    candidate: float | None
+    candidate_ci: tuple[float, float]
+    delta: float | None
+    incumbent_worst: bool
+    candidate_worst: bool
+
+
+@dataclass(frozen=True)
+class Image:
+    name: str  # file name in the run's artifacts
+    caption: str
+    data: bytes = field(repr=False)  # PNG bytes
+
+    def data_uri(self) -> str:
+        return "data:image/png;base64," + base64.b64encode(self.data).decode()
+
+
+@dataclass(frozen=True)
+class CandidateReport:
+    candidate_id: str
+    model: str
+    digest: str
+    parent: str | None
+    run_id: str
+    state: str
+    decision: GateDecision
+    rows: tuple[CellRow, ...]
+    recipe: dict[str, Any]
+    stage_seconds: dict[str, float]
+    failure_modes: tuple[dict[str, Any], ...]
+    images: tuple[Image, ...] = ()
+    expires_at: float | None = None  # end of the approval window (awaiting_approval only)
+    decided_by: str | None = None
+    generated_at: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["schema"] = REPORT_SCHEMA
+        out["decision"] = self.decision.to_dict()
+        out["images"] = [{"name": i.name, "caption": i.caption} for i in self.images]
+        return _finite(out)
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False).encode()
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _acc(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def cell_rows(evaluation: PairedEvaluation) -> tuple[CellRow, ...]:
+    """One row per (class, group) cell with examples, both models side by side."""
+    inc_worst = evaluation.incumbent.worst_cell
+    cand_worst = evaluation.candidate.worst_cell
+    rows = []
+    for pair in evaluation.rows:
+        a, b = pair.incumbent, pair.candidate
+        if a.n == 0:
+            continue
+        rows.append(
+            CellRow(
+                cls=a.class_name,
+                group=a.group_name,
+                n=a.n,
+                incumbent=_acc(a.accuracy),
+                incumbent_ci=(a.ci_low, a.ci_high),
+                candidate=_acc(b.accuracy),
+                candidate_ci=(b.ci_low, b.ci_high),
+                delta=_acc(pair.delta),
+                incumbent_worst=inc_worst == (a.cls, a.group),
+                candidate_worst=cand_worst == (b.cls, b.group),
+            )
+        )
+    return tuple(rows)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def failure_modes(run_dir: Path) -> tuple[dict[str, Any], ...]:
+    """The miner's failure directions (``mine/mining.json``), without the raw vectors."""
+    data = _read_json(run_dir / "mine" / "mining.json")
+    modes = data.get("modes", []) if isinstance(data, dict) else []
+    keep = ("cls", "class_name", "description", "strength", "n_wrong", "n_total")
+    return tuple({k: m[k] for k in keep if k in m} for m in modes if isinstance(m, dict))
+
+
+def _image(path: Path, caption: str) -> Image | None:
+    try:
+        if path.stat().st_size > MAX_IMAGE_BYTES:
+            log.warning("report image %s is over %d bytes; left out", path, MAX_IMAGE_BYTES)
+            return None
+        data = path.read_bytes()
+    except OSError:
+        return None
+    return Image(path.name, caption, data) if data.startswith(b"\x89PNG") else None
+
+
+def run_images(run_dir: Path) -> tuple[Image, ...]:
+    """Failure examples first, then up to :data:`MAX_PREVIEWS` synthesized samples."""
+    found = [_image(run_dir / "mine" / "failure_report.png", "Failure directions: examples")]
+    previews = sorted((run_dir / "synthesize" / "previews").glob("*.png"))[:MAX_PREVIEWS]
+    found += [_image(p, f"Synthesized: {p.stem}") for p in previews]
+    return tuple(i for i in found if i is not None)
+
+
+def build_report(
+    *,
+    candidate_id: str,
+    model: str,
+    digest: str,
+    parent: str | None,
+    run_id: str,
+    state: str,
+    decision: GateDecision,
+    evaluation: PairedEvaluation,
+    recipe: dict[str, Any],
+    stage_seconds: dict[str, float],
+    run_dir: Path | None,
+    expires_at: float | None = None,
+    decided_by: str | None = None,
+) -> CandidateReport:
+    return CandidateReport(
+        candidate_id=candidate_id,
+        model=model,
+        digest=digest,
+        parent=parent,
+        run_id=run_id,
+        state=state,
+        decision=decision,
+        rows=cell_rows(evaluation),
+        recipe=recipe,
+        stage_seconds=stage_seconds,
+        failure_modes=failure_modes(run_dir) if run_dir else (),
+        images=run_images(run_dir) if run_dir else (),
+        expires_at=expires_at,
+        decided_by=decided_by,
+    )

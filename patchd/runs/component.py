@@ -1,0 +1,365 @@
+"""Patch runs in serve: creating and enqueueing runs, and following them on RQ.
+
+A run is a :class:`~patchd.runs.records.RunRecord` (written only here). Creating one (one open run
+per model) exports the labeled production slice to ``<artifacts>/runs/<run_id>/slice.jsonl``,
+resolves the incumbent weights (registry production version, else ``model.weights``) into the
+recipe and enqueues the stage jobs (:mod:`patchd.runs.jobqueue`). An apscheduler tick polls the
+jobs, runs RQ's abandoned-job cleanup (so a dead worker's job is retried within the heartbeat grace,
+not after a worker's 10-minute maintenance), updates the record and publishes
+``RunQueued`` / ``RunFinished``. Serve never imports torch: jobs are enqueued by dotted name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import Counter, Histogram
+
+from patchd.digests import sha256_file
+from patchd.domain import RunFinished, RunQueued
+from patchd.exceptions import ConflictError, NotFoundError, PatchdError, StageError
+from patchd.plugins import catalog as plugin_catalog
+from patchd.runs import jobqueue
+from patchd.runs.recipe import Recipe, apply_overrides, build_recipe
+from patchd.runs.records import (
+    OPEN_STATES,
+    TERMINAL_STATES,
+    RunRecord,
+    insert_run,
+    new_run_id,
+    select_runs,
+    update_run,
+)
+from patchd.services import Component, Services
+
+if TYPE_CHECKING:
+    from fastapi import APIRouter
+    from prometheus_client.registry import Collector
+    from redis import Redis
+
+    from patchd.config import Config
+
+log = logging.getLogger(__name__)
+
+CLEANUP_EVERY_S = 5.0
+STAGE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, float("inf"))
+
+
+def resolve_incumbent(config: Config) -> tuple[Path, str, str]:
+    """(weights path, sha256, source) of the model the run fine-tunes; StageError when none."""
+    from patchd.promotion.registry import Registry
+
+    version = Registry(config.registry_root).production(config.model.name)
+    if version is not None:
+        return Path(version.weights_path), version.sha256, "registry"
+    weights = config.model.weights
+    if weights is None:
+        raise StageError(
+            f"no incumbent model for {config.model.name!r}: the registry at "
+            f"{config.registry_root} has no production version and model.weights is not set; "
+            "set model.weights to a safetensors file or import one into the registry"
+        )
+    path = Path(weights).resolve()
+    if not path.is_file():
+        raise StageError(f"model.weights {str(weights)!r} does not exist ({path}); fix the path")
+    return path, sha256_file(path), "config"
+
+
+# --- deciding a run's state from its jobs -----------------------------------------------------
+
+
+@dataclass
+class Progress:
+    state: str
+    stage: str | None
+    error: str | None = None
+    result: dict[str, Any] | None = None
+    finished: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+    missing: bool = False
+    abandoned: bool = False
+
+
+def assess(states: dict[str, jobqueue.JobState]) -> Progress:
+    """The run's state given its stage jobs, in stage order."""
+    prog = Progress(state="queued", stage=jobqueue.STAGES[0])
+    for stage in jobqueue.STAGES:
+        job = states.get(stage)
+        if job is None or job.status == "missing":
+            prog.missing = True
+            prog.stage = stage
+            return prog
+        if job.status == jobqueue.DONE:
+            prog.finished[stage] = job.seconds or 0.0
+            prog.state, prog.result = "running", job.result
+            continue
+        if job.status in jobqueue.FAILED or job.status == jobqueue.CANCELED:
+            return _failed(prog, stage, job)
+        prog.stage = stage
+        if job.status == "started":
+            prog.state = "running"
+            prog.result = {"stage": stage, "progress": job.progress, "message": job.message}
+        return prog
+    prog.state, prog.stage = "succeeded", jobqueue.STAGES[-1]
+    return prog
+
+
+def _failed(prog: Progress, stage: str, job: jobqueue.JobState) -> Progress:
+    prog.stage = stage
+    if job.status == jobqueue.CANCELED:
+        prog.state, prog.error = "cancelled", f"{stage}: job {job.job_id} was cancelled"
+        return prog
+    prog.state = "failed"
+    error = job.error or f"job {job.job_id} {job.status}"
+    if "AbandonedJobError" in error:
+        prog.abandoned = True
+        error = (
+            f"the worker running job {job.job_id} died and its retries are exhausted "
+            "(abandoned); check the worker logs and patch.retries"
+        )
+    prog.error = error if error.startswith(f"{stage}:") else f"{stage}: {error}"
+    return prog
+
+
+# --- the component ----------------------------------------------------------------------------
+
+
+class RunsComponent(Component):
+    name = "runs"
+
+    def __init__(self, services: Services) -> None:
+        super().__init__(services)
+        self.config: Config = services.config
+        self._redis: Redis | None = None
+        self._create_lock = threading.Lock()
+        self._state_lock = threading.Lock()  # poll vs cancel: one decides a run's end
+        self._last_cleanup = 0.0
+        self.runs_total = Counter(
+            "patchd_runs_total", "Patch runs finished, by result", ["result"], registry=None
+        )
+        self.stage_seconds = Histogram(
+            "patchd_run_stage_seconds",
+            "Wall time of a patch stage",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=None,
+        )
+        for result in ("succeeded", "failed", "cancelled", "abandoned"):
+            self.runs_total.labels(result=result)
+
+    # lifecycle
+    def routers(self) -> Sequence[APIRouter]:
+        from patchd.runs.api import build_router
+
+        return (build_router(self),)
+
+    def collectors(self) -> Iterable[Collector]:
+        return (self.runs_total, self.stage_seconds)
+
+    def start(self) -> None:
+        jobqueue.check_patch_config(self.config)
+        self._fail_interrupted()
+        self.services.scheduler.add_job(
+            self.tick,
+            "interval",
+            seconds=self.config.patch.poll_interval_s,
+            id="runs-poll",
+            coalesce=True,
+            max_instances=1,
+            replace_existing=True,
+            misfire_grace_time=None,
+        )
+
+    def _fail_interrupted(self) -> None:
+        """Runs left ``requested`` by a serve that stopped before enqueueing them."""
+        with self.services.store.read() as conn:
+            stuck = select_runs(conn, "WHERE state = ?", ("requested",))
+        for rec in stuck:
+            self._finish(
+                rec, "failed", "serve stopped before the run was enqueued; request it again", None
+            )
+
+    def stop(self) -> None:
+        if self._redis is not None:
+            self._redis.close()
+
+    @property
+    def redis(self) -> Redis:
+        if self._redis is None:
+            self._redis = jobqueue.connect(self.config.redis.url)
+        return self._redis
+
+    # reading
+    @property
+    def model_name(self) -> str:
+        return self.config.model.name
+
+    def get(self, run_id: str) -> RunRecord:
+        with self.services.store.read() as conn:
+            found = select_runs(conn, "WHERE id = ?", (run_id,))
+        if not found:
+            raise NotFoundError("run", run_id)
+        return found[0]
+
+    def list(self, model: str | None = None, limit: int = 50) -> list[RunRecord]:
+        where, args = ("WHERE model = ?", (model,)) if model else ("", ())
+        with self.services.store.read() as conn:
+            return select_runs(conn, f"{where} ORDER BY created_at DESC LIMIT ?", (*args, limit))
+
+    def _save(self, rec: RunRecord) -> RunRecord:
+        rec = replace(rec, updated_at=time.time())
+        with self.services.store.write() as conn:
+            update_run(conn, rec)
+        return rec
+
+    # creating
+    def request_run(
+        self, model: str, reason: str, recipe: dict[str, Any] | None = None
+    ) -> RunRecord | None:
+        """Create and enqueue a run; None when one is already open for ``model``."""
+        if model != self.config.model.name:
+            raise NotFoundError("model", model)
+        config = apply_overrides(self.config, recipe)
+        jobqueue.check_patch_config(config)
+        for kind in ("miner", "augmenter", "trainer"):
+            plugin_catalog.resolve(kind, getattr(config.patch, kind))  # PluginError on a typo
+        with self._create_lock, self.services.store.write() as conn:
+            if select_runs(conn, "WHERE model = ? AND state IN (?,?,?)", (model, *OPEN_STATES)):
+                log.info("run requested for %s (%s) but one is already open", model, reason)
+                return None
+            now = time.time()
+            rec = RunRecord(
+                new_run_id(model),
+                model,
+                "requested",
+                None,
+                reason[:500],
+                {},
+                {},
+                {},
+                None,
+                None,
+                now,
+                now,
+            )
+            insert_run(conn, rec)
+        log.info("run %s created for %s: %s", rec.id, model, reason)
+        return self._prepare_and_enqueue(rec, config)
+
+    def _prepare_and_enqueue(self, rec: RunRecord, config: Config) -> RunRecord:
+        try:
+            recipe = self._recipe(rec, config)
+            rec = self._save(replace(rec, recipe=json.loads(recipe.to_json())))
+            ids = jobqueue.enqueue_run(
+                self.redis, config, rec.id, str(config.artifacts_root), recipe.to_json()
+            )
+        except PatchdError as err:
+            return self._finish(rec, "failed", str(err), None)
+        except Exception as err:  # redis down, disk full: the run fails with the reason
+            log.exception("run %s could not be enqueued", rec.id)
+            return self._finish(rec, "failed", f"cannot enqueue: {type(err).__name__}: {err}", None)
+        rec = self._save(replace(rec, state="queued", stage=jobqueue.STAGES[0], job_ids=ids))
+        self.services.bus.publish(RunQueued(run_id=rec.id, model=rec.model))
+        return rec
+
+    def _recipe(self, rec: RunRecord, config: Config) -> Recipe:
+        from patchd.store.predictions import export_slice
+
+        incumbent = resolve_incumbent(config)
+        path = config.artifacts_root / "runs" / rec.id / "slice.jsonl"
+        with self.services.store.read() as conn:
+            rows = export_slice(conn, rec.model, path, config.patch.slice_limit)
+        log.info("run %s: exported %d labeled events to %s", rec.id, rows, path)
+        return build_recipe(config, incumbent, path, int(rows))
+
+    # following
+    def tick(self) -> None:
+        """Scheduler job: abandoned-job cleanup, then one poll of every open run."""
+        try:
+            if time.monotonic() - self._last_cleanup >= CLEANUP_EVERY_S:
+                self._last_cleanup = time.monotonic()
+                jobqueue.cleanup_abandoned(self.redis, jobqueue.queue_names(self.config))
+            with self.services.store.read() as conn:
+                open_runs = select_runs(conn, "WHERE state IN (?,?)", ("queued", "running"))
+            for rec in open_runs:
+                with self._state_lock:
+                    current = self.get(rec.id)
+                    if current.open:
+                        self.poll(current)
+        except Exception:
+            log.exception("runs tick failed; will retry on the next tick")
+
+    def poll(self, rec: RunRecord) -> RunRecord:
+        states = {s: jobqueue.job_state(self.redis, j) for s, j in rec.job_ids.items()}
+        prog = assess(states)
+        times = dict(rec.stage_times)
+        for stage, seconds in prog.finished.items():
+            if stage not in times:
+                times[stage] = round(seconds, 3)
+                self.stage_seconds.labels(stage=stage).observe(seconds)
+        rec = replace(rec, stage_times=times)
+        if prog.missing:
+            return self._reenqueue(rec)
+        if prog.state in TERMINAL_STATES:
+            result = "abandoned" if prog.abandoned else prog.state
+            return self._finish(
+                replace(rec, stage=prog.stage), prog.state, prog.error, prog.result, result
+            )
+        if (prog.state, prog.stage, prog.result) != (
+            rec.state,
+            rec.stage,
+            rec.result,
+        ) or times != rec.stage_times:
+            rec = self._save(replace(rec, state=prog.state, stage=prog.stage, result=prog.result))
+        return rec
+
+    def _reenqueue(self, rec: RunRecord) -> RunRecord:
+        """Jobs vanished from Redis (flushed, restarted without persistence): enqueue again."""
+        log.warning("run %s: some jobs are missing from Redis; enqueueing them again", rec.id)
+        recipe = Recipe(**rec.recipe)
+        config = recipe.effective_config()
+        ids = jobqueue.enqueue_run(
+            self.redis, config, rec.id, str(config.artifacts_root), recipe.to_json()
+        )
+        return self._save(replace(rec, job_ids=ids))
+
+    def _finish(
+        self,
+        rec: RunRecord,
+        state: str,
+        error: str | None,
+        result: dict[str, Any] | None,
+        label: str | None = None,
+    ) -> RunRecord:
+        rec = self._save(replace(rec, state=state, error=error, result=result))
+        self.runs_total.labels(result=label or state).inc()
+        log.log(
+            logging.INFO if state == "succeeded" else logging.WARNING,
+            "run %s %s%s",
+            rec.id,
+            state,
+            f": {error}" if error else "",
+        )
+        self.services.bus.publish(
+            RunFinished(run_id=rec.id, model=rec.model, result=label or state)
+        )
+        return rec
+
+    # cancelling
+    def cancel(self, run_id: str) -> RunRecord:
+        """Cancel queued jobs, stop the running one; the run becomes ``cancelled``."""
+        with self._state_lock:
+            rec = self.get(run_id)
+            if not rec.open:
+                raise ConflictError(
+                    f"run {run_id} is {rec.state}; only an open run can be cancelled"
+                )
+            actions = jobqueue.cancel_jobs(self.redis, list(rec.job_ids.values()))
+            log.info("run %s cancelled: %s", run_id, actions or "no jobs to stop")
+            return self._finish(rec, "cancelled", "cancelled by request", rec.result)

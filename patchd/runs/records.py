@@ -1,0 +1,115 @@
+"""The run record: one row of the store's ``runs`` table, its states, and its SQL.
+
+States: ``requested → queued → running → succeeded | failed | cancelled``. Only
+:class:`patchd.runs.component.RunsComponent` writes these rows.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from patchd.runs.recipe import Recipe
+
+OPEN_STATES = ("requested", "queued", "running")
+TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+_COLUMNS = (
+    "id, model, state, stage, reason, recipe, job_ids, stage_times, error, result, "
+    "created_at, updated_at"
+)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    id: str
+    model: str
+    state: str
+    stage: str | None
+    reason: str
+    recipe: dict[str, Any]
+    job_ids: dict[str, str]
+    stage_times: dict[str, float]
+    error: str | None
+    result: dict[str, Any] | None
+    created_at: float
+    updated_at: float
+
+    @property
+    def open(self) -> bool:
+        return self.state in OPEN_STATES
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> RunRecord:
+        rid, model, state, stage, reason, recipe, jobs, times, error, result, c, u = row
+        return cls(
+            rid,
+            model,
+            state,
+            stage,
+            reason,
+            json.loads(recipe),
+            json.loads(jobs),
+            json.loads(times),
+            error,
+            json.loads(result) if result else None,
+            c,
+            u,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The API view: the recipe without the full config."""
+        body = asdict(self)
+        recipe = dict(self.recipe)
+        body["recipe"] = Recipe(**recipe).summary() if "config" in recipe else recipe
+        return body
+
+
+def _row(rec: RunRecord) -> dict[str, Any]:
+    """The record as the runs table's columns (JSON columns encoded), for named parameters."""
+    return {
+        "id": rec.id,
+        "model": rec.model,
+        "state": rec.state,
+        "stage": rec.stage,
+        "reason": rec.reason,
+        "recipe": json.dumps(rec.recipe),
+        "job_ids": json.dumps(rec.job_ids),
+        "stage_times": json.dumps(rec.stage_times),
+        "error": rec.error,
+        "result": json.dumps(rec.result) if rec.result is not None else None,
+        "created_at": rec.created_at,
+        "updated_at": rec.updated_at,
+    }
+
+
+_INSERT = (
+    f"INSERT INTO runs ({_COLUMNS}) VALUES ({', '.join(f':{c}' for c in _COLUMNS.split(', '))})"
+)
+_UPDATE = (
+    "UPDATE runs SET state=:state, stage=:stage, recipe=:recipe, job_ids=:job_ids, "
+    "stage_times=:stage_times, error=:error, result=:result, updated_at=:updated_at WHERE id=:id"
+)
+
+
+def insert_run(conn: sqlite3.Connection, rec: RunRecord) -> None:
+    conn.execute(_INSERT, _row(rec))
+
+
+def update_run(conn: sqlite3.Connection, rec: RunRecord) -> None:
+    conn.execute(_UPDATE, _row(rec))
+
+
+def select_runs(conn: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> list[RunRecord]:
+    rows = conn.execute(f"SELECT {_COLUMNS} FROM runs {where}", args).fetchall()
+    return [RunRecord.from_row(r) for r in rows]
+
+
+def new_run_id(model: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", model)[:40]
+    return f"{safe}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"

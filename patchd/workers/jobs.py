@@ -1,0 +1,102 @@
+"""The RQ job functions: one small function per stage.
+
+Each takes ``(run_id, artifacts_root, recipe_json)`` and returns a small JSON-able dict (the
+stage manifest's summary). Contract of every stage:
+
+- **Idempotent**: when ``<artifacts>/runs/<run_id>/<stage>/`` exists and its manifest verifies,
+  the stage returns it without recomputing, so a retry or a re-run never duplicates artifacts.
+- **Atomic output**: files are built in a temp dir and renamed into place (``workers.artifacts``).
+- **Clear failures**: a :class:`PatchdError` (bad input, bad weights, bad plugin) is raised as a
+  :class:`StageError` whose message is also put in ``job.meta["error"]`` for the run, and it is
+  not retried (retrying cannot fix bad input). Other exceptions are retried up to
+  ``patch.retries`` times. The worker loop survives both: the stage runs in a forked horse.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from patchd.exceptions import PatchdError, StageError
+from patchd.runs import jobqueue
+from patchd.runs.recipe import Recipe
+from patchd.workers import artifacts
+from patchd.workers.stages import collect as collect_stage
+from patchd.workers.stages import learn
+
+log = logging.getLogger(__name__)
+
+StageFn = Callable[..., dict[str, Any]]
+
+
+def summary(manifest: artifacts.StageManifest, directory: Path, reused: bool) -> dict[str, Any]:
+    return {
+        "stage": manifest.stage,
+        "run_id": manifest.run_id,
+        "dir": str(directory),
+        "files": sorted(manifest.files),
+        "result": manifest.result,
+        "reused": reused,
+    }
+
+
+def _mark_failed(message: str, retry: bool) -> None:
+    from rq import get_current_job
+
+    job = get_current_job()
+    if job is None:
+        return
+    job.meta["error"] = message
+    job.save_meta()
+    if not retry:
+        job.retries_left = 0  # the worker reads this from the same object when the job fails
+
+
+def run_stage(
+    stage: str, fn: StageFn, run_id: str, artifacts_root: str, recipe_json: str
+) -> dict[str, Any]:
+    """Shared wrapper: reuse a verified output, else build, publish and summarise."""
+    final = artifacts.stage_dir(Path(artifacts_root), run_id, stage)
+    done = artifacts.existing(final)
+    if done is not None:
+        log.info("run %s: %s already done (%s), reusing it", run_id, stage, final)
+        return summary(done, final, reused=True)
+    jobqueue.report_progress(0.0, f"{stage} started")
+    try:
+        recipe = Recipe.from_json(recipe_json)
+        config = recipe.effective_config()
+        with artifacts.building(final) as tmp:
+            result = fn(run_id=run_id, run_dir=final.parent, out=tmp, recipe=recipe, config=config)
+            manifest = artifacts.publish(tmp, final, run_id, result)
+    except PatchdError as err:
+        message = f"{stage}: {err}"
+        _mark_failed(message, retry=False)
+        raise StageError(message) from err
+    except Exception as err:
+        _mark_failed(f"{stage}: {type(err).__name__}: {err}", retry=True)
+        raise
+    jobqueue.report_progress(1.0, f"{stage} done")
+    log.info("run %s: %s done, %d files in %s", run_id, stage, len(manifest.files), final)
+    return summary(manifest, final, reused=False)
+
+
+def collect(run_id: str, artifacts_root: str, recipe_json: str) -> dict[str, Any]:
+    return run_stage("collect", collect_stage.run, run_id, artifacts_root, recipe_json)
+
+
+def mine(run_id: str, artifacts_root: str, recipe_json: str) -> dict[str, Any]:
+    return run_stage("mine", learn.mine, run_id, artifacts_root, recipe_json)
+
+
+def synthesize(run_id: str, artifacts_root: str, recipe_json: str) -> dict[str, Any]:
+    return run_stage("synthesize", learn.synthesize, run_id, artifacts_root, recipe_json)
+
+
+def train(run_id: str, artifacts_root: str, recipe_json: str) -> dict[str, Any]:
+    return run_stage("train", learn.train, run_id, artifacts_root, recipe_json)
+
+
+def evaluate(run_id: str, artifacts_root: str, recipe_json: str) -> dict[str, Any]:
+    return run_stage("evaluate", learn.evaluate, run_id, artifacts_root, recipe_json)

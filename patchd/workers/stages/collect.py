@@ -1,0 +1,255 @@
+"""The ``collect`` stage: training data plus the labeled production slice → train/val/heldout.
+
+Rules (documented for users in the run's manifest ``result``):
+
+- ``data.train`` is loaded with :func:`patchd.ml.datasets.load_splits`; its train split is the
+  base training set and its val split the validation set.
+- held-out = the **test** split of ``data.heldout`` when set, else of ``data.train`` (the val
+  split is used by trainers for selection, so it would flatter the candidate).
+- The production slice (``slice.jsonl``, labeled events exported by serve) is used when
+  ``data.use_production_slice`` is true: each event with a ``file://`` (or plain path) input
+  inside ``sources.allowed_roots`` is loaded, converted to the training images' channels and
+  resized to their size. A stable hash of the event id sends 70 % of the usable events to
+  train and 30 % to held-out, so the candidate is judged on production data it never saw.
+- The incumbent (factory + weights) is loaded first so a broken model fails the run at once.
+- An empty slice (no usable labeled events) is an error when ``data.use_production_slice`` is
+  true: patching without production data would only re-fit the training set. Set it to false to
+  patch from ``data.train`` alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
+
+from patchd.exceptions import StageError
+from patchd.workers import artifacts, runtime
+
+if TYPE_CHECKING:
+    import torch
+
+    from patchd.config import Config
+    from patchd.ml.data import ImageSet
+    from patchd.runs.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+TRAIN_SHARE = 7  # of 10 hash buckets
+
+
+@dataclass
+class SliceRows:
+    images: list[torch.Tensor] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)
+
+
+def _uri_path(event: dict[str, Any]) -> str | None:
+    src = event.get("input")
+    uri = src.get("uri") if isinstance(src, dict) else event.get("input_uri")
+    if not uri:
+        return None
+    parsed = urlparse(str(uri))
+    if parsed.scheme in ("", "file"):
+        return unquote(parsed.path) if parsed.scheme else str(uri)
+    return None
+
+
+def contained(path: Path, roots: list[Path]) -> Path | None:
+    """``path`` with symlinks resolved when it lies inside one of ``roots``, else None."""
+    real = path.resolve()
+    for root in roots:
+        if real.is_relative_to(Path(root).resolve()):
+            return real
+    return None
+
+
+def _group_key(event: dict[str, Any]) -> str:
+    groups = event.get("groups") or {}
+    if event.get("group_key"):
+        return str(event["group_key"])
+    return ",".join(f"{k}={groups[k]}" for k in sorted(groups)) or "all"
+
+
+def _load_image(path: Path, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("RGB" if channels == 3 else "L").resize((size[1], size[0]))
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+    tensor = torch.from_numpy(arr.copy())
+    return tensor.permute(2, 0, 1) if tensor.ndim == 3 else tensor.unsqueeze(0)
+
+
+def read_slice(path: Path, config: Config, like: ImageSet) -> SliceRows:
+    rows = SliceRows()
+    if not path.is_file():
+        return rows
+    channels, size = int(like.x.shape[1]), (int(like.x.shape[2]), int(like.x.shape[3]))
+    for line in path.read_text().splitlines():
+        if line.strip():
+            _add_event(rows, json.loads(line), config, channels, size)
+    return rows
+
+
+def _add_event(
+    rows: SliceRows, event: dict[str, Any], config: Config, channels: int, size: tuple[int, int]
+) -> None:
+    label = event.get("label")
+    if label is None or not 0 <= int(label) < len(config.model.class_names):
+        rows.skipped["no_or_bad_label"] += 1
+        return
+    raw = _uri_path(event)
+    if raw is None:
+        rows.skipped["no_file_input"] += 1
+        return
+    real = contained(Path(raw), list(config.sources.allowed_roots))
+    if real is None or not real.is_file():
+        rows.skipped["outside_roots_or_missing"] += 1
+        return
+    try:
+        rows.images.append(_load_image(real, channels, size))
+    except OSError:
+        rows.skipped["unreadable_image"] += 1
+        return
+    rows.labels.append(int(label))
+    rows.groups.append(_group_key(event))
+    rows.ids.append(f"prod:{event.get('id')}")
+
+
+def slice_imageset(rows: SliceRows, like: ImageSet) -> ImageSet:
+    """The slice as an ImageSet sharing ``like``'s class and (extended) group names."""
+    import torch
+
+    from patchd.ml.data import ImageSet
+
+    names = list(like.group_names)
+    for key in rows.groups:
+        if key not in names:
+            names.append(key)
+    g = torch.tensor([names.index(k) for k in rows.groups], dtype=torch.int64)
+    return ImageSet(
+        torch.stack(rows.images),
+        torch.tensor(rows.labels, dtype=torch.int64),
+        g,
+        like.class_names,
+        tuple(names),
+        tuple(rows.ids),
+    )
+
+
+def _bucket(ident: str) -> int:
+    return int(hashlib.sha256(ident.encode()).hexdigest()[:8], 16) % 10
+
+
+def concat(a: ImageSet, b: ImageSet) -> ImageSet:
+    """Rows of ``a`` then ``b``; ``b``'s group names must extend ``a``'s."""
+    import torch
+
+    from patchd.ml.data import ImageSet
+
+    if tuple(b.group_names[: len(a.group_names)]) != tuple(a.group_names):
+        raise StageError(f"cannot join data with groups {a.group_names} and {b.group_names}")
+    return ImageSet(
+        torch.cat([a.x, b.x]),
+        torch.cat([a.y, b.y]),
+        torch.cat([a.g, b.g]),
+        a.class_names,
+        b.group_names,
+        a.ids + b.ids,
+    )
+
+
+def _regroup(data: ImageSet, names: tuple[str, ...]) -> ImageSet:
+    """Same rows, group names extended to ``names`` (indices unchanged)."""
+    return data.with_groups(data.g, names)
+
+
+def _load_splits(spec: Any, what: str) -> Any:
+    from patchd.exceptions import PatchdError
+    from patchd.ml.datasets import load_splits
+
+    try:
+        return load_splits(spec)
+    except PatchdError as err:
+        raise StageError(f"{what} ({spec.kind}): {err}") from err
+    except (OSError, ValueError, KeyError) as err:
+        raise StageError(
+            f"{what} ({spec.kind}) cannot be loaded: {type(err).__name__}: {err}"
+        ) from err
+
+
+def run(*, run_id: str, run_dir: Path, out: Path, recipe: Recipe, config: Config) -> dict[str, Any]:
+    runtime.load_incumbent(recipe, config)  # fail fast: factory and weights must fit
+    base = _load_splits(config.data.train, "data.train")
+    heldout = base.test
+    if config.data.heldout is not None:
+        heldout = _load_splits(config.data.heldout, "data.heldout").test
+    train, val = base.train, base.val
+    info: dict[str, Any] = {"slice_used": 0, "slice_skipped": {}, "slice_rule": "70/30 by id"}
+    if config.data.use_production_slice:
+        train, heldout, info = _with_slice(run_dir / "slice.jsonl", config, train, heldout)
+    for name, data in (("train", train), ("val", val), ("heldout", heldout)):
+        artifacts.save_imageset(data, out / f"{name}.safetensors")
+    info.update(
+        {
+            "n_train": len(train),
+            "n_val": len(val),
+            "n_heldout": len(heldout),
+            "train_groups": list(train.group_names),
+            "heldout_groups": list(heldout.group_names),
+            "class_names": list(train.class_names),
+        }
+    )
+    return info
+
+
+def _with_slice(
+    path: Path, config: Config, train: ImageSet, heldout: ImageSet
+) -> tuple[ImageSet, ImageSet, dict[str, Any]]:
+    import torch
+
+    rows = read_slice(path, config, train)
+    info = {
+        "slice_used": len(rows.ids),
+        "slice_skipped": dict(rows.skipped),
+        "slice_rule": "70/30 by id",
+    }
+    if not rows.ids:
+        raise StageError(
+            f"the production slice {path} has no usable labeled events "
+            f"(skipped: {dict(rows.skipped) or 'none, the slice is empty'}); label predictions "
+            "whose inputs are files inside sources.allowed_roots, or set "
+            "data.use_production_slice: false to patch from data.train alone"
+        )
+    prod = slice_imageset(rows, train)
+    to_train = torch.tensor([_bucket(i) < TRAIN_SHARE for i in prod.ids], dtype=torch.bool)
+    merged_train = concat(_regroup(train, train.group_names), prod.subset(to_train))
+    held_names = _union(heldout.group_names, prod.group_names)
+    merged_held = concat(
+        _regroup(heldout, heldout.group_names), _remap(prod.subset(~to_train), held_names)
+    )
+    return merged_train, merged_held, info
+
+
+def _union(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys([*a, *b]))
+
+
+def _remap(data: ImageSet, names: tuple[str, ...]) -> ImageSet:
+    """Re-index ``data``'s groups into ``names`` (a superset of its group names)."""
+    import torch
+
+    index = torch.tensor([names.index(n) for n in data.group_names], dtype=torch.int64)
+    g = torch.where(data.g >= 0, index[data.g.clamp(min=0)], data.g) if len(index) else data.g
+    return data.with_groups(g, names)

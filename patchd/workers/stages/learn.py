@@ -1,0 +1,204 @@
+"""The ML stages after ``collect``: mine → synthesize → train → evaluate.
+
+Each reads the verified outputs of earlier stages (``<run_dir>/<stage>/``), runs the configured
+plugin (:mod:`patchd.plugins.catalog`) and writes its files into ``out`` (the temp dir that
+:mod:`patchd.workers.artifacts` publishes). Results are small JSON-able dicts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from patchd.exceptions import StageError
+from patchd.plugins.catalog import load_plugin
+from patchd.workers import artifacts, runtime
+
+if TYPE_CHECKING:
+    from patchd.abc import Augmentation, MiningResult
+    from patchd.config import Config
+    from patchd.ml.data import ImageSet
+    from patchd.runs.recipe import Recipe
+
+
+def stage_input(run_dir: Path, stage: str) -> Path:
+    """The verified output dir of an earlier stage (IntegrityError when tampered with)."""
+    directory = run_dir / stage
+    if not directory.is_dir():
+        raise StageError(f"the {stage} output {directory} is missing; re-run the run from {stage}")
+    artifacts.verify(directory)
+    return directory
+
+
+def _finite(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else round(float(value), 6)
+
+
+def _copy_into(src: Path | None, dst: Path) -> bool:
+    if src is None or not Path(src).is_file():
+        return False
+    if Path(src).resolve() != dst.resolve():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+    return True
+
+
+def grouped_train(run_dir: Path) -> ImageSet:
+    """The collected train set with the mined (or true) subgroup assignment."""
+    from safetensors.torch import load_file
+
+    train = artifacts.load_imageset(stage_input(run_dir, "collect") / "train.safetensors")
+    mined = stage_input(run_dir, "mine")
+    groups = load_file(str(mined / "groups.safetensors"))["groups"]
+    names = tuple(json.loads((mined / "mining.json").read_text())["group_names"])
+    return train.with_groups(groups, names)
+
+
+# --- mine ------------------------------------------------------------------------------------
+
+
+def mine(
+    *, run_id: str, run_dir: Path, out: Path, recipe: Recipe, config: Config
+) -> dict[str, Any]:
+    from safetensors.torch import save_file
+
+    train = artifacts.load_imageset(stage_input(run_dir, "collect") / "train.safetensors")
+    model = runtime.load_incumbent(recipe, config)
+    ctx = runtime.make_context(recipe, config, "mine", out, run_id)
+    runtime.seed_everything(ctx.seed)
+    result: MiningResult = load_plugin("miner", recipe.miner).mine(ctx, model.to(ctx.device), train)
+    if result.groups.shape != (len(train),):
+        raise StageError(
+            f"miner {recipe.miner!r} returned {tuple(result.groups.shape)} groups "
+            f"for {len(train)} training examples"
+        )
+    save_file(
+        {
+            "groups": result.groups.to("cpu").long().contiguous(),
+            "hardness": result.hardness.to("cpu").float().contiguous(),
+        },
+        str(out / "groups.safetensors"),
+    )
+    png = _copy_into(result.report_png, out / "failure_report.png")
+    if (
+        result.report_json is not None
+        and Path(result.report_json).parent.resolve() != out.resolve()
+    ):
+        _copy_into(result.report_json, out / "failure_report.json")
+    body = {
+        "modes": [asdict(m) for m in result.modes],
+        "group_names": list(result.group_names),
+        "mined": result.mined,
+        "miner": recipe.miner,
+    }
+    (out / "mining.json").write_text(json.dumps(body, indent=2))
+    return {
+        "modes": len(result.modes),
+        "mined": result.mined,
+        "report_png": png,
+        "group_names": list(result.group_names),
+        "strength": [round(m.strength, 4) for m in result.modes],
+    }
+
+
+# --- synthesize ------------------------------------------------------------------------------
+
+
+def synthesize(
+    *, run_id: str, run_dir: Path, out: Path, recipe: Recipe, config: Config
+) -> dict[str, Any]:
+    train = grouped_train(run_dir)
+    model = runtime.load_incumbent(recipe, config)
+    ctx = runtime.make_context(recipe, config, "synthesize", out, run_id)
+    runtime.seed_everything(ctx.seed)
+    aug: Augmentation = load_plugin("augmenter", recipe.augmenter).synthesize(
+        ctx, model.to(ctx.device), train
+    )
+    aug = _with_local_previews(aug, out / "previews")
+    artifacts.save_augmentation(aug, out / "augmentation.safetensors")
+    return {
+        "kind": aug.kind,
+        "paired": sorted(aug.paired),
+        "extra": len(aug.extra) if aug.extra is not None else 0,
+        "previews": len(aug.previews),
+    }
+
+
+def _with_local_previews(aug: Augmentation, folder: Path) -> Augmentation:
+    """Previews copied under ``folder`` so they are part of the stage's manifest."""
+    from dataclasses import replace
+
+    local = []
+    for i, path in enumerate(aug.previews):
+        dst = folder / (Path(path).name or f"preview-{i}.png")
+        if _copy_into(Path(path), dst):
+            local.append(dst)
+    return replace(aug, previews=tuple(local))
+
+
+# --- train -----------------------------------------------------------------------------------
+
+
+def train(
+    *, run_id: str, run_dir: Path, out: Path, recipe: Recipe, config: Config
+) -> dict[str, Any]:
+    from patchd.ml.models import save_weights
+
+    data = grouped_train(run_dir)
+    val = artifacts.load_imageset(stage_input(run_dir, "collect") / "val.safetensors")
+    aug = artifacts.load_augmentation(
+        stage_input(run_dir, "synthesize") / "augmentation.safetensors"
+    )
+    model = runtime.load_incumbent(recipe, config)
+    ctx = runtime.make_context(recipe, config, "train", out, run_id)
+    runtime.seed_everything(ctx.seed)
+    result = load_plugin("trainer", recipe.trainer).train(ctx, model.to(ctx.device), data, val, aug)
+    sha = save_weights(result.model.to("cpu"), out / "model.safetensors")
+    (out / "history.json").write_text(json.dumps(list(result.history), indent=2))
+    return {
+        "sha256": sha,
+        "epochs": result.epochs,
+        "seconds": round(result.seconds, 3),
+        "trainer": recipe.trainer,
+    }
+
+
+# --- evaluate --------------------------------------------------------------------------------
+
+
+def evaluate(
+    *, run_id: str, run_dir: Path, out: Path, recipe: Recipe, config: Config
+) -> dict[str, Any]:
+    from patchd.ml.evaluate import evaluate_pair
+
+    collected = stage_input(run_dir, "collect")
+    heldout = artifacts.load_imageset(collected / "heldout.safetensors")
+    train_set = artifacts.load_imageset(collected / "train.safetensors")
+    trained = artifacts.verify(stage_input(run_dir, "train"))
+    incumbent = runtime.load_incumbent(recipe, config)
+    candidate = runtime.build_model(config)
+    runtime.load_weights(
+        candidate, run_dir / "train" / "model.safetensors", trained.result.get("sha256", "")
+    )
+    report = evaluate_pair(
+        incumbent.eval(),
+        candidate.eval(),
+        heldout,
+        train_mix=train_set,
+        confidence=config.gate.confidence,
+        n_min=config.gate.n_min,
+    )
+    (out / "evaluation.json").write_text(report.to_json())
+    return {
+        "candidate_sha256": trained.result.get("sha256"),
+        "incumbent_sha256": recipe.incumbent_sha256,
+        "n_heldout": len(heldout),
+        "incumbent_worst_group": _finite(report.incumbent.worst_group_accuracy),
+        "candidate_worst_group": _finite(report.candidate.worst_group_accuracy),
+        "incumbent_average": _finite(report.incumbent.average_pooled),
+        "candidate_average": _finite(report.candidate.average_pooled),
+    }
