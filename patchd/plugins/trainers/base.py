@@ -1,5 +1,6 @@
 """What the robust trainers share: device and seeds, group-balanced sampling, the epoch loop with
-model selection on the validation split, and per-cell accuracy.
+model selection on the validation split, per-cell accuracy, and the trainer skeleton
+(:class:`FineTuneTrainer`, :class:`EpochTrainer`) that gdro, camel, defuse and dfr fill in.
 
 Every trainer here fine-tunes a deep copy of the incumbent (the input module is never mutated),
 runs on CUDA when present, reads its budget from ``ctx.params.budget`` (epochs, batch_size, lr,
@@ -11,14 +12,16 @@ from __future__ import annotations
 
 import copy
 import time
+from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
-from patchd.abc import StageContext, TrainResult
+from patchd.abc import Augmentation, StageContext, Trainer, TrainResult
+from patchd.exceptions import StageError
 from patchd.ml.data import ImageSet
 from patchd.ml.training import seed_everything
 
@@ -147,7 +150,13 @@ def make_optimizer(model: nn.Module, params: dict[str, object], lr: float) -> to
     return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)
 
 
-StepFn = Callable[[], tuple[torch.Tensor, dict[str, float]]]
+StepOut = tuple[torch.Tensor, dict[str, float]]  # one step's loss and its metrics
+StepFn = Callable[[], StepOut]
+
+
+def step_out(loss: torch.Tensor, **parts: torch.Tensor) -> StepOut:
+    """``loss`` with the metrics of a step: ``loss`` and each named part, as floats."""
+    return loss, {"loss": float(loss.detach())} | {k: float(v.detach()) for k, v in parts.items()}
 
 
 def run_epochs(
@@ -200,3 +209,66 @@ def run_epochs(
 
 def groups_per_class(data: ImageSet) -> int:
     return max(1, len(data.group_names))
+
+
+def require_groups(train: ImageSet, trainer: str) -> None:
+    if not train.has_groups:
+        raise StageError(
+            f"the {trainer} trainer needs a subgroup per training example but some are unknown "
+            "(g = -1); run a miner first (patch.miner: svm) or give the data group attributes"
+        )
+
+
+@dataclass(frozen=True)
+class Job:
+    """The inputs of one :meth:`FineTuneTrainer.train` call, as the hooks see them."""
+
+    ctx: StageContext
+    train: ImageSet
+    val: ImageSet
+    augmentation: Augmentation | None
+
+
+class FineTuneTrainer(Trainer):
+    """The trainer skeleton: :meth:`check` the inputs, :func:`start` (params, seeds, device,
+    trainable copy, budget), then :meth:`fit` the copy. Subclasses fill in the two hooks."""
+
+    name: ClassVar[str]
+    needs_groups: ClassVar[bool] = False  # every training row must carry a subgroup
+
+    def train(
+        self,
+        ctx: StageContext,
+        model: nn.Module,
+        train: ImageSet,
+        val: ImageSet,
+        augmentation: Augmentation | None,
+    ) -> TrainResult:
+        job = Job(ctx, train, val, augmentation)
+        self.check(job)
+        return self.fit(job, start(ctx, model, self.name))
+
+    def check(self, job: Job) -> None:
+        """Reject unusable inputs before anything is seeded or copied."""
+        if self.needs_groups:
+            require_groups(job.train, self.name)
+
+    @abstractmethod
+    def fit(self, job: Job, run: Start) -> TrainResult:
+        """Train ``run.net`` (the copy) and return it."""
+
+
+class EpochTrainer(FineTuneTrainer):
+    """A skeleton whose body is :func:`run_epochs`: ``len(train) // batch_size`` optimizer steps
+    per epoch, the best epoch on ``val`` kept. Subclasses fill in :meth:`prepare`."""
+
+    def fit(self, job: Job, run: Start) -> TrainResult:
+        step = self.prepare(job, run)
+        steps = max(1, len(job.train) // run.budget.batch_size)
+        optimizer = make_optimizer(run.net, run.params, run.budget.lr)
+        return run_epochs(job.ctx, run.net, job.val, step, steps, run.budget, optimizer)
+
+    @abstractmethod
+    def prepare(self, job: Job, run: Start) -> StepFn:
+        """Build the per-run state (sampler, DRO weights, pairing) and the step: one batch,
+        returning (loss, metrics)."""

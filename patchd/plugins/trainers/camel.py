@@ -27,23 +27,13 @@ Hyperparameters (``patch.params.camel``): ``lambda`` 5.0 (MNIST-Correlation/Cele
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from patchd.abc import Augmentation, StageContext, Trainer, TrainResult
+from patchd.abc import Augmentation
 from patchd.exceptions import StageError
 from patchd.ml.data import ImageSet
-from patchd.ml.losses import GroupDRO, consistency_terms
-from patchd.plugins.trainers.base import (
-    BalancedSampler,
-    cell_counts,
-    cells_of,
-    groups_per_class,
-    make_optimizer,
-    run_epochs,
-    start,
-)
-from patchd.plugins.trainers.gdro import require_groups
+from patchd.ml.losses import consistency_terms
+from patchd.plugins.trainers.base import EpochTrainer, Job, Start, StepFn, StepOut, step_out
+from patchd.plugins.trainers.gdro import GroupBatches
 
 
 def merge_extra(train: ImageSet, extra: ImageSet | None) -> ImageSet:
@@ -84,64 +74,40 @@ def paired_views(
     return f, g
 
 
-class CamelTrainer(Trainer):
-    name = "camel"
-
-    def train(
-        self,
-        ctx: StageContext,
-        model: nn.Module,
-        train: ImageSet,
-        val: ImageSet,
-        augmentation: Augmentation | None,
-    ) -> TrainResult:
-        require_groups(train, self.name)
-        params, gen, device, net, budget = start(ctx, model, self.name)
-        views = paired_views(train, augmentation)
-        counts_from = train
-        extra = augmentation.extra if augmentation else None
-        if views is not None and extra is not None and len(extra):
-            raise StageError(
-                "camel got both paired translations and extra samples; one augmenter per run "
-                "(cyclegan for pairs, diffusion for extra samples)"
-            )
-        data = merge_extra(train, extra)
-        k = groups_per_class(data)
-        dro = GroupDRO(
-            cell_counts(counts_from, k).clamp(min=1) * (cell_counts(data, k) > 0),
-            eta=float(params.get("eta", 0.01)),
-            adj_coef=float(params.get("adj_coef", 1.0)),
-            class_conditional=True,
+def camel_inputs(job: Job) -> tuple[ImageSet, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The rows to sample (training plus any extra samples) and the paired translations."""
+    views = paired_views(job.train, job.augmentation)
+    extra = job.augmentation.extra if job.augmentation else None
+    if views is not None and extra is not None and len(extra):
+        raise StageError(
+            "camel got both paired translations and extra samples; one augmenter per run "
+            "(cyclegan for pairs, diffusion for extra samples)"
         )
-        cells = cells_of(data, k)
-        sampler = BalancedSampler(cells, budget.batch_size, gen)
-        lam = float(params.get("lambda", 5.0))
-        n_cells = int(dro.valid.sum())
+    return merge_extra(job.train, extra), views
 
-        def step() -> tuple[torch.Tensor, dict[str, float]]:
-            idx = sampler()
-            x, y = data.x[idx].to(device), data.y[idx].to(device)
+
+class CamelTrainer(EpochTrainer):
+    name = "camel"
+    needs_groups = True
+
+    def prepare(self, job: Job, run: Start) -> StepFn:
+        data, views = camel_inputs(job)
+        batches = GroupBatches(run, data, class_conditional=True, counted=job.train)
+        lam = float(run.params.get("lambda", 5.0))
+        n_cells = int(batches.dro.valid.sum())
+        net, device = run.net, run.device
+
+        def step() -> StepOut:
+            idx = batches.draw()
+            x = data.x[idx].to(device)
             if views is None:
-                logits = net(x)
-                robust = dro.loss(
-                    F.cross_entropy(logits, y, reduction="none"), cells[idx].to(device)
-                )
-                return robust, {"loss": float(robust.detach()), "robust": float(robust.detach())}
+                robust = batches.robust_loss(net(x), idx)
+                return step_out(robust, robust=robust)
             n = len(idx)
-            both = torch.cat([x, views[0][idx].to(device), views[1][idx].to(device)])
-            logits = net(both)
-            robust = dro.loss(
-                F.cross_entropy(logits[:n], y, reduction="none"), cells[idx].to(device)
-            )
+            logits = net(torch.cat([x, views[0][idx].to(device), views[1][idx].to(device)]))
+            robust = batches.robust_loss(logits[:n], idx)
             probs = torch.softmax(logits, dim=1)
             cons = consistency_terms(probs[:n], probs[n : 2 * n], probs[2 * n :]).mean() * n_cells
-            loss = robust + lam * cons
-            return loss, {
-                "loss": float(loss.detach()),
-                "robust": float(robust.detach()),
-                "consistency": float(cons.detach()),
-            }
+            return step_out(robust + lam * cons, robust=robust, consistency=cons)
 
-        steps = max(1, len(train) // budget.batch_size)
-        optimizer = make_optimizer(net, params, budget.lr)
-        return run_epochs(ctx, net, val, step, steps, budget, optimizer)
+        return step

@@ -19,12 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from patchd.abc import Augmentation, StageContext, Trainer, TrainResult
+from patchd.abc import StageContext, TrainResult
 from patchd.exceptions import StageError
-from patchd.ml.data import ImageSet
 from patchd.ml.models import features, last_linear
-from patchd.ml.training import seed_everything
-from patchd.plugins.trainers.base import clone_to, pick_device
+from patchd.plugins.trainers.base import FineTuneTrainer, Job, Start
 
 DEFAULT_CS = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
 
@@ -54,28 +52,21 @@ def fit_logreg(feats: np.ndarray, y: np.ndarray, c: float, seed: int) -> Any:
     return model.fit(feats, y)
 
 
-class DFRTrainer(Trainer):
+class DFRTrainer(FineTuneTrainer):
     name = "dfr"
 
-    def train(
-        self,
-        ctx: StageContext,
-        model: nn.Module,
-        train: ImageSet,
-        val: ImageSet,
-        augmentation: Augmentation | None,
-    ) -> TrainResult:
-        if not val.has_groups:
+    def check(self, job: Job) -> None:
+        if not job.val.has_groups:
             raise StageError(
                 "dfr retrains the last layer on group-balanced validation data, but the "
                 "validation split has unknown subgroups; give it group attributes or use the "
                 "camel/gdro trainer"
             )
-        start = time.monotonic()
-        params: dict[str, Any] = ctx.plugin_params(self.name)
-        seed_everything(ctx.seed)
+
+    def fit(self, job: Job, run: Start) -> TrainResult:
+        began = time.monotonic()
+        ctx, val, params, net = job.ctx, job.val, run.params, run.net
         rng = np.random.default_rng(ctx.seed)
-        net = clone_to(model, pick_device(ctx))
         feats = features(net, val.x).numpy().astype(np.float64)
         mean, scale = feats.mean(0), feats.std(0) + 1e-6
         z = (feats - mean) / scale
@@ -90,7 +81,7 @@ class DFRTrainer(Trainer):
         )
         net.eval()
         ctx.progress(1.0, f"dfr: C={best_c}")
-        seconds = time.monotonic() - start
+        seconds = time.monotonic() - began
         return TrainResult(model=net, epochs=1, seconds=seconds, history=({"C": best_c},))
 
     def tune_c(

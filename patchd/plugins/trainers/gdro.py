@@ -10,62 +10,62 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from patchd.abc import Augmentation, StageContext, Trainer, TrainResult
-from patchd.exceptions import StageError
 from patchd.ml.data import ImageSet
 from patchd.ml.losses import GroupDRO
 from patchd.plugins.trainers.base import (
     BalancedSampler,
+    EpochTrainer,
+    Job,
+    Start,
+    StepFn,
+    StepOut,
     cell_counts,
     cells_of,
     groups_per_class,
-    make_optimizer,
-    run_epochs,
-    start,
+    step_out,
 )
 
 
-def require_groups(train: ImageSet, trainer: str) -> None:
-    if not train.has_groups:
-        raise StageError(
-            f"the {trainer} trainer needs a subgroup per training example but some are unknown "
-            "(g = -1); run a miner first (patch.miner: svm) or give the data group attributes"
+class GroupBatches:
+    """Group-balanced batches of ``data`` and the Group DRO loss over their cells (``eta`` and
+    ``adj_coef`` from the trainer's params). The cell sizes of the C/√n adjustment are those of
+    ``counted`` (default ``data``); a cell with rows in ``data`` alone counts as 1."""
+
+    def __init__(
+        self, run: Start, data: ImageSet, class_conditional: bool, counted: ImageSet | None = None
+    ) -> None:
+        k = groups_per_class(data)
+        seen = cell_counts(data if counted is None else counted, k)
+        self.dro = GroupDRO(
+            seen.clamp(min=1) * (cell_counts(data, k) > 0),
+            eta=float(run.params.get("eta", 0.01)),
+            adj_coef=float(run.params.get("adj_coef", 1.0)),
+            class_conditional=class_conditional,
         )
+        self.y = data.y
+        self.cells = cells_of(data, k)
+        self.draw = BalancedSampler(self.cells, run.budget.batch_size, run.gen)
+
+    def robust_loss(self, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The Group DRO loss of rows ``idx`` given their logits (updates the group weights)."""
+        losses = F.cross_entropy(logits, self.y[idx].to(logits.device), reduction="none")
+        return self.dro.loss(losses, self.cells[idx].to(logits.device))
 
 
-class GroupDROTrainer(Trainer):
+class GroupDROTrainer(EpochTrainer):
     name = "gdro"
+    needs_groups = True
     class_conditional_default = False
 
-    def train(
-        self,
-        ctx: StageContext,
-        model: nn.Module,
-        train: ImageSet,
-        val: ImageSet,
-        augmentation: Augmentation | None,
-    ) -> TrainResult:
-        require_groups(train, self.name)
-        params, gen, device, net, budget = start(ctx, model, self.name)
-        k = groups_per_class(train)
-        dro = GroupDRO(
-            cell_counts(train, k),
-            eta=float(params.get("eta", 0.01)),
-            adj_coef=float(params.get("adj_coef", 1.0)),
-            class_conditional=bool(params.get("class_conditional", self.class_conditional_default)),
-        )
-        cells = cells_of(train, k)
-        sampler = BalancedSampler(cells, budget.batch_size, gen)
+    def prepare(self, job: Job, run: Start) -> StepFn:
+        train = job.train
+        cc = bool(run.params.get("class_conditional", self.class_conditional_default))
+        batches = GroupBatches(run, train, cc)
 
-        def step() -> tuple[torch.Tensor, dict[str, float]]:
-            idx = sampler()
-            logits = net(train.x[idx].to(device))
-            losses = F.cross_entropy(logits, train.y[idx].to(device), reduction="none")
-            loss = dro.loss(losses, cells[idx].to(device))
-            return loss, {"loss": float(loss.detach())}
+        def step() -> StepOut:
+            idx = batches.draw()
+            loss = batches.robust_loss(run.net(train.x[idx].to(run.device)), idx)
+            return step_out(loss)
 
-        steps = max(1, len(train) // budget.batch_size)
-        optimizer = make_optimizer(net, params, budget.lr)
-        return run_epochs(ctx, net, val, step, steps, budget, optimizer)
+        return step
