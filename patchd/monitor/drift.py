@@ -1,14 +1,25 @@
-"""The one evidently adapter: label-free drift of each subgroup against the reference.
+"""Label-free drift of each subgroup against the reference, in numpy/scipy.
 
 Signals, per subgroup: ``prediction`` (predicted-class mix, Jensen-Shannon distance),
 ``confidence`` (max-probability, Wasserstein distance normed by the reference's spread) and
-``embedding`` (cosine distance of mean embeddings, evidently's ``DistanceDriftMethod`` called
-directly, never the t-SNE report path); over all traffic, ``group_mix`` (subgroup shares,
-Jensen-Shannon). Every result is marked ``label_free``: these say the inputs or the model's
+``embedding`` (cosine distance of mean embeddings); over all traffic, ``group_mix`` (subgroup
+shares, Jensen-Shannon). Every result is marked ``label_free``: these say the inputs or the model's
 behaviour moved, never what the accuracy is.
 
-evidently is imported inside the functions (it takes seconds to import and ``patchd serve`` must
-start without it); its stat-test objects are called directly, which costs milliseconds.
+The three distances are evidently's (0.7.x) definitions, reimplemented on the scipy primitives
+evidently itself calls, so the core install needs neither evidently nor pandas:
+
+- :func:`js_distance` is ``jensenshannon_stat_test`` on a categorical column
+  (``get_binned_data(..., feel_zeroes=False)``: per-value counts over the union of the non-NaN
+  values of both samples, divided by each sample's length; natural-log ``jensenshannon``).
+- :func:`wasserstein_normed` is ``wasserstein_stat_test``: ``wasserstein_distance(ref, cur)``
+  divided by ``max(std(ref), 0.001)`` (population std).
+- :func:`mean_cosine_distance` is ``DistanceDriftMethod(dist="cosine")`` without bootstrap or PCA:
+  the cosine distance of the two mean embeddings.
+
+Drift is ``score >= threshold`` for the first two and ``score > threshold`` for the embedding, as
+in evidently. ``tests/unit/test_monitor_drift.py`` checks the three against evidently to 1e-9 when
+the ``patchd[evidently]`` extra is installed.
 """
 
 from __future__ import annotations
@@ -17,6 +28,8 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.spatial.distance import cosine, jensenshannon
+from scipy.stats import wasserstein_distance
 
 from patchd.config import MonitorConfig
 from patchd.monitor.groups import ALL
@@ -46,37 +59,53 @@ def _expand(mix: tuple[float, ...] | np.ndarray, n: int) -> np.ndarray:
     return np.repeat(np.arange(len(counts)), counts)
 
 
-def _categorical(ref: np.ndarray, cur: np.ndarray, threshold: float) -> tuple[float, bool, str]:
-    import pandas as pd
-    from evidently.legacy.calculations.stattests import jensenshannon_stat_test
-    from evidently.legacy.core import ColumnType
+def js_distance(ref: np.ndarray, cur: np.ndarray) -> float:
+    """Jensen-Shannon distance (natural log) of two categorical samples' value frequencies."""
+    ref, cur = np.asarray(ref).ravel(), np.asarray(cur).ravel()
+    ref_ok, cur_ok = ref[~_isnan(ref)], cur[~_isnan(cur)]
+    keys, codes = np.unique(np.concatenate([ref_ok, cur_ok]), return_inverse=True)
+    ref_counts = np.bincount(codes[: len(ref_ok)], minlength=len(keys))
+    cur_counts = np.bincount(codes[len(ref_ok) :], minlength=len(keys))
+    return float(jensenshannon(ref_counts / len(ref), cur_counts / len(cur)))
 
-    res = jensenshannon_stat_test(pd.Series(ref), pd.Series(cur), ColumnType.Categorical, threshold)
-    return float(res.drift_score), bool(res.drifted), "jensenshannon"
+
+def wasserstein_normed(ref: np.ndarray, cur: np.ndarray) -> float:
+    """1-D Wasserstein distance divided by the reference's std (floored at 0.001)."""
+    norm = max(float(np.std(ref)), 0.001)
+    return float(wasserstein_distance(ref, cur)) / norm
+
+
+def mean_cosine_distance(ref: np.ndarray, cur: np.ndarray) -> float:
+    """Cosine distance of the mean rows of two embedding matrices (one row per sample)."""
+    ref_mean = np.atleast_2d(np.asarray(ref, dtype=np.float64)).mean(axis=0)
+    cur_mean = np.atleast_2d(np.asarray(cur, dtype=np.float64)).mean(axis=0)
+    return float(cosine(ref_mean, cur_mean))
+
+
+def _isnan(values: np.ndarray) -> np.ndarray:
+    if values.dtype.kind in "fc":
+        return np.isnan(values)
+    return np.zeros(values.shape, dtype=bool)
+
+
+def _categorical(ref: np.ndarray, cur: np.ndarray, threshold: float) -> tuple[float, bool, str]:
+    score = js_distance(ref, cur)
+    return score, score >= threshold, "jensenshannon"
 
 
 def _numerical(ref: np.ndarray, cur: np.ndarray, threshold: float) -> tuple[float, bool, str]:
-    import pandas as pd
-    from evidently.legacy.calculations.stattests import wasserstein_stat_test
-    from evidently.legacy.core import ColumnType
-
     if np.std(ref) == 0:  # normed Wasserstein is undefined; fall back to the raw mean shift
         score = float(abs(np.mean(cur) - np.mean(ref)))
         return score, score >= threshold, "mean_shift"
-    res = wasserstein_stat_test(pd.Series(ref), pd.Series(cur), ColumnType.Numerical, threshold)
-    return float(res.drift_score), bool(res.drifted), "wasserstein"
+    score = wasserstein_normed(ref, cur)
+    return score, score >= threshold, "wasserstein"
 
 
 def _embedding(
     ref_mean: tuple[float, ...], cur: np.ndarray, threshold: float
 ) -> tuple[float, bool, str]:
-    import pandas as pd
-    from evidently.metrics.embeddings import DistanceDriftMethod
-
-    ref_df = pd.DataFrame([list(ref_mean)])
-    cur_df = pd.DataFrame(cur.astype(np.float64))
-    score, drifted, _ = DistanceDriftMethod(dist="cosine", threshold=threshold)(cur_df, ref_df)
-    return float(score), bool(drifted), "cosine_distance"
+    score = mean_cosine_distance(np.asarray(ref_mean), cur)
+    return score, score > threshold, "cosine_distance"
 
 
 def group_drift(
@@ -147,6 +176,6 @@ def all_drift(
         mix = mix_drift(ref, traffic, group_names, config)
         if mix is not None:
             out.append(mix)
-    except (ValueError, ImportError) as err:
+    except ValueError as err:
         log.warning("model=%s: drift computation failed: %s", ref.model, err)
     return tuple(out)
