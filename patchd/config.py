@@ -6,6 +6,13 @@ object is passed down; nothing reads the environment or the file at import time.
 Environment overrides use ``__`` between levels: ``PATCHD_API__PORT=9000`` sets ``api.port``,
 ``PATCHD_REDIS__URL=redis://...`` sets ``redis.url``. Values are parsed as YAML scalars, so
 ``PATCHD_GATE__AUTO_PROMOTE=true`` is a boolean.
+
+Paths: every path field is typed :data:`ConfigPath` (``sources.tail.*.glob`` is
+:data:`ConfigGlob`); ``~`` is expanded, URLs are refused, and when :func:`load_config` reads a
+file, a relative path is resolved once, at load time, against that file's directory, whichever
+layer it came from (default, file, ``PATCHD_*`` or ``overrides``), as ``state_dir`` always was.
+Without a config file relative paths stay relative (to the working directory). Free-form
+plugin parameters are rebased for the well-known keys in :data:`PARAM_PATH_KEYS`.
 """
 
 from __future__ import annotations
@@ -13,15 +20,60 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic import ValidationError as PydanticValidationError
 
 from patchd.exceptions import ConfigError
 
 ENV_PREFIX = "PATCHD_"
+# keys of ``patch.params.<plugin>`` that hold a path (defuse's ``labels_file``)
+PARAM_PATH_KEYS = frozenset({"labels_file"})
+
+
+def _expand(value: str) -> Path:
+    """``value`` as a path with ``~`` expanded; a URL is an error (no path field takes one)."""
+    if "://" in value:
+        raise ValueError(f"must be a filesystem path, not a URL ({value!r})")
+    try:
+        return Path(value).expanduser()
+    except RuntimeError as err:  # ~user with no such user
+        raise ValueError(f"cannot expand {value!r}: {err}") from None
+
+
+def _base_dir(info: ValidationInfo) -> Path | None:
+    """The config file's directory, passed by :func:`build_config` as validation context."""
+    base = (info.context or {}).get("base_dir")
+    return Path(base) if base is not None else None
+
+
+def _config_path(value: Any, info: ValidationInfo) -> Any:
+    if not isinstance(value, str | Path):
+        return value  # left to the type check
+    path, base = _expand(str(value)), _base_dir(info)
+    return path if base is None or path.is_absolute() else (base / path).resolve()
+
+
+def _config_glob(value: Any, info: ValidationInfo) -> Any:
+    if not isinstance(value, str):
+        return value
+    path, base = _expand(value), _base_dir(info)
+    return str(path if base is None or path.is_absolute() else base / path)  # globs: no resolve
+
+
+# A filesystem path in the config (see the module docstring); a glob pattern, rebased the same way.
+ConfigPath = Annotated[Path, BeforeValidator(_config_path)]
+ConfigGlob = Annotated[str, BeforeValidator(_config_glob)]
 
 
 class Section(BaseModel):
@@ -34,7 +86,7 @@ class ModelConfig(Section):
     name: str = Field("model", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     factory: str = "patchd.ml.models:small_cnn"  # module:callable returning an nn.Module
     factory_kwargs: dict[str, Any] = Field(default_factory=dict)
-    weights: Path | None = None  # safetensors file of the initial production model
+    weights: ConfigPath | None = None  # safetensors file of the initial production model
     class_names: list[str] = Field(default_factory=lambda: ["0", "1"], min_length=2)
 
     @field_validator("factory")
@@ -58,8 +110,8 @@ class DatasetSpec(Section):
     kind: Literal["colored-digits", "colored-fmnist", "image-csv", "wilds-metadata"] = (
         "colored-digits"
     )
-    root: Path | None = None  # image folder or data directory for image-csv / wilds-metadata
-    csv: Path | None = None
+    root: ConfigPath | None = None  # image folder or data directory for image-csv / wilds-metadata
+    csv: ConfigPath | None = None
     group_columns: list[str] = Field(default_factory=list)
     # side of the square images; None: the kind's native size (digits 16, fmnist 28, csv 64)
     image_size: int | None = Field(None, ge=8, le=512)
@@ -81,7 +133,7 @@ class DataConfig(Section):
 class TailSourceConfig(Section):
     name: str = "jsonl"
     kind: Literal["jsonl", "bentoml", "mapping"] = "jsonl"
-    glob: str
+    glob: ConfigGlob
     poll_interval_s: float = Field(0.5, gt=0)
     mapping: dict[str, str] = Field(default_factory=dict)  # field -> dotted path, for kind=mapping
 
@@ -102,7 +154,7 @@ class CloudEventSourceConfig(Section):
 
 
 class SourcesConfig(Section):
-    allowed_roots: list[Path] = Field(
+    allowed_roots: list[ConfigPath] = Field(
         default_factory=list
     )  # roots input URIs and tail globs may use
     tail: list[TailSourceConfig] = Field(default_factory=list)
@@ -153,17 +205,32 @@ class PatchConfig(Section):
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     params: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per-plugin hyperparameters
     seed: int = 0
-    clip_checkpoint: Path | None = None  # local open_clip checkpoint for the miner (optional)
-    diffusion_checkpoint: Path | None = None  # local Stable Diffusion directory (optional)
+    clip_checkpoint: ConfigPath | None = None  # local open_clip checkpoint for the miner (optional)
+    diffusion_checkpoint: ConfigPath | None = None  # local Stable Diffusion directory (optional)
     queues: dict[str, str] = Field(default_factory=dict)  # stage -> queue name (default: patchd)
     stage_timeout_s: dict[str, int] = Field(default_factory=dict)
     retries: int = Field(2, ge=0, le=10)
-    # pipeline (patchd.runs.component / patchd worker): poll tick, worker heartbeats, torch threads per job
+    # pipeline (patchd.runs.component / patchd worker): poll tick, worker heartbeats,
+    # torch threads per job
     poll_interval_s: float = Field(1.0, gt=0)
     job_monitoring_interval_s: int = Field(30, ge=1)  # worker heartbeat period while a job runs
     heartbeat_grace_s: int = Field(60, ge=2)  # a silent worker's job is abandoned after this
     torch_threads: int = Field(0, ge=0)  # 0 = half the cores (see workers.worker.default_threads)
     slice_limit: int = Field(50_000, ge=1)  # newest labeled events exported to a run
+
+    @field_validator("params")
+    @classmethod
+    def _param_paths(
+        cls, v: dict[str, dict[str, Any]], info: ValidationInfo
+    ) -> dict[str, dict[str, Any]]:
+        """Rebase the well-known path keys (:data:`PARAM_PATH_KEYS`) of each plugin's params."""
+        out: dict[str, dict[str, Any]] = {}
+        for plugin, params in v.items():
+            out[plugin] = {
+                k: str(_config_path(x, info)) if k in PARAM_PATH_KEYS and isinstance(x, str) else x
+                for k, x in params.items()
+            }
+        return out
 
 
 class GateConfig(Section):
@@ -184,13 +251,13 @@ class HookConfig(Section):
 
 
 class RegistryConfig(Section):
-    root: Path | None = None  # default: <state_dir>/registry
+    root: ConfigPath | None = None  # default: <state_dir>/registry
     keep_versions: int = Field(10, ge=1)
     hooks: HookConfig = Field(default_factory=HookConfig)
 
 
 class StoreConfig(Section):
-    path: Path | None = None  # default: <state_dir>/patchd.db
+    path: ConfigPath | None = None  # default: <state_dir>/patchd.db
     batch_size: int = Field(5000, ge=1)
     flush_interval_s: float = Field(0.05, gt=0)
     retention_days: float = Field(30.0, gt=0)
@@ -209,7 +276,7 @@ class ApiConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8321, ge=0, le=65535)
     allowed_hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1", "localhost", "[::1]"])
-    token_file: Path | None = (
+    token_file: ConfigPath | None = (
         None  # lines of `token scope[,scope]`; env PATCHD_TOKEN adds one admin
     )
     max_body_bytes: int = Field(16 << 20, ge=1024)
@@ -217,11 +284,11 @@ class ApiConfig(Section):
 
 
 class ArtifactsConfig(Section):
-    root: Path | None = None  # default: <state_dir>/artifacts
+    root: ConfigPath | None = None  # default: <state_dir>/artifacts
 
 
 class Config(Section):
-    state_dir: Path = Path(".patchd")
+    state_dir: ConfigPath = Field(Path(".patchd"), validate_default=True)
     log_level: str = "INFO"
     model: ModelConfig = Field(default_factory=ModelConfig)
     groups: GroupsConfig = Field(default_factory=GroupsConfig)
@@ -303,13 +370,18 @@ def build_config(
     file_data: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    *,
+    base_dir: Path | None = None,
 ) -> Config:
-    """Layer defaults < file < environment < CLI overrides and validate once."""
+    """Layer defaults < file < environment < CLI overrides and validate once.
+
+    With ``base_dir``, every relative path (whichever layer it came from) resolves against it.
+    """
     data = _merge({}, file_data or {})
     data = _merge(data, env_overrides(environ or {}))
     data = _merge(data, overrides or {})
     try:
-        return Config.model_validate(data)
+        return Config.model_validate(data, context={"base_dir": base_dir})
     except PydanticValidationError as err:
         raise ConfigError("invalid configuration:\n" + format_errors(err)) from None
 
@@ -333,17 +405,12 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Config:
-    """Read the YAML file (if any), apply ``PATCHD_*`` env and CLI overrides, validate."""
+    """Read the YAML file (if any), apply ``PATCHD_*`` env and CLI overrides, validate.
+
+    Relative paths resolve against the file's directory, also those set by ``PATCHD_*`` variables
+    or ``overrides`` (one rule for a whole process: serve and workers agree wherever they start).
+    """
     file_data = read_yaml(path) if path is not None else {}
     env = os.environ if environ is None else environ
-    config = build_config(file_data, env, overrides)
-    if path is not None:
-        config = _relative_to(config, path.parent)
-    return config
-
-
-def _relative_to(config: Config, base: Path) -> Config:
-    """Relative paths in a config file are relative to the file's directory."""
-    if config.state_dir.is_absolute():
-        return config
-    return config.model_copy(update={"state_dir": (base / config.state_dir).resolve()})
+    base_dir = path.parent.resolve() if path is not None else None
+    return build_config(file_data, env, overrides, base_dir=base_dir)
