@@ -107,9 +107,14 @@ class GroupsConfig(Section):
 
 
 class DatasetSpec(Section):
-    kind: Literal["colored-digits", "colored-fmnist", "image-csv", "wilds-metadata"] = (
-        "colored-digits"
-    )
+    kind: Literal[
+        "colored-digits",
+        "colored-fmnist",
+        "image-csv",
+        "sticker-fmnist",
+        "texture-fmnist",
+        "wilds-metadata",
+    ] = "colored-digits"
     root: ConfigPath | None = None  # image folder or data directory for image-csv / wilds-metadata
     csv: ConfigPath | None = None
     group_columns: list[str] = Field(default_factory=list)
@@ -144,7 +149,11 @@ class CloudEventSourceConfig(Section):
     enabled: bool = True
     ttl_s: float = Field(30.0, gt=0)  # how long a half waits for its other half
     max_pending: int = Field(100_000, ge=1)  # halves buffered at most; the oldest expire first
-    max_pending_bytes: int = Field(256 << 20, ge=1 << 20)  # inline inputs held while waiting
+    # estimated total size of the buffered halves (predictions, inputs, overhead); past it the
+    # oldest halves expire early (orphans)
+    max_pending_bytes: int = Field(256 << 20, ge=1 << 20)
+    max_instances: int = Field(1024, ge=1)  # instances per CloudEvent; more: a counted 400
+    max_decompressed_bytes: int = Field(16 << 20, ge=1024)  # a gzip body inflates to at most
     model: str | None = None  # model name override (default: ce-inferenceservicename)
     group_headers: dict[str, str] = Field(default_factory=dict)  # metadata header -> group attr
     input_uri_header: str = "x-patchd-input-uri"  # metadata header with the input URI(s)
@@ -158,7 +167,14 @@ class SourcesConfig(Section):
         default_factory=list
     )  # roots input URIs and tail globs may use
     tail: list[TailSourceConfig] = Field(default_factory=list)
-    max_inline_bytes: int = Field(1 << 20, ge=1024)  # base64 inline inputs
+    max_inline_bytes: int = Field(1 << 20, ge=1024)  # one inline input, decoded bytes
+    max_inline_bytes_per_request: int = Field(32 << 20, ge=1024)  # all inline inputs of a batch
+    max_image_pixels: int = Field(4096 * 4096, ge=64)  # an inline input decodes to at most
+    max_inputs_bytes: int = Field(10 << 30, ge=1 << 20)  # <artifacts>/inputs on disk; then refused
+    max_events_per_request: int = Field(50_000, ge=1)  # records in one HTTP body; more: a 413
+    # '[' + '{' bytes in one HTTP body or CloudEvent, counted before parsing: a parsed container
+    # costs ~70 bytes, so this bounds what `[[],[],...]` costs (more: a 413 / counted 400)
+    max_json_containers: int = Field(1_000_000, ge=1000)
     kserve: CloudEventSourceConfig = Field(default_factory=CloudEventSourceConfig)
     seldon: CloudEventSourceConfig = Field(default_factory=CloudEventSourceConfig)
 
@@ -181,11 +197,24 @@ class MonitorConfig(Section):
     drift_window: int = Field(5000, ge=100)  # newest predictions (labeled or not) drift looks at
     drift_min_samples: int = Field(200, ge=5)  # per group, in reference and current, to test drift
     warning_confidence_drop: float = Field(0.05, ge=0, le=1)  # drift + this drop -> warning
+    # the labeled test's in-control rate and threshold (patchd.monitor.policy): "guaranteed" (the
+    # reference's lower bound, the analytic bound at `confidence` over `horizon_events`) or
+    # "simulated" (the reference's point estimate, h from simulated horizons of the reference's
+    # own rates drawn from their posterior: the budget of "0 false alarms over the horizon")
+    alarm: Literal["guaranteed", "simulated"] = "guaranteed"
+
+
+# "estimated": the label-free "estimated degraded" state (patchd.monitor.estimate) opens a run
+TriggerKind = Literal["degraded", "warning", "estimated"]
+
+
+def _degraded_only() -> list[TriggerKind]:
+    return ["degraded"]
 
 
 class TriggerConfig(Section):
     enabled: bool = True
-    on: list[Literal["degraded", "warning"]] = Field(default_factory=lambda: ["degraded"])
+    on: list[TriggerKind] = Field(default_factory=_degraded_only)
     min_interval_s: float = Field(3600.0, ge=0)
 
 
@@ -198,11 +227,28 @@ class BudgetConfig(Section):
     samples_per_cell: int = Field(256, ge=1)
 
 
+class FidelityConfig(Section):
+    """When a run's subgroup translations are used (patchd.ml.fidelity; docs in the README).
+
+    Every synthesize stage that produces paired translations measures them on the validation
+    split; a class whose translations miss a threshold gets the identity instead, so the camel
+    trainer drops its consistency term there and falls back to class-conditional Group DRO.
+    """
+
+    enabled: bool = True
+    min_flip_rate: float = Field(0.8, ge=0, le=1)  # an independent group judge sees the target
+    min_tttr: float = Field(0.75, ge=0, le=1)  # a judge trained on translations, tested on real
+    min_class_kept_ratio: float = Field(0.9, ge=0, le=1)  # class kept / the real cell's figure
+    judge_steps: int = Field(300, ge=10, le=100_000)
+    keep_unmeasured: bool = True  # no reference groups (mined runs): keep, and say so
+
+
 class PatchConfig(Section):
-    miner: str = "svm"
-    augmenter: str = "none"  # none | cyclegan | diffusion | vae | module:Class
+    miner: str = "subgroup"  # or "svm" (failure directions, Jain et al.), or "module:Class"
+    augmenter: str = "none"  # none | maskpaste | cyclegan | diffusion | vae | module:Class
     trainer: str = "erm"  # erm | gdro | dfr | camel | defuse | module:Class
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    fidelity: FidelityConfig = Field(default_factory=FidelityConfig)
     params: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per-plugin hyperparameters
     seed: int = 0
     clip_checkpoint: ConfigPath | None = None  # local open_clip checkpoint for the miner (optional)
@@ -264,6 +310,8 @@ class StoreConfig(Section):
     max_rows: int = Field(5_000_000, ge=1000)
     synchronous: Literal["NORMAL", "FULL"] = "NORMAL"  # FULL: durable across power loss, slower
     retention_interval_s: float = Field(300.0, gt=0)
+    max_pending_labels: int = Field(1_000_000, ge=1)  # labels waiting for their prediction
+    pending_label_ttl_s: float = Field(7 * 86400.0, gt=0)  # a waiting label expires after
 
 
 class RedisConfig(Section):
@@ -281,6 +329,33 @@ class ApiConfig(Section):
     )
     max_body_bytes: int = Field(16 << 20, ge=1024)
     ingest_queue_max: int = Field(200_000, ge=1)  # events waiting to be written (~300 B each)
+
+
+class UiConfig(Section):
+    enabled: bool = False  # the approval pages under /ui (patchd/ui/)
+    anonymous_read: bool = False  # pages readable without logging in (actions still need a login)
+    session_ttl_s: float = Field(8 * 3600.0, ge=60)  # a login lasts this long
+    secure_cookie: bool = False  # set when serve is reached over HTTPS (a TLS proxy in front)
+    public_url: str | None = None  # base URL people open (links in notifications); default api
+
+
+NotifyOn = Literal["awaiting_approval", "fail", "inconclusive"]
+
+
+def _awaiting_only() -> list[NotifyOn]:
+    return ["awaiting_approval"]
+
+
+class WebhookConfig(Section):
+    url: str = Field(..., pattern=r"^https?://")
+    format: Literal["slack", "generic"] = "generic"  # slack: an incoming-webhook message
+    on: list[NotifyOn] = Field(default_factory=_awaiting_only)  # which gate outcomes notify
+    timeout_s: float = Field(5.0, gt=0)
+    retries: int = Field(2, ge=0, le=10)
+
+
+class NotifyConfig(Section):
+    webhooks: list[WebhookConfig] = Field(default_factory=list)  # candidate notifications
 
 
 class ArtifactsConfig(Section):
@@ -303,6 +378,8 @@ class Config(Section):
     redis: RedisConfig = Field(default_factory=RedisConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
     artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)
+    ui: UiConfig = Field(default_factory=UiConfig)
+    notify: NotifyConfig = Field(default_factory=NotifyConfig)
 
     @model_validator(mode="after")
     def _groups_bounded(self) -> Config:

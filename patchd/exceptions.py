@@ -79,3 +79,11 @@ class IntegrityError(PatchdError):
 
 class DatasetError(StageError):
     """A dataset (CSV, metadata, image files) is malformed; the message names the file and row."""
+
+
+class DiskFullError(PatchdError):
+    """A disk serve writes (the store, artifacts/inputs) is full; retry after ``retry_after``."""
+
+    def __init__(self, what: str, retry_after: float = 30.0) -> None:
+        self.retry_after = retry_after
+        super().__init__(f"disk full: {what}; free space or raise the limit, then retry")

@@ -51,8 +51,11 @@ def _host(scope: Scope) -> str:
     for key, value in scope.get("headers", ()):
         if key == b"host":
             text = value.decode("latin-1").lower()
-            if text.startswith("["):  # [::1]:8321
-                return text[: text.find("]") + 1]
+            if text.startswith("["):  # [::1]:8321; "[::1]evil" is not [::1]
+                end = text.find("]") + 1
+                rest = text[end:]
+                ok = end > 0 and (not rest or (rest[0] == ":" and rest[1:].isdigit()))
+                return text[:end] if ok else text
             return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
     return ""
 

@@ -18,6 +18,7 @@ import hmac
 import logging
 import os
 import secrets
+import stat
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,8 +82,12 @@ def _checked(token: str, where: str) -> str:
 
 
 def read_token_file(path: Path) -> list[tuple[str, Principal]]:
-    """Parse ``<token> <scope[,scope]> [name]`` lines; errors name the line."""
+    """Parse ``<token> <scope[,scope]> [name]`` lines; errors name the line.
+
+    The file must be private (:func:`check_private`): a token file others can read is refused.
+    """
     try:
+        check_private(path)
         lines = path.read_text().splitlines()
     except OSError as err:
         raise ConfigError(f"api.token_file: cannot read {path}: {err.strerror}") from None
@@ -102,6 +107,23 @@ def read_token_file(path: Path) -> list[tuple[str, Principal]]:
         name = parts[2] if len(parts) == 3 else f"token{number}"
         entries.append((_checked(parts[0], where), Principal(name, scopes)))
     return entries
+
+
+def check_private(path: Path) -> None:
+    """ConfigError when accounts other than serve's could read or change the secret ``path``.
+
+    Refused: any permission for others, write for the group, and read for a group that is not
+    one of this process's own (a Kubernetes Secret mounted ``0440`` with ``fsGroup`` = serve's
+    group passes; ``0644`` does not).
+    """
+    st = os.stat(path)
+    mode = stat.S_IMODE(st.st_mode)
+    own_group = st.st_gid == os.getegid() or st.st_gid in os.getgroups()
+    if mode & 0o007 or mode & 0o020 or (mode & 0o040 and not own_group):
+        raise ConfigError(
+            f"api.token_file {path} has mode {mode:04o}: other accounts can read its tokens; "
+            f"run `chmod 600 {path}` (or 0640 with serve's own group)"
+        )
 
 
 def ensure_admin_token(state_dir: Path) -> str:

@@ -6,6 +6,13 @@
 2. JSONL tailing: the same number of events in one file, moved into the tailed directory at
    once; events/s until the tailer's committed count reaches it.
 3. serve's peak RSS (psutil, sampled every 100 ms), and RSS with ``--events`` rows stored.
+4. Late labels, on the store the phases above filled (``2 x --events`` rows), two ways:
+   *few pending*: before each joining batch, :data:`FEW_PENDING` labels arrive for ids of that
+   batch (fewer labels wait than the batch holds); *backlog*: :data:`LATE_BACKLOG` labels for ids
+   that have no prediction yet wait in ``pending_labels``, and each joining batch attaches
+   :data:`LATE_BATCH` of them. Joining batches alternate with plain ones of the same size
+   (:data:`LATE_BATCH` events, nothing to join); p50 commit latency of each, and the ratio of the
+   slower joining kind to plain (target: within 2x).
 
 Each of ``--repeat`` runs starts a fresh serve on an empty store; the table shows the median run
 and the JSON keeps every run. Writes ``benchmarks/results/ingest.json`` and prints a markdown table
@@ -38,6 +45,10 @@ TOKEN = "bench-token-0123456789abcdef0123"
 TARGET_EVENTS_PER_S = 100_000
 TARGET_RSS_MIB = 300
 SMALL_REQUESTS, SMALL_BATCH = 300, 100  # the latency phase: 100-event requests
+LATE_BATCHES, LATE_BATCH = 20, 1000  # the late-label phase: joining and plain batches, each
+FEW_PENDING = 25  # labels waiting before each few-pending joining batch (< LATE_BATCH)
+LATE_BACKLOG = 200_000  # labels waiting for their predictions in the backlog phase
+TARGET_JOIN_RATIO = 2.0  # joining batches within 2x the latency of plain ones
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,11 @@ class IngestBench:
     rss_after_http_mib: float
     rss_peak_mib: float
     stored: int
+    pending_labels_per_s: float  # labels stored as pending (no prediction yet)
+    plain_batch_p50_ms: float  # LATE_BATCH new predictions, nothing to join
+    few_pending_batch_p50_ms: float  # LATE_BATCH new predictions, FEW_PENDING of them joining
+    backlog_batch_p50_ms: float  # LATE_BATCH predictions joining, LATE_BACKLOG labels waiting
+    join_ratio: float  # the slower joining p50 / the plain p50
     targets_met: dict[str, bool]
     runs: list[dict[str, float]]  # per run: both rates, serve CPU rates, RSS
 
@@ -215,6 +231,57 @@ def run_tail(url: str, workdir: Path, events: int) -> float:
     return events / (time.perf_counter() - t0)
 
 
+@dataclass(frozen=True)
+class LateLabels:
+    pending_rate: float  # backlog labels stored per second
+    plain: list[float]  # seconds per batch
+    few: list[float]
+    backlog: list[float]
+    joined: int
+
+
+class _LateClient:
+    def __init__(self, client: httpx.Client) -> None:
+        self.client = client
+        self.joined = 0
+
+    def labels(self, prefix: str, ids: range) -> None:
+        labels = [{"id": f"{prefix}{i}", "label": i & 1} for i in ids]
+        self.client.post("/v1/labels", content=orjson.dumps(labels)).raise_for_status()
+
+    def timed_batch(self, prefix: str, start: int, times: list[float]) -> None:
+        body = orjson.dumps([_event(i, prefix) for i in range(start, start + LATE_BATCH)])
+        t0 = time.perf_counter()
+        r = self.client.post("/v1/predictions", content=body)
+        times.append(time.perf_counter() - t0)
+        r.raise_for_status()
+        self.joined += int(r.json()["joined"])
+
+
+def run_late_labels(url: str) -> LateLabels:
+    """Few-pending and backlog joining batches, each alternating with a plain batch."""
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    plain: list[float] = []
+    few: list[float] = []
+    backlog: list[float] = []
+    with httpx.Client(base_url=url, headers=headers, timeout=300) as client:
+        late = _LateClient(client)
+        for b in range(LATE_BATCHES):
+            start = b * LATE_BATCH
+            late.labels("few", range(start, start + FEW_PENDING))
+            late.timed_batch("few", start, few)
+            late.timed_batch("plain", start, plain)
+        t0 = time.perf_counter()
+        for start in range(0, LATE_BACKLOG, 10_000):
+            late.labels("late", range(start, start + 10_000))
+        pending_rate = LATE_BACKLOG / (time.perf_counter() - t0)
+        for b in range(LATE_BATCHES):
+            start = b * LATE_BATCH
+            late.timed_batch("late", start, backlog)
+            late.timed_batch("plain", (LATE_BATCHES + b) * LATE_BATCH, plain)
+    return LateLabels(pending_rate, plain, few, backlog, late.joined)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -258,6 +325,7 @@ class _Measured:
     small_latencies: list[float]
     http_cpu_s: float  # CPU seconds serve used during each phase
     tail_cpu_s: float
+    late: LateLabels
 
 
 def _measure(workdir: Path, events: int, batch: int, concurrency: int) -> _Measured:
@@ -278,13 +346,14 @@ def _measure(workdir: Path, events: int, batch: int, concurrency: int) -> _Measu
         cpu2 = sampler.cpu_seconds()
         with httpx.Client(headers={"Authorization": f"Bearer {TOKEN}"}) as c:
             stored = c.get(url + "/v1/status", timeout=60).json()["store"]["predictions"]
+        late = run_late_labels(url)
     finally:
         sampler.stop_event.set()
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
     return _Measured(
         http_rate, latencies, tail_rate, rss_after_http, sampler.peak, stored, small,
-        cpu1 - cpu0, cpu2 - cpu_tail_start,
+        cpu1 - cpu0, cpu2 - cpu_tail_start, late,
     )  # fmt: skip
 
 
@@ -306,7 +375,14 @@ def _run_summary(events: int, m: _Measured) -> dict[str, float]:
         "http_events_per_serve_cpu_s": _per_cpu_s(events, m.http_cpu_s),
         "tail_events_per_serve_cpu_s": _per_cpu_s(events, m.tail_cpu_s),
         "rss_peak_mib": round(max(m.rss_peak, m.rss_after_http) / mib, 1),
+        "join_ratio": round(_join_ratio(m.late), 2),
+        "labels_joined": m.late.joined,
     }
+
+
+def _join_ratio(late: LateLabels) -> float:
+    slower = max(percentile(late.few, 0.5), percentile(late.backlog, 0.5))
+    return slower / max(percentile(late.plain, 0.5), 1e-9)
 
 
 def _result(
@@ -335,10 +411,16 @@ def _result(
         rss_after_http_mib=round(m.rss_after_http / mib, 1),
         rss_peak_mib=round(peak, 1),
         stored=m.stored,
+        pending_labels_per_s=round(m.late.pending_rate),
+        plain_batch_p50_ms=round(percentile(m.late.plain, 0.5) * 1000, 1),
+        few_pending_batch_p50_ms=round(percentile(m.late.few, 0.5) * 1000, 1),
+        backlog_batch_p50_ms=round(percentile(m.late.backlog, 0.5) * 1000, 1),
+        join_ratio=round(_join_ratio(m.late), 2),
         targets_met={
             "http_events_per_s": m.http_rate >= TARGET_EVENTS_PER_S,
             "tail_events_per_s": tail_rate >= TARGET_EVENTS_PER_S,
             "rss_mib": peak < TARGET_RSS_MIB,
+            "join_within_2x": _join_ratio(m.late) <= TARGET_JOIN_RATIO,
         },
         runs=[_run_summary(events, r) for r in runs],
     )
@@ -368,5 +450,12 @@ def _print(r: IngestBench, out: Path) -> None:
     click.echo(
         f"100-event requests one at a time: p50 {r.small_batch_p50_ms} ms, "
         f"p99 {r.small_batch_p99_ms} ms"
+    )
+    click.echo(
+        f"late labels at {r.stored:,} stored rows, {LATE_BATCH:,}-event batches, p50: plain "
+        f"{r.plain_batch_p50_ms} ms; {FEW_PENDING} joining {r.few_pending_batch_p50_ms} ms; all "
+        f"joining with {LATE_BACKLOG:,} labels waiting {r.backlog_batch_p50_ms} ms "
+        f"(ratio {r.join_ratio}, target <= {TARGET_JOIN_RATIO}); backlog labels stored at "
+        f"{r.pending_labels_per_s:,.0f}/s"
     )
     click.echo(f"results: {out}")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from patchd.cli.options import config_option
+from patchd.cli.safe import cells, printable
 
 if TYPE_CHECKING:
     from patchd.config import Config
@@ -79,7 +80,7 @@ def candidates(config: Config, model: str | None, state: str | None, as_json: bo
         "created (UTC)",
     )
     for cand in body:
-        table.add_row(*_row(cand))
+        table.add_row(*cells(_row(cand)))
     Console().print(table)
 
 
@@ -97,7 +98,7 @@ def approve(config: Config, candidate_id: str, digest: str | None, yes: bool) ->
         f"{candidate_id}: {cand['state']}, verdict {cand.get('verdict')}, digest {digest[:16]}"
     )
     for reason in gate.get("reasons", []):
-        click.echo(f"  - {reason}")
+        click.echo(f"  - {printable(reason)}")
     if not yes:
         click.confirm(f"promote {cand['model']}@{digest[:12]} to production?", abort=True)
     done = _request(

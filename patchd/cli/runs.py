@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from patchd.cli.options import config_option
+from patchd.cli.safe import cells
 
 if TYPE_CHECKING:
     from patchd.config import Config
@@ -58,7 +59,7 @@ def print_runs(runs: list[dict[str, Any]]) -> None:
 
     table = Table("run", "model", "state", "stage", "created (UTC)", "time", "error / reason")
     for run in runs:
-        table.add_row(*_row(run))
+        table.add_row(*cells(_row(run)))
     Console().print(table)
 
 

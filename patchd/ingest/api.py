@@ -6,8 +6,11 @@ The answer comes after the batch's transaction committed (acknowledged = durable
     200 {"accepted": 98, "duplicates": 1, "joined": 0, "pending": 0,
          "rejected": [{"index": 7, "reason": "missing_field", "message": "pred: is required"}]}
 
-400 when the body is not JSON at all, 413 when too large, 429 + Retry-After when the ingest queue
-is full, 503 while serve shuts down.
+400 when the body is not JSON at all, 413 when too large (``api.max_body_bytes``) or holding more
+than ``sources.max_events_per_request`` records (counted as ``too_many_events``), 429 +
+Retry-After when the ingest queue is full, 503 + Retry-After while serve shuts down or when a disk
+is full (nothing of the batch was written: retry it). Every other problem is a per-record
+rejection in a 200 answer: ingest never answers 500.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from patchd.api.auth import require_scope
+from patchd.exceptions import DiskFullError, StoreError
 from patchd.ingest.pipeline import BatchResult, IngestPipeline, ShuttingDownError
-from patchd.ingest.records import split_body
+from patchd.ingest.records import RecordError, split_body
 
 HTTP_SOURCE = "http"
 
@@ -45,22 +49,46 @@ async def _ingest(pipeline: IngestPipeline, request: Request, *, labels: bool) -
     content_type = request.headers.get("content-type", "")
     try:
         future = await run_in_threadpool(_validate, pipeline, body, content_type, labels)
-    except ShuttingDownError as err:
-        return JSONResponse({"error": str(err)}, status_code=503, headers={"Retry-After": "5"})
-    if future is None:
-        message = "the body is not a JSON array, a JSON object or NDJSON"
-        return JSONResponse({"error": message, "reason": "malformed_json"}, status_code=400)
-    result = await asyncio.wrap_future(future)
+        if isinstance(future, RecordError):
+            status = 413 if future.reason == "too_many_events" else 400
+            return JSONResponse({"error": future.message, "reason": future.reason}, status)
+        result = await asyncio.wrap_future(future)
+    except (ShuttingDownError, DiskFullError, StoreError) as err:
+        retry = "30" if isinstance(err, DiskFullError) else "5"
+        body_json = {"error": str(err), "reason": "unavailable"}
+        return JSONResponse(body_json, status_code=503, headers={"Retry-After": retry})
     return JSONResponse(result.to_json())
 
 
 def _validate(
     pipeline: IngestPipeline, body: bytes, content_type: str, labels: bool
-) -> Future[BatchResult] | None:
+) -> Future[BatchResult] | RecordError:
+    """The queued batch's future, or the one error that refuses the whole body (counted)."""
+    containers, most = (
+        body.count(b"[") + body.count(b"{"),
+        pipeline.config.sources.max_json_containers,
+    )
+    if containers > most:
+        message = (
+            f"{containers} JSON arrays/objects in one body, over sources.max_json_containers={most}"
+        )
+        refused = RecordError(-1, "too_many_events", message)
+        pipeline.stats.reject(HTTP_SOURCE, [refused])
+        return refused
     records, errors = split_body(body, content_type)
     if errors and errors[0].index < 0:
-        pipeline.stats.reject(HTTP_SOURCE, errors)
-        return None
+        pipeline.stats.reject(HTTP_SOURCE, errors[:1])
+        message = f"the body is not a JSON array, a JSON object or NDJSON ({errors[0].message})"
+        return RecordError(-1, "malformed_json", message)
+    limit = pipeline.config.sources.max_events_per_request
+    if len(records) > limit:
+        message = (
+            f"{len(records)} records in one body, over sources.max_events_per_request={limit}; "
+            "send smaller batches"
+        )
+        refused = RecordError(-1, "too_many_events", message)
+        pipeline.stats.reject(HTTP_SOURCE, [refused])
+        return refused
     if labels:
         return pipeline.labels_future(records, HTTP_SOURCE, errors=errors)
     return pipeline.predictions_future(records, HTTP_SOURCE, errors=errors)

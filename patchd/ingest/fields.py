@@ -94,7 +94,7 @@ def parse_timestamp(value: object, now: float) -> float:
     if value is None:
         return now
     if type(value) is float or type(value) is int:
-        ts = float(value) if -1e18 < value < 1e18 else -1.0  # type: ignore[operator]
+        ts = float(value) if -1e18 < value < 1e18 else -1.0
     elif isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value)

@@ -28,14 +28,24 @@ from typing import Any
 import orjson
 
 from patchd.config import Config
-from patchd.exceptions import PatchdError, QueueFullError, StoreError, ValidationError
-from patchd.ingest.records import PLACEHOLDER, EventParser, GroupCap, Label, Prediction, RecordError
+from patchd.exceptions import PatchdError, QueueFullError, StoreError
+from patchd.ingest.records import (
+    EventParser,
+    GroupCap,
+    InlineInput,
+    Label,
+    Prediction,
+    RecordError,
+    Validated,
+    validate_each,
+)
 from patchd.store import predictions as store_predictions
 from patchd.store.db import Store
 
 log = logging.getLogger(__name__)
 
 GROUPS_KV_KEY = "ingest:group_values"
+PENDING_RECOUNT_S = 60.0  # the pending-label count is exact again after retention within this
 
 
 class ShuttingDownError(PatchdError):
@@ -111,6 +121,9 @@ class IngestStats:
                 self.ingested[work.source] += result.accepted
             if result.duplicates:
                 self.rejected[(work.source, "duplicate")] += result.duplicates
+            refused = len(result.rejected) - len(work.errors)  # found while writing
+            if refused > 0:
+                self.rejected[(work.source, "pending_full")] += refused
             self.labels_joined += result.joined
             self.labels_pending += result.pending
 
@@ -137,6 +150,9 @@ class IngestPipeline:
         self._busy = False
         self._groups_version = self.parser.groups.version
         self._stamp = self._last_stamp()  # labeled_at of the newest label in the store
+        self.max_pending_labels = config.store.max_pending_labels
+        self._pending_labels = 0  # labels waiting in the store, recounted every PENDING_RECOUNT_S
+        self._pending_counted = -PENDING_RECOUNT_S
         self._thread: threading.Thread | None = None
         self.on_commit: list[Callable[[int], None]] = []  # called with events written
 
@@ -200,31 +216,45 @@ class IngestPipeline:
         errors: Sequence[RecordError] = (),
         first_index: int = 0,
     ) -> Future[BatchResult]:
-        work = _Work(source, offsets=offsets, errors=list(errors))
-        parse, rows, skip = self.parser.prediction, work.predictions, PLACEHOLDER
-        now = time.time()
-        for i, record in enumerate(records, first_index):
-            if record is skip:
-                continue
-            try:
-                rows.append(parse(record, source, now))
-            except ValidationError as err:
-                work.errors.append(RecordError(i, err.reason, str(err)))
+        """Validate (per-record rejections), write the accepted records' inline inputs, queue.
+
+        Raises :class:`QueueFullError`, :class:`ShuttingDownError` or :class:`DiskFullError`
+        (an inline input could not be written: nothing of the batch is queued, a retry is safe).
+        """
+        planned: list[InlineInput] = []
+        checked = validate_each(
+            records,
+            self.parser.planned,
+            (source, time.time(), planned),
+            first_index=first_index,
+            errors=errors,
+            planned=planned,
+            max_inline_bytes=self.config.sources.max_inline_bytes_per_request,
+        )
+        if checked.inline:
+            self._write_inputs(checked)
+        work = _Work(source, checked.rows, offsets=offsets, errors=checked.errors)
         return self._submit(work)
+
+    def _write_inputs(self, checked: Validated) -> None:
+        """Write the inline inputs of the accepted rows; rows over the disk cap are rejected."""
+        store = self.parser.input_store
+        if not store.has_room(sum(len(x.data) for x in checked.inline)):
+            refused = {x.uri for x in checked.inline}
+            kept = [r for r in checked.rows if r.input_uri not in refused]
+            message = "<artifacts>/inputs is full (sources.max_inputs_bytes); input refused"
+            for _ in range(len(checked.rows) - len(kept)):
+                checked.errors.append(RecordError(-1, "inputs_full", message))
+            checked.rows[:] = kept
+            checked.inline.clear()
+            return
+        store.write(checked.inline)
 
     def labels_future(
         self, records: Sequence[object], source: str, errors: Sequence[RecordError] = ()
     ) -> Future[BatchResult]:
-        work = _Work(source, errors=list(errors))
-        now = time.time()
-        for i, record in enumerate(records):
-            if record is PLACEHOLDER:
-                continue
-            try:
-                work.labels.append(self.parser.label(record, now))
-            except ValidationError as err:
-                work.errors.append(RecordError(i, err.reason, str(err)))
-        return self._submit(work)
+        checked = validate_each(records, self.parser.label, (time.time(),), errors=errors)
+        return self._submit(_Work(source, labels=checked.rows, errors=checked.errors))
 
     def _submit(self, work: _Work) -> Future[BatchResult]:
         work.errors.sort(key=lambda e: e.index)
@@ -292,7 +322,15 @@ class IngestPipeline:
     def _apply(self, conn: Any, work: _Work, stamp: float) -> BatchResult:
         errors = tuple(work.errors)
         if work.labels:
-            lw = store_predictions.insert_labels(conn, work.labels, stamp)
+            room = self.max_pending_labels - self._count_pending(conn)
+            lw = store_predictions.insert_labels(conn, work.labels, stamp, room)
+            self._pending_labels += lw.pending
+            if lw.refused:
+                message = (
+                    f"{self.max_pending_labels} labels already wait for their predictions "
+                    "(store.max_pending_labels); label refused"
+                )
+                errors += (RecordError(-1, "pending_full", message),) * lw.refused
             result = BatchResult(
                 lw.joined + lw.pending, lw.duplicates, errors, lw.joined, lw.pending
             )
@@ -303,6 +341,7 @@ class IngestPipeline:
                 else None
             )
             inserted, dups, joined = (pw.inserted, pw.duplicates, pw.joined) if pw else (0, 0, 0)
+            self._pending_labels -= joined
             result = BatchResult(inserted, dups, errors, joined)
         for off in work.offsets:
             conn.execute(
@@ -311,6 +350,15 @@ class IngestPipeline:
                 (off.source, off.path, off.device, off.inode, off.offset, time.time()),
             )
         return result
+
+    def _count_pending(self, conn: Any) -> int:
+        """Labels waiting in the store (a running count, recounted now and then: retention
+        deletes old ones outside the writer)."""
+        now = time.monotonic()
+        if now - self._pending_counted >= PENDING_RECOUNT_S:
+            self._pending_labels = store_predictions.count_pending(conn)
+            self._pending_counted = now
+        return self._pending_labels
 
     def _persist_groups(self, conn: Any) -> None:
         version = self.parser.groups.version

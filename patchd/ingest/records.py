@@ -12,11 +12,15 @@ or unix seconds) defaults to the arrival time. Unknown top-level fields are igno
 when present, must be 1. A label is ``{"id": ..., "label": ..., "model"?: ...}``.
 
 ``input`` is a ``file://`` URI or an absolute path that must resolve (symlinks followed) inside
-``sources.allowed_roots``, or ``{"base64": ...}`` (PNG/JPEG bytes), which is stored under
-``<artifacts>/inputs/<sha256>.<ext>`` and replaced by its file URI.
+``sources.allowed_roots``, or ``{"base64": ...}`` (PNG/JPEG bytes that decode as an image, see
+:mod:`patchd.ingest.inline`), replaced by the file URI ``<artifacts>/inputs/<sha256>.<ext>``; the
+file is written only once the record passed validation (:meth:`EventParser.parse` returns the
+planned file, the pipeline writes it).
 
 Each invalid record raises :class:`~patchd.exceptions.ValidationError` with a reason code from
-:data:`REASONS`; callers turn it into a :class:`RecordError` and keep the other records.
+:data:`REASONS`; :func:`validate_each` (the one validation boundary every source goes through)
+turns it into a :class:`RecordError` and keeps the other records. It also turns any other
+exception a hostile record provokes into a rejection: nothing a record holds escapes as a 5xx.
 Records are ``NamedTuple``s (immutable, typed, and in the column order of the insert, so the
 writer hands them to ``executemany`` without copying: 1M events must not cost 1M dict copies).
 """
@@ -25,11 +29,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
+import logging
 import threading
 import time
 from array import array
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -52,9 +56,15 @@ from patchd.ingest.fields import (
     parse_optional_str,
     parse_timestamp,
     resolve_input_path,  # noqa: F401 - re-exported (plugins.sources.cloudevents)
-    write_atomic,
+)
+from patchd.ingest.inline import (
+    InlineInput,
+    InputStore,
+    check_image,  # noqa: F401 - re-exported (plugins.sources.cloudevents)
 )
 from patchd.ingest.input_paths import InputResolver
+
+log = logging.getLogger(__name__)
 
 REASONS = (
     "malformed_json",
@@ -66,11 +76,13 @@ REASONS = (
     "path_not_allowed",
     "too_large",
     "queue_full",
+    "too_many_events",  # a body with more than sources.max_events_per_request records
+    "inputs_full",  # <artifacts>/inputs holds sources.max_inputs_bytes
+    "pending_full",  # store.max_pending_labels labels already wait for their prediction
 )
 MAX_GROUP_VALUE_CHARS = 64
 UNKNOWN_GROUP_VALUE = "unknown"
 NO_GROUPS_KEY = "all"
-_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"))
 
 
 class Prediction(NamedTuple):
@@ -174,7 +186,8 @@ class GroupCap:
             if attr in self._admitted and attr not in self._fixed:
                 self._admitted[attr].update(values[: self.max_values])
         self._lock = threading.Lock()
-        self._memo: dict[tuple[str, ...], tuple[str, str]] = {}
+        # keys: the capped values, and the raw ones (str or None) that fast_key looks up
+        self._memo: dict[tuple[object, ...], tuple[str, str]] = {}
         self.version = 0  # bumped when a value is admitted (the pipeline persists the set)
 
     def snapshot(self) -> dict[str, list[str]]:
@@ -195,7 +208,7 @@ class GroupCap:
         if found is None:
             found = self._capped(raw)
         if all(v is None or type(v) is str for v in original):
-            self._memo[original] = found  # type: ignore[index]  # lets fast_key hit missing attrs
+            self._memo[original] = found  # lets fast_key hit missing attrs
         return found
 
     def fast_key(self, groups: object) -> tuple[str, str] | None:
@@ -206,9 +219,12 @@ class GroupCap:
             groups = _NO_GROUPS
         elif type(groups) is not dict:
             return None
-        if len(self.attributes) == 1:
-            return self._memo.get((groups.get(self.attributes[0]),))  # type: ignore[arg-type]
-        return self._memo.get(tuple(groups.get(a) for a in self.attributes))  # type: ignore[arg-type]
+        try:  # a list or object value is unhashable: the full path rejects it by name
+            if len(self.attributes) == 1:
+                return self._memo.get((groups.get(self.attributes[0]),))
+            return self._memo.get(tuple(groups.get(a) for a in self.attributes))
+        except TypeError:
+            return None
 
     def _capped(self, raw: tuple[str, ...]) -> tuple[str, str]:
         values = tuple(self._cap(a, v) for a, v in zip(self.attributes, raw, strict=True))
@@ -286,12 +302,32 @@ class EventParser:
         self.inputs = InputResolver(self.roots)
         self.inputs_dir = config.artifacts_root / "inputs"
         self.max_inline_bytes = config.sources.max_inline_bytes
+        sources = config.sources
+        self.input_store = InputStore(
+            self.inputs_dir, sources.max_inputs_bytes, sources.max_image_pixels
+        )
 
     def prediction(self, obj: object, source: str, now: float | None = None) -> Prediction:
-        """Validate one event; raises :class:`ValidationError` naming the field and reason."""
-        now = time.time() if now is None else now
+        """Validate one event and write its inline input; raises :class:`ValidationError`."""
+        record, inline = self.parse(obj, source, now)
+        if inline is not None:
+            self.input_store.write([inline])
+        return record
+
+    def parse(
+        self, obj: object, source: str, now: float | None = None
+    ) -> tuple[Prediction, InlineInput | None]:
+        """Validate one event; the inline input file it needs (not written yet), if any."""
+        planned: list[InlineInput] = []
+        record = self.planned(obj, source, time.time() if now is None else now, planned)
+        return record, planned[0] if planned else None
+
+    def planned(
+        self, obj: object, source: str, now: float, planned: list[InlineInput]
+    ) -> Prediction:
+        """Validate one event; its inline input, if any, is appended to ``planned``."""
         fast = self._fast(obj, source, now)
-        return fast if fast is not None else self._full(obj, source, now)
+        return fast if fast is not None else self._full(obj, source, now, planned)
 
     def _fast(self, obj: object, source: str, now: float) -> Prediction | None:
         """The common clean event, checked in one frame (ingest runs at 100k events/s).
@@ -354,7 +390,7 @@ class EventParser:
             now,
             label,
         )
-        return tuple.__new__(Prediction, row)  # type: ignore[type-var]
+        return tuple.__new__(Prediction, row)
 
     def _fast_input(self, value: object) -> str | None:
         """The file URI of a path or ``{"uri": path}`` input; None for anything else or an error
@@ -368,7 +404,10 @@ class EventParser:
         except ValidationError:
             return None
 
-    def _full(self, obj: object, source: str, now: float) -> Prediction:
+    def _full(
+        self, obj: object, source: str, now: float, planned: list[InlineInput] | None = None
+    ) -> Prediction:
+        planned = [] if planned is None else planned
         if not isinstance(obj, dict):
             raise ValidationError("wrong_type", f"an event must be an object, got {kind_of(obj)}")
         schema = obj.get("schema")
@@ -386,7 +425,7 @@ class EventParser:
             probs,
             group_key,
             groups,
-            self._input(obj.get("input")),
+            self._input(obj.get("input"), planned),
             parse_embedding(obj.get("embedding")),
             source,
             now,
@@ -456,7 +495,7 @@ class EventParser:
             )
         return array("f", floats).tobytes(), top
 
-    def _input(self, value: object) -> str | None:
+    def _input(self, value: object, planned: list[InlineInput]) -> str | None:
         if value is None:
             return None
         if isinstance(value, str):
@@ -466,7 +505,9 @@ class EventParser:
                 "wrong_type", f"must be an object, got {kind_of(value)}", field="input"
             )
         if "base64" in value:
-            return self._store_inline(value["base64"])
+            inline = self._plan_inline(value["base64"])
+            planned.append(inline)
+            return inline.uri
         uri = value.get("uri", value.get("path"))
         if not isinstance(uri, str):
             raise ValidationError("missing_field", "needs 'uri' or 'base64'", field="input")
@@ -475,7 +516,7 @@ class EventParser:
     def _local_uri(self, uri: str) -> str:
         return self.inputs.file_uri(uri)
 
-    def _store_inline(self, data: object) -> str:
+    def _plan_inline(self, data: object) -> InlineInput:
         if not isinstance(data, str):
             raise ValidationError("wrong_type", "must be a base64 string", field="input.base64")
         if len(data) > self.max_inline_bytes * 4 // 3 + 4:
@@ -490,10 +531,73 @@ class EventParser:
             raise ValidationError(
                 "invalid_value", "not valid base64", field="input.base64"
             ) from None
-        ext = next((e for magic, e in _IMAGE_MAGIC if raw.startswith(magic)), None)
-        if ext is None:
-            raise ValidationError("invalid_value", "not a PNG or JPEG image", field="input.base64")
-        path = self.inputs_dir / f"{hashlib.sha256(raw).hexdigest()}.{ext}"
-        if not path.exists():
-            write_atomic(path, raw)
-        return path.as_uri()
+        if len(raw) > self.max_inline_bytes:
+            raise ValidationError(
+                "too_large",
+                f"inline input over {self.max_inline_bytes} bytes",
+                field="input.base64",
+            )
+        return self.input_store.plan(raw)
+
+
+_UNEXPECTED: set[str] = set()  # exception kinds the boundary has logged with a traceback
+
+
+@dataclass(frozen=True)
+class Validated:
+    """The records of a batch that passed, the planned inline inputs, and the rejections."""
+
+    rows: list[Any]
+    inline: list[InlineInput]
+    errors: list[RecordError]
+
+
+def validate_each(
+    records: Iterable[object],
+    check: Callable[..., Any],
+    args: tuple[Any, ...] = (),
+    *,
+    first_index: int = 0,
+    errors: Iterable[RecordError] = (),
+    planned: list[InlineInput] | None = None,
+    max_inline_bytes: int | None = None,
+) -> Validated:
+    """The validation boundary: ``check(record, *args)`` each record; never raises.
+
+    A :class:`ValidationError` names its reason; any other exception (a parser bug a hostile
+    record found: recursion, a huge number, a type no branch expected) is ``invalid_value``,
+    logged. ``check`` appends the inline inputs it plans to ``planned`` (also in ``args``);
+    those beyond ``max_inline_bytes`` in total reject their records (``too_large``).
+    Placeholders (blank or malformed lines) are skipped. (One call per record, no wrapper: the
+    loop runs at ingest rate.)
+    """
+    inline = planned if planned is not None else []
+    out = Validated([], inline, list(errors))
+    rows, append = out.rows, out.rows.append
+    budget = max_inline_bytes if max_inline_bytes is not None else 1 << 62
+    seen = 0
+    for i, record in enumerate(records, first_index):
+        if record is _MALFORMED:
+            continue
+        try:
+            append(check(record, *args))
+        except ValidationError as err:
+            out.errors.append(RecordError(i, err.reason, str(err)))
+            continue
+        except Exception as err:  # noqa: BLE001 - the boundary: a record never escapes as a 5xx
+            first = type(err).__name__ not in _UNEXPECTED  # a traceback once per kind
+            _UNEXPECTED.add(type(err).__name__)
+            log.warning("record %d could not be validated (%r)", i, err, exc_info=first)
+            message = f"could not be read ({type(err).__name__}: {str(err)[:120]})"
+            out.errors.append(RecordError(i, "invalid_value", message))
+            continue
+        if len(inline) > seen:  # this record planned an inline input
+            seen = len(inline)
+            budget -= len(inline[-1].data)
+            if budget < 0:
+                message = "inline inputs of this batch over sources.max_inline_bytes_per_request"
+                out.errors.append(RecordError(i, "too_large", message))
+                rows.pop()
+                inline.pop()
+                seen -= 1
+    return out

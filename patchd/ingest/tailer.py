@@ -77,7 +77,7 @@ def _load_mapper() -> Callable[[str, dict[str, str], Any], Any]:
     except ImportError as err:
         message = f"tail kind bentoml/mapping needs patchd.plugins.sources.mapping: {err}"
         raise ConfigError(message) from None
-    return map_record  # type: ignore[no-any-return]
+    return map_record
 
 
 def _fixed_prefix(parts: tuple[str, ...]) -> list[str]:
@@ -274,8 +274,10 @@ class Tailer:
     def _no_newline(self, f: _File, n: int) -> bool:
         if n < MAX_LINE_BYTES:
             return False  # a partial last line: wait for its newline
-        log.warning("tail %s: %s has a line over %d bytes; skipped", self.name, f.path, n)
-        self.pipeline.stats.reject(self.name, [RecordError(-1, "too_large", f.path)])
+        if not f.skipping:  # one warning and one rejection per over-long line, not per chunk
+            message = f"{f.path}: a line over {MAX_LINE_BYTES} bytes at offset {f.offset}; skipped"
+            log.warning("tail %s: %s", self.name, message)
+            self.pipeline.stats.reject(self.name, [RecordError(-1, "too_large", message)])
         f.offset += n
         f.skipping = True
         return True
@@ -296,6 +298,13 @@ class Tailer:
             except ShuttingDownError:
                 f.offset = start
                 return
+            except Exception as err:  # noqa: BLE001 - disk full, a bug: never skip these lines
+                log.error(
+                    "tail %s: %s not queued (%s); retrying from %d", self.name, f.path, err, start
+                )
+                f.offset = start
+                self._stop.wait(min(getattr(err, "retry_after", 1.0), 5.0))
+                return
         self.lines_read += len(lines)
         self._inflight.append((future, f, start, f.offset))
         while len(self._inflight) >= MAX_INFLIGHT:
@@ -314,8 +323,9 @@ class Tailer:
             except ValidationError as err:
                 errors.append(RecordError(i, err.reason, str(err)))
                 out.append(PLACEHOLDER)
-            except (KeyError, TypeError, ValueError, IndexError) as err:
-                errors.append(RecordError(i, "invalid_value", f"mapping failed: {err!r}"))
+            except Exception as err:  # noqa: BLE001 - a line never escapes the boundary
+                message = f"mapping failed: {type(err).__name__}: {str(err)[:120]}"
+                errors.append(RecordError(i, "invalid_value", message))
                 out.append(PLACEHOLDER)
         return out
 

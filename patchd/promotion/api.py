@@ -39,7 +39,9 @@ class CandidatesService(Protocol):
 
     def evaluate_run(self, run_id: str, model: str) -> Candidate: ...
 
-    def approve(self, candidate_id: str, digest: str, actor: str) -> Candidate: ...
+    def approve(
+        self, candidate_id: str, digest: str, actor: str, comment: str = ""
+    ) -> Candidate: ...
 
     def reject(self, candidate_id: str, actor: str, reason: str = "") -> Candidate: ...
 
@@ -97,7 +99,7 @@ def build_router(component: CandidatesService, default_model: str) -> APIRouter:
     def approve_candidate(
         candidate_id: str, body: ApproveBody, who: Principal = Depends(approve)
     ) -> dict[str, Any]:
-        return component.approve(candidate_id, body.digest, who.name).to_dict()
+        return component.approve(candidate_id, body.digest, who.name, body.comment).to_dict()
 
     @router.post("/candidates/{candidate_id}/reject")
     def reject_candidate(

@@ -20,13 +20,14 @@ SQLite trade-off every WAL user makes). Set ``store.synchronous: FULL`` for powe
 from __future__ import annotations
 
 import logging
+import shutil
 import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from patchd.exceptions import StoreError
+from patchd.exceptions import DiskFullError, StoreError
 from patchd.store.schema import MIGRATIONS
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,24 @@ _PRAGMAS = (
 )
 WRITER_CACHE_KIB = 16384  # one writer: a large page cache keeps index pages hot during ingest
 READER_CACHE_KIB = 2048  # one reader per thread (threadpool): keep serve's RSS bounded
+
+
+LOW_SPACE_BYTES = 1 << 20  # "disk I/O error" with less free than this is a full disk
+
+
+def disk_error(path: Path, err: Exception) -> StoreError | DiskFullError:
+    """The error to raise for a SQLite failure on ``path``: DiskFullError when the disk is full
+    (SQLite says "database or disk is full", or "disk I/O error" with almost no space left)."""
+    text = str(err)
+    try:
+        free: int | None = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    full = "disk is full" in text or ("disk I/O error" in text and (free or 0) < LOW_SPACE_BYTES)
+    if full:
+        left = f"{free} bytes free" if free is not None else "free space unknown"
+        return DiskFullError(f"the store {path} cannot be written ({left} on its filesystem)")
+    return StoreError(f"cannot open the store at {path}: {err}")
 
 
 def _connect(path: Path, synchronous: str, cache_kib: int) -> sqlite3.Connection:
@@ -75,8 +94,11 @@ class Store:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise StoreError(f"cannot create the store directory {path.parent}: {err}") from None
-        writer = _connect(path, synchronous, WRITER_CACHE_KIB)
-        mode = writer.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        try:
+            writer = _connect(path, synchronous, WRITER_CACHE_KIB)
+            mode = writer.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except sqlite3.Error as err:
+            raise disk_error(path, err) from None
         if str(mode).lower() != "wal":
             writer.close()
             raise StoreError(
@@ -109,6 +131,9 @@ class Store:
         except sqlite3.Error as err:
             if self._writer.in_transaction:
                 self._writer.execute("ROLLBACK")
+            found = disk_error(self.path, err)
+            if isinstance(found, DiskFullError):
+                raise found from None
             raise StoreError(f"migration {version} of {self.path} failed: {err}") from None
         log.info("store %s migrated to schema version %d", self.path, version)
 

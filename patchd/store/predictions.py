@@ -1,7 +1,7 @@
 """The ``predictions`` and ``pending_labels`` tables: batched writes and the reads other parts use.
 
 Writes (only :mod:`patchd.ingest.pipeline`'s writer thread calls them, inside ``store.write()``):
-:func:`insert_predictions`, :func:`insert_labels`, :func:`join_pending`.
+:func:`insert_predictions` (which joins waiting labels), :func:`insert_labels`.
 
 Reads (monitor, pipeline; inside ``store.read()``):
 
@@ -10,8 +10,12 @@ Reads (monitor, pipeline; inside ``store.read()``):
 - :func:`export_slice` — labeled events as schema-v1 JSONL (+ label), written atomically.
 
 Label joining: a label whose prediction exists sets ``label``/``labeled_at`` in place; otherwise
-it waits in ``pending_labels`` and joins when the prediction arrives. A second label for an
-already labeled id is a duplicate and is ignored.
+it waits in ``pending_labels`` (at most ``room`` more, the rest are refused) and joins when the
+prediction arrives: before a batch of predictions is inserted, its ids are looked up in
+``pending_labels`` by primary key (or the few pending rows are read when fewer wait than the batch
+holds); the rows are inserted with their label already set and the pending rows deleted by key. A
+join costs O(batch x log n) and no second write of the row, never a scan of either table. A second
+label for an already labeled id is a duplicate and is ignored.
 
 ``labeled_at`` is the stamp of the commit that attached the label (not the arrival time): the
 ingest pipeline makes stamps strictly increase from one commit to the next, so a reader that pages
@@ -38,6 +42,8 @@ from patchd.ingest.records import Label, Prediction
 
 _COLUMNS = Prediction._fields  # model .. label; labeled_at follows from label and the stamp
 _LABEL_COLUMN = _COLUMNS.index("label")
+if len(_COLUMNS) - 1 != _LABEL_COLUMN:  # _with_labels builds a labeled row by appending it
+    raise ImportError("Prediction.label must be the last field")
 # Columns usually equal across a batch (model, model_version, input_uri, embedding, source,
 # ingested_at, label): bound once per statement when they are. Binding a value costs the sqlite3
 # module ~0.5 us, about as much as SQLite's whole B-tree insert of the row.
@@ -46,20 +52,8 @@ _SHARED_COLUMNS = tuple(_COLUMNS.index(c) for c in (
 ))  # fmt: skip
 ROWS_PER_STATEMENT = 256  # x (14 + 8) values at most: SQLite >= 3.32 binds 32766
 
-_JOIN_ALL = (
-    "UPDATE predictions SET label = pl.label, labeled_at = ?1 FROM pending_labels AS pl "
-    "WHERE predictions.model = pl.model AND predictions.id = pl.id AND predictions.label IS NULL"
-)
-_JOIN_ONE = (
-    "UPDATE predictions SET labeled_at = ?3, label = "
-    "(SELECT label FROM pending_labels WHERE model = ?1 AND id = ?2) "
-    "WHERE model = ?1 AND id = ?2 AND label IS NULL "
-    "AND EXISTS (SELECT 1 FROM pending_labels WHERE model = ?1 AND id = ?2)"
-)
-_DROP_JOINED = (
-    "DELETE FROM pending_labels WHERE EXISTS (SELECT 1 FROM predictions AS p "
-    "WHERE p.model = pending_labels.model AND p.id = pending_labels.id)"
-)
+_DROP_PENDING = "DELETE FROM pending_labels WHERE model = ? AND id = ?"
+LOOKUP_CHUNK = 500  # ids per primary-key lookup statement
 _LABEL = (
     "UPDATE predictions SET label = ?1, labeled_at = ?2 "
     "WHERE model = ?3 AND id = ?4 AND label IS NULL"
@@ -78,6 +72,7 @@ class LabelWrite:
     joined: int  # labels attached to an existing prediction
     pending: int  # labels stored until their prediction arrives
     duplicates: int  # labels for an id that already has one
+    refused: int = 0  # labels for unknown ids past the pending cap (``room``)
 
 
 def insert_predictions(
@@ -89,12 +84,32 @@ def insert_predictions(
     strictly increasing stamp per commit, so readers can page by ``labeled_at``).
     """
     stamp = time.time() if stamp is None else float(stamp)
+    if not rows:
+        return PredictionWrite(0, 0, 0)
+    waiting = pending_for(conn, rows)
+    joined = 0
+    if waiting:  # a prediction whose label came first is inserted labeled
+        rows, joined = _with_labels(rows, waiting)
     before = conn.total_changes
-    if rows:
-        _insert_rows(conn, rows, stamp)
+    _insert_rows(conn, rows, stamp)
     inserted = conn.total_changes - before
-    joined = join_pending(conn, rows, stamp) if inserted else 0
+    if waiting:
+        conn.executemany(_DROP_PENDING, waiting.keys())
     return PredictionWrite(inserted, len(rows) - inserted, joined)
+
+
+def _with_labels(
+    rows: Sequence[Prediction], waiting: dict[tuple[str, str], int]
+) -> tuple[list[Prediction], int]:
+    """``rows`` with their waiting labels set (first occurrence of an id); how many were set."""
+    out, used = [], set()
+    for r in rows:
+        key = (r.model, r.id)
+        if r.label is None and key in waiting and key not in used:
+            used.add(key)
+            r = tuple.__new__(Prediction, (*r[:_LABEL_COLUMN], waiting[key]))  # label is last
+        out.append(r)
+    return out, len(used)
 
 
 def _insert_rows(conn: sqlite3.Connection, rows: Sequence[Prediction], stamp: float) -> None:
@@ -163,29 +178,45 @@ def _shared_values(rows: Sequence[Prediction]) -> dict[int, object]:
     return found
 
 
-def join_pending(conn: sqlite3.Connection, rows: Sequence[Prediction], stamp: float) -> int:
-    """Attach labels from ``pending_labels`` to just-inserted predictions; returns the count."""
+def pending_for(conn: sqlite3.Connection, rows: Sequence[Prediction]) -> dict[tuple[str, str], int]:
+    """(model, id) -> label of the labels waiting for ``rows``' ids."""
     probe = conn.execute(
         "SELECT COUNT(*) FROM (SELECT 1 FROM pending_labels LIMIT ?)", (len(rows),)
     ).fetchone()[0]
     if probe == 0:
-        return 0
-    now = stamp
-    before = conn.total_changes
-    if probe < len(rows):  # few pending labels: one pass over them
-        conn.execute(_JOIN_ALL, (now,))
-    else:  # many pending labels: look up each new prediction instead
-        conn.executemany(_JOIN_ONE, ((r.model, r.id, now) for r in rows))
-    joined = conn.total_changes - before
-    if joined:
-        conn.execute(_DROP_JOINED)
-    return joined
+        return {}
+    if probe < len(rows):  # fewer pending labels than new rows: read them all (< len(rows))
+        new = {(r.model, r.id) for r in rows}
+        found = conn.execute("SELECT model, id, label FROM pending_labels").fetchall()
+        return {(m, i): label for m, i, label in found if (m, i) in new}
+    return {(m, i): label for m, i, label in _lookup_pending(conn, rows)}
+
+
+def _lookup_pending(
+    conn: sqlite3.Connection, rows: Sequence[Prediction]
+) -> list[tuple[str, str, int]]:
+    """The pending labels of ``rows``' ids: primary-key lookups, :data:`LOOKUP_CHUNK` at a time."""
+    by_model: dict[str, list[str]] = {}
+    for r in rows:
+        by_model.setdefault(r.model, []).append(r.id)
+    hits: list[tuple[str, str, int]] = []
+    for model, ids in by_model.items():
+        for start in range(0, len(ids), LOOKUP_CHUNK):
+            chunk = ids[start : start + LOOKUP_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT model, id, label FROM pending_labels WHERE model = ? AND id IN ({marks})"
+            hits.extend(conn.execute(sql, (model, *chunk)))
+    return hits
 
 
 def insert_labels(
-    conn: sqlite3.Connection, labels: Sequence[Label], stamp: float | None = None
+    conn: sqlite3.Connection,
+    labels: Sequence[Label],
+    stamp: float | None = None,
+    room: int | None = None,
 ) -> LabelWrite:
-    """Join labels to their predictions (``labeled_at = stamp``); keep the rest pending."""
+    """Join labels to their predictions (``labeled_at = stamp``); keep the rest pending, at most
+    ``room`` of them (None: no cap); labels past it are refused."""
     stamp = time.time() if stamp is None else stamp
     before = conn.total_changes
     conn.executemany(_LABEL, ((x.label, stamp, x.model, x.id) for x in labels))
@@ -194,13 +225,17 @@ def insert_labels(
         return LabelWrite(joined, 0, 0)
     present = _existing_ids(conn, labels)
     missing = [x for x in labels if (x.model, x.id) not in present]
+    refused = 0
+    if room is not None and len(missing) > max(room, 0):
+        refused = len(missing) - max(room, 0)
+        missing = missing[: max(room, 0)]
     before = conn.total_changes
     conn.executemany(
         "INSERT OR IGNORE INTO pending_labels (model, id, label, received_at) VALUES (?, ?, ?, ?)",
         missing,
     )
     pending = conn.total_changes - before
-    return LabelWrite(joined, pending, len(labels) - joined - pending)
+    return LabelWrite(joined, pending, len(labels) - joined - pending - refused, refused)
 
 
 def _existing_ids(conn: sqlite3.Connection, labels: Sequence[Label]) -> set[tuple[str, str]]:

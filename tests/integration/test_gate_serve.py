@@ -76,6 +76,7 @@ def setup(tmp_path: Path, clean_redis: str):
     threading.Thread(target=hook.serve_forever, daemon=True).start()
     tokens = tmp_path / "tokens"
     tokens.write_text(f"{READ_TOKEN} read reader\n")
+    tokens.chmod(0o600)  # serve refuses a token file others can read
     cfg = write_config(
         tmp_path,
         {

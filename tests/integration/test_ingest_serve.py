@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from patchd.runs.redis_embedded import answers
+from tests import capture_payloads as cp
 from tests.conftest import free_port
 from tests.procs import PATCHD, TOKEN, ServeProcess, start_serve, write_config
 
@@ -127,7 +128,7 @@ def test_bad_input_gets_clear_errors_and_valid_records_survive(tmp_path: Path) -
     cfg = overrides(tmp_path)
     cfg["api"] = {"max_body_bytes": 65536}
     serve = start_serve(tmp_path, cfg)
-    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 16).decode()
+    png = base64.b64encode(cp.PNG).decode()  # inline inputs must decode as an image
     try:
         with serve.client() as c:
             r = c.post("/v1/predictions", content=b'[{"id": "x", "pred": 1},')

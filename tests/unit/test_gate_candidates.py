@@ -208,3 +208,29 @@ def test_concurrent_approve_reject_rollback_one_outcome(make, tmp_path: Path) ->
     final = comp.get("c-r1").state
     expected = {"reject": "rejected", "approve": "promoted"}[wins[0]]
     assert final == ("rolled_back" if "rollback" in wins else expected)
+
+
+def test_the_approval_comment_is_in_the_audit_log(make, tmp_path: Path) -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from patchd.api.auth import Principal, TokenStore
+    from patchd.promotion.api import build_router
+
+    comp = make()
+    _incumbent(comp, tmp_path)
+    sha = fake_run(comp.services.config.artifacts_root, "r1", passing(), 1.0, png_bytes())
+    comp.services.bus.publish(RunFinished(run_id="r1", model="m", result="succeeded"))
+    app = FastAPI()
+    app.state.tokens = TokenStore([("t" * 32, Principal("alice", frozenset({"approve", "read"})))])
+    app.include_router(build_router(comp, "m"))
+    comment = "reviewed the bandage group; ok to ship"
+    with TestClient(app) as client:
+        r = client.post(
+            "/v1/candidates/c-r1/approve",
+            json={"digest": sha, "comment": comment},
+            headers={"Authorization": "Bearer " + "t" * 32},
+        )
+    assert r.status_code == 200, r.text
+    promoted = [e for e in comp.audit.read() if e.action == "promoted"]
+    assert [(e.actor, e.detail) for e in promoted] == [("alice", comment)]

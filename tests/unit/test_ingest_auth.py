@@ -18,6 +18,7 @@ def test_env_and_file_tokens_with_scopes(tmp_path: Path) -> None:
     tokens.write_text(
         "# comment\nreadtoken-0123456789ab read grafana\ningesttoken-0123456789 ingest\n"
     )
+    tokens.chmod(0o600)
     config = build_config({"state_dir": str(tmp_path), "api": {"token_file": str(tokens)}})
     store = TokenStore.from_config(config, {"PATCHD_TOKEN": "envtoken-0123456789abcdef"})
     assert store.authenticate("envtoken-0123456789abcdef").scopes == SCOPES  # type: ignore[union-attr]
@@ -71,8 +72,20 @@ def test_generated_admin_token_is_private_and_stable(tmp_path: Path) -> None:
 def test_bad_token_file_lines_name_the_line(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "tokens"
     path.write_text(content)
+    path.chmod(0o600)
     with pytest.raises(ConfigError, match=message):
         read_token_file(path)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o604, 0o620, 0o666])
+def test_a_token_file_others_can_read_is_refused(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "tokens"
+    path.write_text("token-0123456789abcdef read\n")
+    path.chmod(mode)
+    with pytest.raises(ConfigError, match=rf"mode {mode:04o}: other accounts.*chmod 600"):
+        read_token_file(path)
+    path.chmod(0o640)  # group-readable by serve's own group (a Kubernetes 0440 Secret + fsGroup)
+    assert [p.name for _, p in read_token_file(path)] == ["token1"]
 
 
 def test_short_env_token_is_refused(tmp_path: Path) -> None:

@@ -22,8 +22,9 @@ from patchd.ingest.records import (
     is_malformed,
     split_body,
 )
+from tests import capture_payloads as cp
 
-PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
+PNG = cp.PNG  # a real 1x1 PNG: inline inputs are decoded before they are stored
 
 
 @pytest.fixture

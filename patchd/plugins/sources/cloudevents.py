@@ -23,7 +23,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fastapi import Request  # resolved at runtime by FastAPI for the route signature
+# Request and Response are resolved at run time by FastAPI (the route's signature, /openapi.json)
+from fastapi import Request, Response
 
 from patchd.exceptions import PatchdError, QueueFullError, ValidationError
 from patchd.plugins.sources.join import Half, Joined, PairJoiner
@@ -31,7 +32,7 @@ from patchd.plugins.sources.payloads import InputRef, Prediction
 from patchd.services import Component, Services
 
 if TYPE_CHECKING:
-    from fastapi import APIRouter, Response
+    from fastapi import APIRouter
     from prometheus_client.registry import Collector
 
     from patchd.config import CloudEventSourceConfig
@@ -55,59 +56,80 @@ class CloudEvent:
         return self.attrs.get(name)
 
 
-def parse_cloudevent(headers: Mapping[str, str], body: bytes) -> CloudEvent:
-    """Binary-mode headers + body, or a structured-mode JSON envelope → :class:`CloudEvent`."""
+def parse_cloudevent(
+    headers: Mapping[str, str], body: bytes, max_bytes: int = MAX_DECOMPRESSED
+) -> CloudEvent:
+    """Binary-mode headers + body, or a structured-mode JSON envelope → :class:`CloudEvent`.
+
+    A gzip body inflates to at most ``max_bytes`` (streaming, never more in memory).
+    """
     lower = {k.lower(): v for k, v in headers.items()}
     content_type = lower.get("content-type", "")
     if content_type.startswith("application/cloudevents-batch"):
         raise ValidationError("unsupported_body", "batched CloudEvents are not supported")
     if content_type.startswith("application/cloudevents"):
-        return _structured(body)
+        return _structured(body, max_bytes)
     attrs = {k[3:]: v for k, v in lower.items() if k.startswith("ce-")}
     if "inference-header-content-length" in lower:  # OIP binary extension, kept by a tee proxy
         attrs.setdefault("inferenceheadercontentlength", lower["inference-header-content-length"])
-    data = gunzip(body) if lower.get("content-encoding", "").lower() == "gzip" else body
-    return _event(attrs, content_type, data)
+    gzipped = lower.get("content-encoding", "").lower() == "gzip"
+    data = gunzip(body, max_bytes) if gzipped else body
+    return _event(attrs, content_type, data, max_bytes)
 
 
-def _structured(body: bytes) -> CloudEvent:
+def _structured(body: bytes, max_bytes: int) -> CloudEvent:
     try:
         env = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValidationError("bad_json", f"structured CloudEvent is not JSON: {err}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # deep, huge ints
+        message = f"structured CloudEvent is not JSON we read: {str(err)[:200]}"
+        raise ValidationError("bad_json", message) from None
     if not isinstance(env, dict):
         raise ValidationError("bad_cloudevent", "structured CloudEvent must be a JSON object")
     if "data_base64" in env:
-        data = base64.b64decode(str(env.pop("data_base64")))
+        encoded = env.pop("data_base64")
+        if not isinstance(encoded, str):
+            raise ValidationError("bad_cloudevent", "data_base64 must be a string")
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except ValueError:
+            raise ValidationError("bad_cloudevent", "data_base64 is not valid base64") from None
     else:
         raw = env.pop("data", None)
         data = raw.encode() if isinstance(raw, str) else json.dumps(raw).encode()
     content_type = str(env.pop("datacontenttype", "application/json"))
     attrs = {str(k).lower(): v if isinstance(v, str) else json.dumps(v) for k, v in env.items()}
-    return _event(attrs, content_type, data)
+    return _event(attrs, content_type, data, max_bytes)
 
 
-def _event(attrs: dict[str, str], content_type: str, data: bytes) -> CloudEvent:
+def _event(
+    attrs: dict[str, str], content_type: str, data: bytes, max_bytes: int = MAX_DECOMPRESSED
+) -> CloudEvent:
     ident, kind = attrs.pop("id", ""), attrs.pop("type", "")
     if not ident or not kind:
         raise ValidationError(
             "bad_cloudevent", "missing ce-id or ce-type: is the logger sending binary CloudEvents?"
         )
     if data[:2] == b"\x1f\x8b":
-        data = gunzip(data)  # Seldon forwards gzip bodies (Triton) without Content-Encoding
+        data = gunzip(data, max_bytes)  # Seldon forwards gzip bodies (Triton) unannounced
     return CloudEvent(ident, kind, attrs, content_type, data)
 
 
-def gunzip(data: bytes) -> bytes:
-    """Decompress a gzip body, refusing more than 64 MiB of output (zip bombs)."""
+def gunzip(data: bytes, max_bytes: int = MAX_DECOMPRESSED) -> bytes:
+    """Decompress a gzip body, refusing more than ``max_bytes`` of output (gzip bombs).
+
+    Streaming: zlib never produces more than ``max_bytes + 1`` bytes, whatever the ratio.
+    """
     try:
         inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        out = inflater.decompress(data, MAX_DECOMPRESSED)
-        if inflater.unconsumed_tail:
-            raise ValidationError("too_large", f"gzip body inflates past {MAX_DECOMPRESSED} bytes")
-        return out + inflater.flush()
+        out = inflater.decompress(data, max_bytes + 1)
+        if len(out) <= max_bytes and not inflater.unconsumed_tail:
+            out += inflater.flush()  # all input consumed below the cap: only zlib's remainder
     except (zlib.error, gzip.BadGzipFile) as err:
         raise ValidationError("bad_gzip", f"body is not valid gzip: {err}") from None
+    if len(out) > max_bytes or inflater.unconsumed_tail:
+        message = f"gzip body inflates past {max_bytes} bytes (max_decompressed_bytes)"
+        raise ValidationError("too_large", message)
+    return out
 
 
 def header_json(value: str | None) -> dict[str, Any]:
@@ -147,9 +169,21 @@ class ResponsePart:
 Part = RequestPart | ResponsePart
 
 
+HALF_OVERHEAD = 1024  # a buffered half: the key, the dataclass, the joiner's entry
+INSTANCE_OVERHEAD = 200  # per prediction or input reference (objects, tuple slots)
+
+
 def part_size(part: Part) -> int:
-    """Bytes a buffered half holds beyond its fixed overhead (inline inputs)."""
-    return sum(len(ref.data) for ref in part.inputs if ref is not None and ref.data) + 512
+    """Estimated bytes a buffered half holds: inline inputs, instances, probabilities."""
+    size = HALF_OVERHEAD + INSTANCE_OVERHEAD * len(part.inputs)
+    size += sum(len(ref.data or b"") + len(ref.uri or "") for ref in part.inputs if ref)
+    if isinstance(part, ResponsePart):
+        size += sum(INSTANCE_OVERHEAD + 32 * len(p.probs or ()) for p in part.predictions)
+    return size
+
+
+def instances(part: Part) -> int:
+    return len(part.predictions) if isinstance(part, ResponsePart) else len(part.inputs)
 
 
 class CaptureStats:
@@ -245,6 +279,9 @@ class CloudEventSource(Component):
         self.stats, self._owns_stats = capture_stats(services)
         self.stats.joiners[self.source] = self.joiner
         self._roots = tuple(p.resolve() for p in services.config.sources.allowed_roots)
+        self._max_pixels = services.config.sources.max_image_pixels
+        self._max_inline = services.config.sources.max_inline_bytes
+        self._max_containers = services.config.sources.max_json_containers
 
     # -- subclass hooks
     @abstractmethod
@@ -274,7 +311,7 @@ class CloudEventSource(Component):
         return (router,)
 
     def collectors(self) -> Iterable[Collector]:
-        return (self.stats,) if self._owns_stats else ()  # type: ignore[list-item]
+        return (self.stats,) if self._owns_stats else ()
 
     def start(self) -> None:
         every = max(0.2, min(5.0, self.settings.ttl_s / 4))
@@ -314,8 +351,10 @@ class CloudEventSource(Component):
             retry = str(max(1, round(err.retry_after)))
             body_json = {"reason": "queue_full", "message": str(err)}
             return JSONResponse(body_json, status_code=429, headers={"Retry-After": retry})
-        except PatchdError as err:  # shutting down, store failure: the sender may retry
-            return JSONResponse({"reason": "unavailable", "message": str(err)}, status_code=503)
+        except PatchdError as err:  # shutting down, disk full, store failure: the sender retries
+            retry = str(max(1, round(getattr(err, "retry_after", 5))))
+            body_json = {"reason": "unavailable", "message": str(err)}
+            return JSONResponse(body_json, status_code=503, headers={"Retry-After": retry})
         answer: dict[str, Any] = {"status": status, "accepted": 0, "duplicates": 0, "rejected": []}
         if result is not None:
             answer.update(accepted=result.accepted, duplicates=result.duplicates)
@@ -341,10 +380,7 @@ class CloudEventSource(Component):
     ) -> tuple[str, Joined[Part] | None, Future[Any] | None]:
         """Parse, decode and join one CloudEvent; a completed pair is submitted to ingest."""
         try:
-            event = parse_cloudevent(headers, body)
-            half = self._half(event.type)
-            self.stats.received[(self.source, half)] += 1
-            part = self.decode(event, half)
+            event, half, part = self._read(headers, body)
         except ValidationError as err:
             self.stats.rejected[(self.source, err.reason)] += 1
             log.info("%s: rejected CloudEvent: %s", self.source, err)
@@ -359,6 +395,29 @@ class CloudEventSource(Component):
             self.joiner.restore(result.pair, "response" if half == "request" else "request")
             raise
         return "joined", result.pair, future
+
+    def _read(self, headers: Mapping[str, str], body: bytes) -> tuple[CloudEvent, Half, Part]:
+        """The validation boundary of a CloudEvent: anything wrong is a ValidationError."""
+        try:
+            event = parse_cloudevent(headers, body, self.settings.max_decompressed_bytes)
+            half = self._half(event.type)
+            self.stats.received[(self.source, half)] += 1
+            containers = event.data.count(b"[") + event.data.count(b"{")
+            if containers > self._max_containers:
+                message = f"{containers} JSON arrays/objects, over sources.max_json_containers"
+                raise ValidationError("too_large", message)
+            part = self.decode(event, half)
+        except ValidationError:
+            raise
+        except Exception as err:  # noqa: BLE001 - deep JSON, huge ints, shapes no branch expected
+            log.warning("%s: unreadable CloudEvent (%s)", self.source, type(err).__name__)
+            message = f"body could not be read: {type(err).__name__}: {str(err)[:160]}"
+            raise ValidationError("unsupported_body", message) from None
+        count, limit = instances(part), self.settings.max_instances
+        if count > limit:
+            message = f"{count} instances in one event, over max_instances={limit}"
+            raise ValidationError("too_large", message)
+        return event, half, part
 
     def _half(self, ce_type: str) -> Half:
         if ce_type in self.request_types:
@@ -455,7 +514,18 @@ class CloudEventSource(Component):
             return None
         if ref.data is not None:
             if not ref.data.startswith(IMAGE_MAGIC):
-                return self._drop_input("not_image")
+                self._drop_input("not_image")
+                return None
+            from patchd.ingest.records import check_image
+
+            try:  # decoded here too, so that a bad image costs the input, not the prediction
+                check_image(ref.data, self._max_pixels)
+            except ValidationError:
+                self._drop_input("not_image")
+                return None
+            if len(ref.data) > self._max_inline:
+                self._drop_input("too_large")
+                return None
             return {"base64": base64.b64encode(ref.data).decode("ascii")}
         return self._uri_field(ref.uri or "")
 
@@ -465,12 +535,12 @@ class CloudEventSource(Component):
         try:
             check_inside(resolve_input_path(uri), self._roots, uri)
         except ValidationError as err:
-            return self._drop_input(err.reason)
+            self._drop_input(err.reason)
+            return None
         return {"uri": uri}
 
     def _drop_input(self, reason: str) -> None:
         self.stats.inputs_dropped[(self.source, reason)] += 1
-        return None
 
     def header_groups(self, headers: Mapping[str, Any]) -> dict[str, str]:
         """Group attributes from forwarded request headers: ``x-patchd-group-<attr>`` and the

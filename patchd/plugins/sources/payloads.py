@@ -85,8 +85,8 @@ class InputRef:
 def load_json(body: bytes, what: str) -> Any:
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValidationError("bad_json", f"{what} body is not JSON: {err}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # too deep, a huge integer
+        raise ValidationError("bad_json", f"{what} body is not JSON: {str(err)[:200]}") from None
 
 
 # --------------------------------------------------------------------------- OIP (v2) bodies
@@ -110,8 +110,8 @@ def split_binary(body: bytes, header_length: int | None) -> tuple[dict[str, Any]
     try:
         text = body.decode("latin-1")  # 1:1 byte<->char, so offsets are byte offsets
         obj, end = json.JSONDecoder().raw_decode(text)
-    except json.JSONDecodeError as err:
-        raise ValidationError("bad_json", f"OIP body is not JSON: {err}") from None
+    except (ValueError, RecursionError) as err:
+        raise ValidationError("bad_json", f"OIP body is not JSON: {str(err)[:200]}") from None
     if not body[:end].isascii():
         obj = load_json(body[:end], "OIP header")  # re-decode non-ASCII text as UTF-8
     tail = body[end:]
@@ -161,7 +161,7 @@ def _tensor(spec: Any, key: str, tail: bytes, offset: int) -> tuple[Tensor, int]
     else:
         data, used = _flatten(spec.get("data"), datatype), 0
     expected = math.prod(shape)
-    if len(data) != expected:
+    if len(data) != expected or (shape and shape[0] > max(1, len(data))):  # [10**9, 0]: no rows
         raise ValidationError(
             "shape_mismatch",
             f"tensor {name!r} has {len(data)} elements, shape {list(shape)} needs {expected}",

@@ -63,7 +63,9 @@ class SeldonComponent(CloudEventSource):
         body = load_json(event.data, "Seldon")
         if not isinstance(body, dict):
             raise ValidationError("unsupported_body", "Seldon body must be a JSON object")
-        meta = body.get("meta") if isinstance(body.get("meta"), dict) else {}
+        meta = body.get("meta")
+        if not isinstance(meta, dict):
+            meta = {}
         groups = self.header_groups(meta.get("tags") or {})
         if half == "request":
             inputs = seldon_inputs(body, self.settings.inline_inputs)
@@ -112,8 +114,8 @@ def _data_rows(data: Mapping[str, Any]) -> list[Any]:
     if isinstance(tensor, dict) and isinstance(tensor.get("values"), list):
         shape = tensor.get("shape") or [1, len(tensor["values"])]
         values: Sequence[Any] = tensor["values"]
-        n = int(shape[0]) if shape else 1
-        if n <= 0 or len(values) % n:
+        n = int(shape[0]) if isinstance(shape, list) and shape else 1
+        if n <= 0 or n > max(1, len(values)) or len(values) % n:  # n rows need n values
             raise ValidationError("shape_mismatch", f"tensor shape {shape} vs {len(values)} values")
         width = len(values) // n
         return [list(values[i * width : (i + 1) * width]) for i in range(n)]
