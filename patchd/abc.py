@@ -52,6 +52,10 @@ class FailureMode:
     description: str  # caption or over-represented group attributes
     n_wrong: int
     n_total: int
+    # subgroup miner: confidence of the mined group and its size on the scored split
+    confidence: float | None = None
+    n_members: int | None = None
+    status: str = "mined"  # or why no subgroup was mined for this class
 
 
 @dataclass(frozen=True)
@@ -61,10 +65,13 @@ class MiningResult:
     # otherwise the mined hard(1)/easy(0) side within each class)
     groups: torch.Tensor
     group_names: tuple[str, ...]
-    hardness: torch.Tensor  # signed SVM decision value per training example
+    hardness: torch.Tensor  # signed score per training example, > 0 on the hard/member side
     mined: bool  # True when groups come from the miner, False when true attributes were used
     report_json: Path | None = None
     report_png: Path | None = None
+    # per training example: probability of belonging to its class's failing subgroup (None when
+    # the miner has no calibrated membership, e.g. ``svm``)
+    membership: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -91,7 +98,15 @@ class Miner(ABC):
     """Finds the failure directions of a model on data and assigns (pseudo-)subgroups."""
 
     @abstractmethod
-    def mine(self, ctx: StageContext, model: torch.nn.Module, data: ImageSet) -> MiningResult: ...
+    def mine(
+        self,
+        ctx: StageContext,
+        model: torch.nn.Module,
+        data: ImageSet,
+        fit_data: ImageSet | None = None,
+    ) -> MiningResult:
+        """Assign groups to ``data`` (the training split); fit on ``fit_data`` when given (the
+        held-out labeled data: validation + labeled production events), else on ``data``."""
 
 
 class Augmenter(ABC):

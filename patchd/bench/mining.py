@@ -1,176 +1,385 @@
-"""``patchd bench mining``: does the SVM failure direction recover the hidden minority colour?
+"""``patchd bench mining``: does the miner recover the failing *subgroup* (not only its errors)?
 
-colored-fmnist (tops vs the rest, background colour = class with p = 0.99 in train, 0.5 in
-val/test). A small CNN is trained with plain ERM (it learns the colour shortcut); then the miner
-runs with the colour HIDDEN (groups unknown) in three settings:
+Per seed: the dataset is loaded, a small CNN is trained with plain ERM (it learns the shortcut),
+and every method is fitted on the **validation** split with the groups hidden, then scores the
+**training** split (what Group DRO and the consistency loss balance) and the **test** split.
+Truth, per class: the class's smallest cell in the training split (the under-represented group,
+e.g. the minority colour); k = its size in the scored split, so P@k = R@k.
 
-- ``val``: SVMs fit on val, hard side assigned on val (Jain et al.'s setup);
-- ``val->test``: SVMs fit on val, hard side assigned on unseen test images (does the direction
-  generalise beyond the errors it was fit on?);
-- ``train``: SVMs fit on the training set alone (what the pipeline's mine stage sees: few errors).
+Methods, side by side on the same model, embeddings and splits:
 
-Per class it reports the precision / recall of "hard side" for "minority colour", their adjusted
-Rand index, and the SVM's 2-fold CV balanced accuracy. Baseline: the model's own error mask
-("hard = predicted wrong") on the same examples.
+- ``subgroup``: :class:`patchd.plugins.miners.subgroup.SubgroupMiner` (the default miner) as the
+  mine stage runs it (fit on val, score the split); its membership score, and the group it hands
+  downstream (precision / recall of the thresholded members);
+- ``svm``: :class:`patchd.plugins.miners.svm.SVMDirectionMiner` (correct-vs-wrong SVM, Jain et
+  al.), fitted on val, its signed decision value;
+- ``loss``: the model's own loss on the scored split (ranking by -margin);
+- ``errors``: the error mask (hard = predicted wrong), as a group (precision / recall) and as a
+  binary score (AUROC).
+
+Datasets: ``colored-fmnist`` (Debian dataset-fashion-mnist), ``sticker-fmnist`` (a random-position
+sticker at T-shirt/top vs shirt, :mod:`patchd.plugins.datasets.sticker_fmnist`) and
+``image-csv`` (the user's folder + CSV with the same keys as ``data.train``; it needs group
+columns, which define the truth). ``--make-image-csv DIR`` writes a sticker set (pullover vs coat)
+as PNGs + ``labels.csv`` to try the image-CSV path.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
+import numpy as np
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from patchd.config import DatasetSpec
+    from patchd.ml.data import ImageSet, Splits
 
 MACHINE = "2-core x86_64, no GPU"
+METHODS = ("subgroup", "svm", "loss", "errors")
 
 
 @dataclass(frozen=True)
-class Recovery:
-    setting: str
+class Row:
+    dataset: str
+    seed: int
+    split: str
     cls: int
     n: int
-    n_minority: int
-    n_hard: int
-    precision: float
-    recall: float
-    ari: float
-    svm_cv_balanced_accuracy: float
-    baseline_error_precision: float
-    baseline_error_recall: float
-    baseline_error_ari: float
+    k: int  # true minority cell size in the scored split
+    # P@k and AUROC of each method's score; group precision / recall where a method hands a group
+    subgroup_pk: float
+    subgroup_auroc: float
+    subgroup_group_p: float
+    subgroup_group_r: float
+    subgroup_confidence: float
+    svm_pk: float
+    svm_auroc: float
+    svm_group_p: float
+    svm_group_r: float
+    loss_pk: float
+    loss_auroc: float
+    errors_p: float
+    errors_r: float
+    errors_auroc: float
 
 
-def _prf(minority, hard) -> tuple[float, float, float]:  # noqa: ANN001 - bool arrays
-    from sklearn.metrics import adjusted_rand_score
+def precision_at_k(score: np.ndarray, truth: np.ndarray) -> float:
+    """Share of true members among the k highest scores, k = number of true members."""
+    k = int(truth.sum())
+    if k == 0:
+        return float("nan")
+    top = np.argsort(-score, kind="stable")[:k]
+    return float(truth[top].mean())
 
-    tp = int((minority & hard).sum())
-    precision = tp / max(1, int(hard.sum()))
-    recall = tp / max(1, int(minority.sum()))
-    return precision, recall, float(adjusted_rand_score(minority, hard))
+
+def auroc(score: np.ndarray, truth: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    if truth.all() or not truth.any():
+        return float("nan")
+    return float(roc_auc_score(truth, score))
 
 
-def _recoveries(setting: str, data, result, model) -> list[Recovery]:  # noqa: ANN001
+def _pr(group: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    tp = int((group & truth).sum())
+    return tp / max(1, int(group.sum())), tp / max(1, int(truth.sum()))
+
+
+def minority_cells(train: ImageSet) -> dict[int, int]:
+    """Per class, the group index of its smallest cell in the training split."""
+    y, g = train.y.numpy(), train.g.numpy()
+    out = {}
+    for c in range(train.num_classes):
+        counts = np.bincount(g[y == c], minlength=len(train.group_names))
+        present = np.flatnonzero(counts > 0)
+        if len(present) < 2:
+            continue  # a class with one group has no minority cell
+        out[c] = int(present[np.argmin(counts[present])])
+    return out
+
+
+def _hide(data: ImageSet) -> ImageSet:
+    import torch
+
+    return data.with_groups(torch.full_like(data.g, -1), ())
+
+
+def _margin(model: nn.Module, data: ImageSet) -> tuple[np.ndarray, np.ndarray]:
     from patchd.ml.models import predict
 
-    wrong = (predict(model, data.x).argmax(1) != data.y).numpy()
+    probs = predict(model, data.x).numpy()
+    y = data.y.numpy()
+    true_p = probs[np.arange(len(y)), y]
+    others = probs.copy()
+    others[np.arange(len(y)), y] = -np.inf
+    return true_p - others.max(1), probs.argmax(1) != y
+
+
+def _rows(
+    dataset: str, seed: int, split: str, data: ImageSet, model: nn.Module, results: dict[str, Any]
+) -> list[Row]:
+    margin, wrong = _margin(model, data)
+    y, g = data.y.numpy(), data.g.numpy()
+    sub, svm = results["subgroup"], results["svm"]
     out = []
-    for cls in range(data.num_classes):
-        rows = (data.y == cls).numpy()
-        minority = (data.g.numpy() != cls)[rows]
-        hard = (result.groups.numpy() == 1)[rows]
-        p, r, a = _prf(minority, hard)
-        bp, br, ba = _prf(minority, wrong[rows])
-        strength = result.modes[cls].strength
+    for c, cell in results["cells"].items():
+        r = y == c
+        truth = g[r] == cell
+        s_score, v_score = sub.hardness.numpy()[r], svm.hardness.numpy()[r]
+        sg_p, sg_r = _pr(sub.groups.numpy()[r] == 1, truth)
+        sv_p, sv_r = _pr(svm.groups.numpy()[r] == 1, truth)
+        e_p, e_r = _pr(wrong[r], truth)
         out.append(
-            Recovery(
-                setting,
-                cls,
-                int(rows.sum()),
-                int(minority.sum()),
-                int(hard.sum()),
-                p,
-                r,
-                a,
-                strength,
-                bp,
-                br,
-                ba,
+            Row(
+                dataset=dataset,
+                seed=seed,
+                split=split,
+                cls=c,
+                n=int(r.sum()),
+                k=int(truth.sum()),
+                subgroup_pk=precision_at_k(s_score, truth),
+                subgroup_auroc=auroc(s_score, truth),
+                subgroup_group_p=sg_p,
+                subgroup_group_r=sg_r,
+                subgroup_confidence=float(sub.modes[c].confidence or 0.0),
+                svm_pk=precision_at_k(v_score, truth),
+                svm_auroc=auroc(v_score, truth),
+                svm_group_p=sv_p,
+                svm_group_r=sv_r,
+                loss_pk=precision_at_k(-margin[r], truth),
+                loss_auroc=auroc(-margin[r], truth),
+                errors_p=e_p,
+                errors_r=e_r,
+                errors_auroc=auroc(wrong[r].astype(float), truth),
             )
         )
     return out
 
 
-def run(n_train: int, epochs: int, seed: int, p_train: float = 0.99) -> dict[str, object]:
-    import torch
+def _spec(dataset: str, seed: int, n_train: int | None, extra: dict[str, Any]) -> DatasetSpec:
+    from patchd.config import DatasetSpec
 
+    return DatasetSpec(kind=dataset, seed=seed, n_train=n_train, **extra)
+
+
+def run_seed(
+    dataset: str, seed: int, n_train: int | None, epochs: int, extra: dict[str, Any]
+) -> dict[str, Any]:
     from patchd.abc import StageContext
-    from patchd.config import DatasetSpec, PatchConfig
+    from patchd.config import PatchConfig
     from patchd.ml.datasets import load_splits
     from patchd.ml.evaluate import evaluate_model
     from patchd.ml.models import small_cnn
     from patchd.ml.training import fit, seed_everything
+    from patchd.plugins.miners.subgroup import SubgroupMiner
     from patchd.plugins.miners.svm import SVMDirectionMiner
 
-    torch.set_num_threads(1)
-    t0 = time.monotonic()
-    spec = DatasetSpec(
-        kind="colored-fmnist", n_train=n_train, seed=seed, options={"p_train": p_train}
-    )
-    s = load_splits(spec)
+    s: Splits = load_splits(_spec(dataset, seed, n_train, extra))
+    cells = minority_cells(s.train)
+    if not cells:
+        raise click.UsageError(f"{dataset}: no class has two groups; the bench needs group labels")
     seed_everything(seed)
-    model = small_cnn()
+    model = small_cnn(num_classes=s.train.num_classes, in_channels=int(s.train.x.shape[1]))
+    t0 = time.monotonic()
     fit(model, s.train, epochs=epochs, batch_size=64, lr=1e-3, seed=seed)
-    t_train = time.monotonic() - t0
+    train_s = time.monotonic() - t0
     erm = evaluate_model(model, s.test, s.train)
-
-    def hide(d):  # noqa: ANN001, ANN202
-        return d.with_groups(torch.full_like(d.g, -1), ())
-
-    rows, timings = [], {}
-    settings = (("val", s.val, None), ("val->test", s.test, s.val), ("train", s.train, None))
+    rows: list[Row] = []
+    seconds: dict[str, float] = {}
+    reports: dict[str, str] = {}
+    val = _hide(s.val)
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = StageContext("bench", "mine", Path(tmp), PatchConfig(), seed=seed)
-        for name, data, fit_on in settings:
+        for split, data in (("train", s.train), ("test", s.test)):
+            out = Path(tmp) / split
+            out.mkdir()
+            ctx = StageContext("bench", "mine", out, PatchConfig(), seed=seed)
             t = time.monotonic()
-            fit_data = hide(fit_on) if fit_on is not None else None
-            result = SVMDirectionMiner().mine(ctx, model, hide(data), fit_data=fit_data)
-            timings[name] = time.monotonic() - t
-            rows += _recoveries(name, data, result, model)
+            sub = SubgroupMiner().mine(ctx, model, _hide(data), fit_data=val)
+            seconds[f"subgroup:{split}"] = time.monotonic() - t
+            report = json.loads(Path(str(sub.report_json)).read_text())
+            reports[split] = _summary(report)
+            t = time.monotonic()
+            svm = SVMDirectionMiner().mine(ctx, model, _hide(data), fit_data=val)
+            seconds[f"svm:{split}"] = time.monotonic() - t
+            results = {"subgroup": sub, "svm": svm, "cells": cells}
+            rows += _rows(dataset, seed, split, data, model, results)
     return {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "machine": MACHINE,
-        "python": platform.python_version(),
-        "n_train": n_train,
-        "p_train": p_train,
-        "epochs": epochs,
         "seed": seed,
-        "train_seconds": round(t_train, 1),
-        "mine_seconds": {k: round(v, 1) for k, v in timings.items()},
+        "n_train": len(s.train),
+        "n_val": len(s.val),
+        "n_test": len(s.test),
+        "train_seconds": round(train_s, 1),
+        "mine_seconds": {k: round(v, 1) for k, v in seconds.items()},
         "erm_test_cells": {c.key: round(c.accuracy, 4) for c in erm.cells},
         "erm_test_worst_group": round(erm.worst_group_accuracy, 4),
-        "erm_test_average": round(erm.average_pooled, 4),
-        "recovery": [asdict(r) for r in rows],
+        "report": reports,
+        "rows": [asdict(r) for r in rows],
     }
 
 
-def _print(res: dict[str, object]) -> None:
-    click.echo(
-        f"ERM on colored-fmnist (n_train={res['n_train']}, p_train={res['p_train']}, "
-        f"{res['epochs']} epochs, "
-        f"{res['train_seconds']} s): test worst-group {res['erm_test_worst_group']}, "
-        f"average {res['erm_test_average']}; cells {res['erm_test_cells']}"
-    )
-    click.echo(
-        "| date | machine | setting | class | precision | recall | ARI | SVM CV bal. acc "
-        "| errors-as-hard P / R / ARI | mine s |"
-    )
-    click.echo("|---|---|---|---|---|---|---|---|---|---|")
-    for r in res["recovery"]:  # type: ignore[union-attr]
-        click.echo(
-            f"| {res['date']} | {res['machine']} | {r['setting']} | {r['cls']} "
-            f"| {r['precision']:.3f} | {r['recall']:.3f} | {r['ari']:.3f} "
-            f"| {r['svm_cv_balanced_accuracy']:.3f} | {r['baseline_error_precision']:.3f} / "
-            f"{r['baseline_error_recall']:.3f} / {r['baseline_error_ari']:.3f} "
-            f"| {res['mine_seconds'][r['setting']]} |"  # type: ignore[index]
+def _summary(report: dict[str, Any]) -> str:
+    lines = []
+    for c in report["classes"]:
+        conf = c.get("confidence")
+        lines.append(
+            f"- {c['name']}: group size {c['n_hard']} ({(c.get('share') or 0):.1%}), "
+            f"confidence {conf if conf is None else round(conf, 3)}, {c['status']}: "
+            f"{c['description']}"
         )
+    return "\n".join(lines)
+
+
+def _fmt(values: list[float]) -> str:
+    arr = np.array([v for v in values if not np.isnan(v)], dtype=float)
+    if len(arr) == 0:
+        return "n/a"
+    return f"{arr.mean():.3f}" if len(arr) == 1 else f"{arr.mean():.3f} ± {arr.std():.3f}"
+
+
+def table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown rows: mean ± std over seeds per (dataset, split, class)."""
+    keys = sorted({(r["dataset"], r["split"], r["cls"]) for r in rows}, key=lambda t: t)
+    out = [
+        "| dataset | scored on | class | k | subgroup P@k | subgroup AUROC | subgroup group P / R "
+        "| confidence | loss P@k | loss AUROC | error mask P / R | svm P@k | svm group P / R |",
+        "|---|---|---|---:|---:|---:|---|---:|---:|---:|---|---:|---|",
+    ]
+    for ds, split, cls in keys:
+        sel = [r for r in rows if (r["dataset"], r["split"], r["cls"]) == (ds, split, cls)]
+
+        def col(name: str, sel: list[dict[str, Any]] = sel) -> str:
+            return _fmt([float(r[name]) for r in sel])
+
+        out.append(
+            f"| {ds} | {split} | {cls} | {int(np.mean([r['k'] for r in sel]))} "
+            f"| {col('subgroup_pk')} | {col('subgroup_auroc')} "
+            f"| {col('subgroup_group_p')} / {col('subgroup_group_r')} "
+            f"| {col('subgroup_confidence')} | {col('loss_pk')} | {col('loss_auroc')} "
+            f"| {col('errors_p')} / {col('errors_r')} | {col('svm_pk')} "
+            f"| {col('svm_group_p')} / {col('svm_group_r')} |"
+        )
+    return out
+
+
+def write_image_csv(splits: Splits, root: Path) -> Path:
+    """``splits`` as PNGs + ``labels.csv`` (path,label,<group column>,split) under ``root``."""
+    import csv
+
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    column = splits.train.group_names[0].split("=")[0] if splits.train.group_names else "group"
+    path = root / "labels.csv"
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", column, "split"])
+        for split in ("train", "val", "test"):
+            data: ImageSet = getattr(splits, split)
+            (root / split).mkdir(exist_ok=True)
+            arr = (data.x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+            for i in range(len(data)):
+                name = f"{split}/{i:05d}.png"
+                Image.fromarray(arr[i]).save(root / name)
+                group = data.group_names[int(data.g[i])].split("=", 1)[-1]
+                writer.writerow([name, data.class_names[int(data.y[i])], group, split])
+    return path
 
 
 @click.command("mining")
-@click.option("--n-train", default=20000, show_default=True, help="colored-fmnist training images")
-@click.option("--epochs", default=4, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--p-train", default=0.99, show_default=True, help="colour/label agreement in train")
+@click.option(
+    "--dataset",
+    type=click.Choice(["colored-fmnist", "sticker-fmnist", "image-csv"]),
+    default="colored-fmnist",
+    show_default=True,
+)
+@click.option("--seeds", default=1, show_default=True, help="seeds 0..N-1 (data, model, miner)")
+@click.option("--n-train", type=int, default=None, help="training images (dataset default)")
+@click.option("--epochs", default=4, show_default=True, help="ERM epochs of the base model")
+@click.option("--root", type=click.Path(path_type=Path), default=None, help="data.train.root")
+@click.option("--csv", "csv_path", type=click.Path(path_type=Path), default=None)
+@click.option("--group-columns", default="", help="image-csv: comma-separated group columns")
+@click.option("--class-names", default="", help="image-csv: comma-separated class names")
+@click.option("--image-size", type=int, default=None)
+@click.option(
+    "--make-image-csv",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="write a sticker-fmnist (pullover vs coat) image-CSV folder here and exit",
+)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results"))
-def mining(n_train: int, epochs: int, seed: int, p_train: float, out: Path) -> None:
-    """Mining quality on colored-fmnist with the colour hidden from the miner."""
-    res = run(n_train, epochs, seed, p_train)
-    _print(res)
+def mining(
+    dataset: str,
+    seeds: int,
+    n_train: int | None,
+    epochs: int,
+    root: Path | None,
+    csv_path: Path | None,
+    group_columns: str,
+    class_names: str,
+    image_size: int | None,
+    make_image_csv: Path | None,
+    out: Path,
+) -> None:
+    """Subgroup recovery per class: fit on val, scored on train and test, every baseline."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("PATCHD_BENCH_THREADS", "1")))
+    if make_image_csv is not None:
+        from patchd.plugins.datasets.sticker_fmnist import make_sticker_fmnist
+
+        path = write_image_csv(make_sticker_fmnist(pair="pullover-coat", seed=0), make_image_csv)
+        click.echo(
+            f"wrote {path}; run: patchd bench mining --dataset image-csv --root "
+            f"{make_image_csv} --group-columns sticker --image-size 28"
+        )
+        return
+    extra: dict[str, Any] = {}
+    if root is not None:
+        extra["root"] = root
+    if csv_path is not None:
+        extra["csv"] = csv_path
+    if group_columns:
+        extra["group_columns"] = [c.strip() for c in group_columns.split(",") if c.strip()]
+    if class_names:
+        extra["class_names"] = [c.strip() for c in class_names.split(",") if c.strip()]
+    if image_size is not None:
+        extra["image_size"] = image_size
+    if dataset == "image-csv" and not extra.get("group_columns"):
+        raise click.UsageError("--dataset image-csv needs --group-columns (they define the truth)")
+    runs = []
+    for seed in range(seeds):
+        res = run_seed(dataset, seed, n_train, epochs, extra)
+        runs.append(res)
+        click.echo(
+            f"seed {seed}: ERM test worst-group {res['erm_test_worst_group']}, cells "
+            f"{res['erm_test_cells']}; train {res['train_seconds']} s; mine s {res['mine_seconds']}"
+        )
+        click.echo(f"run report (scored on train):\n{res['report']['train']}")
+    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    rows = [r for res in runs for r in res["rows"]]
+    click.echo(f"{date}, {MACHINE}, {dataset}, seeds 0..{seeds - 1}, fit on val")
+    for line in table(rows):
+        click.echo(line)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"mining-{res['date']}-p{p_train}-seed{seed}.json"
-    path.write_text(json.dumps(res, indent=2))
+    path = out / f"mining-{dataset}-{datetime.now(UTC):%Y-%m-%d}-seeds{seeds}.json"
+    body = {
+        "date": date,
+        "machine": MACHINE,
+        "python": platform.python_version(),
+        "dataset": dataset,
+        "epochs": epochs,
+        "runs": runs,
+    }
+    path.write_text(json.dumps(body, indent=2, default=float))
     click.echo(f"results: {path}")

@@ -33,6 +33,8 @@ DATASETS: dict[str, str] = {
     "colored-digits": "patchd.plugins.datasets.colored_digits:load",
     "colored-fmnist": "patchd.plugins.datasets.colored_fmnist:load",
     "image-csv": "patchd.plugins.datasets.image_csv:load",
+    "sticker-fmnist": "patchd.plugins.datasets.sticker_fmnist:load",
+    "texture-fmnist": "patchd.plugins.datasets.texture_fmnist:load",
     "wilds-metadata": "patchd.plugins.datasets.wilds_metadata:load",
 }
 
@@ -41,6 +43,8 @@ NATIVE_SIZES: dict[str, int] = {
     "colored-digits": 16,
     "colored-fmnist": 28,
     "image-csv": 64,
+    "sticker-fmnist": 28,
+    "texture-fmnist": 28,
     "wilds-metadata": 64,
 }
 

@@ -49,7 +49,7 @@ def caption_classes(
     class_names: Sequence[str],
 ) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
     """Per class: (hardest captions, easiest captions); empty when the direction is undefined."""
-    out = []
+    out: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
     for d in dirs:
         if not d.defined:
             out.append(((), ()))

@@ -55,6 +55,11 @@ class ClassReport:
     captions_easy: tuple[str, ...] = ()
     hardest_ids: tuple[str, ...] = ()
     easiest_ids: tuple[str, ...] = ()
+    # subgroup miner: the mined group of this class on the scored split
+    status: str = "mined"  # or why no subgroup was mined (no_errors, few_errors, ...)
+    reason: str = ""
+    confidence: float | None = None  # see patchd.plugins.miners.membership
+    share: float | None = None  # n_hard / class size on the scored split
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,21 @@ class FailureReport:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
+
+    def summary(self) -> str:
+        """The run report as text: each class's mined group, its size, confidence, description."""
+        lines = [
+            f"run {self.run_id}: fit on {self.n_fit} held-out examples, groups assigned to "
+            f"{self.n_assigned} ({self.embedding})"
+        ]
+        for c in self.classes:
+            conf = "n/a" if c.confidence is None else f"{c.confidence:.2f}"
+            size = f"{c.n_hard}" + (f" ({c.share:.1%} of the class)" if c.share is not None else "")
+            lines.append(
+                f"- {c.name}: group size {size}, confidence {conf}, {c.status}: {c.description}"
+                + (f" [{c.reason}]" if c.reason else "")
+            )
+        return "\n".join(lines)
 
     def write(self, path: Path) -> Path:
         path.write_text(self.to_json())

@@ -41,6 +41,7 @@ from patchd.plugins.miners.report import (
     FailureCluster,
     FailureReport,
     GridRow,
+    GroupLift,
     Tile,
     describe,
     lifts_for,
@@ -91,6 +92,12 @@ class Scored:
     def correct(self) -> np.ndarray:
         return self.pred == self.data.y.numpy()
 
+    @property
+    def fitted_hardness(self) -> np.ndarray:
+        """``hardness``, for the steps that run after the directions are fit."""
+        assert self.hardness is not None, "hardness is set once the directions are fit"
+        return self.hardness
+
 
 class SVMDirectionMiner(Miner):
     """Per-class correct-vs-wrong linear SVMs; see the module docstring."""
@@ -117,7 +124,7 @@ class SVMDirectionMiner(Miner):
         dirs = [self._fit_class(fit, c, params, ctx.seed) for c in range(data.num_classes)]
         fit = replace(fit, hardness=_hardness(fit, dirs))
         assign = fit if fit_data is None else replace(assign, hardness=_hardness(assign, dirs))
-        groups, names, mined = _groups(data, assign.hardness)
+        groups, names, mined = _groups(data, assign.fitted_hardness)
         ctx.progress(0.7, "clustering failures and writing the report")
         cap = captions.caption_classes(clip, pre, dirs, data.class_names) if clip else None
         report = self._report(ctx, name, fit, assign, dirs, cap, params, mined)
@@ -186,7 +193,7 @@ class SVMDirectionMiner(Miner):
 
     @staticmethod
     def _png(ctx: StageContext, fit: Scored, params: SVMParams) -> Path:
-        h_fit = fit.hardness
+        h_fit = fit.fitted_hardness
         rows = []
         names = fit.data.class_names
         for c, name in enumerate(names):
@@ -246,10 +253,10 @@ def _class_report(
     tiles: int,
 ) -> ClassReport:
     name = fit.data.class_names[d.cls]
-    h_fit, h_src = fit.hardness, src.hardness
+    h_fit, h_src = fit.fitted_hardness, src.fitted_hardness
     rows = np.flatnonzero(src.data.y.numpy() == d.cls)
     hard = h_src[rows] > 0
-    lifts = ()
+    lifts: tuple[GroupLift, ...] = ()
     if src.data.has_groups:
         lifts = lifts_for(src.data.g.numpy()[rows], hard, src.data.group_names)
     fit_rows = np.flatnonzero(fit.data.y.numpy() == d.cls)

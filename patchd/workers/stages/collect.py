@@ -6,6 +6,9 @@ Rules (documented for users in the run's manifest ``result``):
   base training set and its val split the validation set.
 - held-out = the **test** split of ``data.heldout`` when set, else of ``data.train`` (the val
   split is used by trainers for selection, so it would flatter the candidate).
+- The ``mine`` stage fits the miner on ``val`` plus the labeled production events that go to
+  train (ids ``prod:<event id>``), and assigns groups to every train row (see
+  :func:`patchd.workers.stages.learn.mining_fit_set`); the held-out share is never mined on.
 - The production slice (``slice.jsonl``, labeled events exported by serve) is used when
   ``data.use_production_slice`` is true: each event with a ``file://`` (or plain path) input
   inside ``sources.allowed_roots`` is loaded, converted to the training images' channels and
@@ -84,8 +87,8 @@ def _load_image(path: Path, channels: int, size: tuple[int, int]) -> torch.Tenso
     import torch
     from PIL import Image
 
-    with Image.open(path) as img:
-        img = img.convert("RGB" if channels == 3 else "L").resize((size[1], size[0]))
+    with Image.open(path) as src:
+        img = src.convert("RGB" if channels == 3 else "L").resize((size[1], size[0]))
         arr = np.asarray(img, dtype=np.float32) / 255.0
     tensor = torch.from_numpy(arr.copy())
     return tensor.permute(2, 0, 1) if tensor.ndim == 3 else tensor.unsqueeze(0)

@@ -1,0 +1,256 @@
+"""Failing-subgroup membership of one class: an error-seeded mixture, distilled into a classifier.
+
+Why not the correct-vs-wrong SVM (:mod:`.directions`): trained to separate errors from correct
+predictions, its hard side is the *error mask*. When a model gets only part of a minority cell
+wrong, the minority examples it still gets right (barely) stay on the easy side, so the group
+handed to Group DRO is "the errors" (JTT), not the subgroup. ``patchd bench mining`` measures it.
+
+What is fitted here, per class, on held-out labeled data (validation + labeled production
+events, where errors are real and not memorized away):
+
+1. **Mixture.** The class's preprocessed embeddings are reduced by PCA to ``d`` dimensions for
+   each ``d`` in :data:`DIMS`; a 2-component full-covariance Gaussian mixture is fitted with its
+   means seeded at the mean of the wrong and of the correct examples. EM then moves on the
+   embeddings alone, so the failing component grows from the errors to the whole cluster they
+   sit in (the minority examples the model still gets right included) and cannot collapse onto
+   the error mask unless the errors are a cluster of their own. The failing component is the one
+   with the higher error rate.
+2. **Choice of the fit.** Among the candidate ``d``, the one whose failing component explains
+   the errors best (F1 of "in the component" vs "wrong"), a criterion that needs no group labels.
+3. **Distillation.** A class-balanced logistic regression on the full embedding learns "failing
+   component vs the rest" on the held-out rows, Platt-scaled on 2-fold out-of-fold decision
+   values so that its log-odds are calibrated. Its decision value scores any split (training,
+   test); it transfers to the training split where the mixture's densities, fitted at the
+   held-out prevalence, do not (measured in the bench).
+4. **Threshold from the data.** The classifier is balanced (implicit prior 0.5); the share of the
+   subgroup in the scored split is estimated by EM on the scored decision values (Saerens et al.
+   2002, prior shift), and an example is a member when its prior-corrected posterior is > 0.5.
+
+Confidence of a mined group = (2-fold cross-validated accuracy of the distilled classifier on the
+held-out rows: how reproducibly the group is recognised) x (share of the held-out errors inside
+the group: how much of the failure it explains). Both factors are reported.
+
+Classes that cannot be mined get a reason and a fallback, never NaN: no held-out errors (no
+failing subgroup: nobody is a member), too few held-out examples or errors (the model's own loss
+ranks, members = the scored split's errors, confidence 0), no usable embedding dimensions (same).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+DIMS: tuple[int, ...] = (2, 4, 8, 16, 32)
+MIN_CLASS = 20  # held-out examples of a class needed to fit a mixture
+MIN_ERRORS = 5  # held-out errors (and correct predictions) needed
+MIN_SHARE = 0.02  # a failing component smaller than this share of the class is ignored
+PRIOR_ITERS = 100
+
+
+@dataclass(frozen=True, eq=False)
+class ClassMembership:
+    """The fitted subgroup model of one class (``z`` preprocessed, see :class:`Preprocessor`)."""
+
+    cls: int
+    status: str  # "mined", "no_errors", "few_examples", "few_errors", "no_features"
+    reason: str  # human-readable; names what was missing when status != "mined"
+    coef: np.ndarray  # Platt-scaled logistic normal (toward the subgroup); zeros when not mined
+    intercept: float  # with ``coef``: calibrated log-odds of membership at a balanced prior
+    n_fit: int  # held-out examples of the class
+    n_wrong: int  # held-out errors of the class
+    n_members_fit: int  # held-out examples in the failing component
+    dims: int  # PCA dimensions of the chosen mixture (0 when not mined)
+    error_f1: float  # F1 of component vs errors on the held-out rows
+    error_share: float  # share of held-out errors inside the group
+    error_rate_in: float  # held-out error rate inside the group
+    error_rate_out: float  # held-out error rate outside the group
+    cv_accuracy: float  # 2-fold CV accuracy of the distilled classifier (0 when not mined)
+
+    @property
+    def mined(self) -> bool:
+        return self.status == "mined"
+
+    @property
+    def confidence(self) -> float:
+        return float(self.cv_accuracy * self.error_share) if self.mined else 0.0
+
+    @property
+    def direction(self) -> np.ndarray:
+        """Unit vector toward the subgroup (zeros when not mined)."""
+        norm = float(np.linalg.norm(self.coef))
+        return self.coef / norm if norm > 0 else np.zeros_like(self.coef)
+
+    def decision(self, z: np.ndarray) -> np.ndarray:
+        """Balanced-prior log-odds of membership (> 0: subgroup side)."""
+        return np.asarray(z) @ self.coef + self.intercept
+
+
+@dataclass(frozen=True, eq=False)
+class Scores:
+    """Membership of the scored rows of one class."""
+
+    probability: np.ndarray  # prior-corrected posterior of membership
+    hardness: np.ndarray  # signed score, > 0 for members (log-odds, or -margin in fallbacks)
+    members: np.ndarray  # bool
+    prior: float  # estimated share of the subgroup in the scored rows
+
+
+def _not_mined(
+    cls: int, status: str, reason: str, dims: int, n: int, n_wrong: int
+) -> ClassMembership:
+    return ClassMembership(
+        cls, status, reason, np.zeros(dims), 0.0, n, n_wrong, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0
+    )
+
+
+def _candidate(
+    z: np.ndarray, wrong: np.ndarray, d: int, seed: int
+) -> tuple[float, np.ndarray] | None:
+    """(F1 vs errors, failing-component mask) of the error-seeded 2-component mixture in d dims."""
+    from sklearn.decomposition import PCA
+    from sklearn.mixture import GaussianMixture
+
+    x = PCA(n_components=d, random_state=seed).fit_transform(z)
+    means = np.stack([x[~wrong].mean(0), x[wrong].mean(0)])
+    gmm = GaussianMixture(
+        2, covariance_type="full", means_init=means, reg_covar=1e-4, random_state=seed
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning on small sets
+        gmm.fit(x)
+    hard_any = gmm.predict_proba(x) > 0.5
+    rates = [wrong[hard_any[:, k]].mean() if hard_any[:, k].any() else -1.0 for k in (0, 1)]
+    hard = hard_any[:, int(np.argmax(rates))]
+    share = hard.mean()
+    if not MIN_SHARE <= share <= 1 - MIN_SHARE:
+        return None
+    precision, recall = wrong[hard].mean(), hard[wrong].mean()
+    f1 = 2 * precision * recall / max(precision + recall, 1e-12)
+    return float(f1), hard
+
+
+def _logistic(seed: int):  # noqa: ANN202 - sklearn estimator
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000, random_state=seed)
+
+
+def _calibrate(z: np.ndarray, hard: np.ndarray, seed: int) -> tuple[float, float, float]:
+    """(CV balanced accuracy, slope, offset) from 2-fold out-of-fold decision values: Platt
+    scaling, so the log-odds are calibrated (a regularized fit on separable data is not) and the
+    offset is expressed at a balanced prior."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    if min(int(hard.sum()), int((~hard).sum())) < 2:
+        return 0.0, 1.0, 0.0
+    folds = StratifiedKFold(n_splits=2, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        oof = cross_val_predict(_logistic(seed), z, hard, cv=folds, method="decision_function")
+        platt = LogisticRegression(C=1e4, class_weight="balanced", max_iter=1000).fit(
+            oof[:, None], hard
+        )
+    accuracy = float(balanced_accuracy_score(hard, oof > 0))
+    slope = max(float(platt.coef_[0, 0]), 1e-3)  # keep the ranking's direction
+    return accuracy, slope, float(platt.intercept_[0])
+
+
+def fit_class_membership(
+    cls: int, z: np.ndarray, wrong: np.ndarray, seed: int = 0, dims: tuple[int, ...] = DIMS
+) -> ClassMembership:
+    """The subgroup model of class ``cls`` from its held-out rows (``z`` preprocessed)."""
+    wrong = np.asarray(wrong, dtype=bool)
+    z = np.asarray(z, dtype=np.float64)
+    if not np.isfinite(z).all():
+        raise ValueError(f"class {cls}: the embeddings contain NaN or infinite values")
+    full = int(z.shape[1])
+    live = z.std(0) > 1e-9 if len(z) else np.zeros(full, bool)  # dead / constant dimensions out
+    z = z[:, live]
+    n, n_wrong, width = len(wrong), int(wrong.sum()), int(z.shape[1])
+    if width == 0:
+        reason = f"all {full} embedding dimensions are constant on the held-out rows"
+        return _not_mined(cls, "no_features", reason, full, n, n_wrong)
+    if n_wrong == 0:
+        reason = f"no errors among {n} held-out examples: no failing subgroup"
+        return _not_mined(cls, "no_errors", reason, full, n, 0)
+    if n < MIN_CLASS:
+        reason = f"{n} held-out examples (< {MIN_CLASS}): too few to fit a subgroup"
+        return _not_mined(cls, "few_examples", reason, full, n, n_wrong)
+    if min(n_wrong, n - n_wrong) < MIN_ERRORS:
+        reason = (
+            f"{n_wrong} errors and {n - n_wrong} correct among {n} held-out examples "
+            f"(< {MIN_ERRORS} of either): too few to fit a subgroup"
+        )
+        return _not_mined(cls, "few_errors", reason, full, n, n_wrong)
+    best: tuple[float, int, np.ndarray] | None = None
+    for d in dims:
+        if d > min(width, n // 10):
+            continue
+        found = _candidate(z, wrong, d, seed)
+        if found is not None and (best is None or found[0] > best[0] + 1e-9):
+            best = (found[0], d, found[1])
+    if best is None:
+        reason = "no mixture split the class into a failing component and the rest"
+        return _not_mined(cls, "few_errors", reason, full, n, n_wrong)
+    f1, d, hard = best
+    clf = _logistic(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clf.fit(z, hard)
+    accuracy, slope, offset = _calibrate(z, hard, seed)
+    coef = np.zeros(full)
+    coef[live] = slope * clf.coef_[0]
+    return ClassMembership(
+        cls=cls,
+        status="mined",
+        reason=f"error-seeded mixture in {d} PCA dimensions (F1 vs errors {f1:.2f})",
+        coef=coef,
+        intercept=slope * float(clf.intercept_[0]) + offset,
+        n_fit=n,
+        n_wrong=n_wrong,
+        n_members_fit=int(hard.sum()),
+        dims=d,
+        error_f1=f1,
+        error_share=float(hard[wrong].mean()),
+        error_rate_in=float(wrong[hard].mean()),
+        error_rate_out=float(wrong[~hard].mean()) if (~hard).any() else 0.0,
+        cv_accuracy=accuracy,
+    )
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def estimate_prior(log_odds: np.ndarray, start: float = 0.5) -> float:
+    """EM estimate of the member share given balanced-prior log-odds (Saerens et al. 2002)."""
+    if len(log_odds) == 0:
+        return 0.0
+    prior = start
+    for _ in range(PRIOR_ITERS):
+        shift = np.log(max(prior, 1e-9) / max(1.0 - prior, 1e-9))
+        new = float(_sigmoid(log_odds + shift).mean())
+        if abs(new - prior) < 1e-7:
+            return new
+        prior = new
+    return prior
+
+
+def score_class(model: ClassMembership, z: np.ndarray, margin: np.ndarray) -> Scores:
+    """Membership of rows of the class (``margin``: p(true) - max p(other), for fallbacks)."""
+    n = len(margin)
+    if model.status == "no_errors":
+        zero = np.zeros(n)
+        return Scores(zero, -np.abs(margin) - 1.0, np.zeros(n, bool), 0.0)
+    if not model.mined:
+        members = margin < 0
+        return Scores(members.astype(float), -margin, members, float(members.mean()) if n else 0.0)
+    log_odds = model.decision(z)
+    prior = estimate_prior(log_odds)
+    shift = np.log(max(prior, 1e-9) / max(1.0 - prior, 1e-9))
+    posterior = _sigmoid(log_odds + shift)
+    return Scores(posterior, log_odds + shift, posterior > 0.5, prior)
