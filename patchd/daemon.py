@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import gc
 import importlib
 import logging
@@ -38,7 +39,7 @@ from patchd.api.metrics import BuildInfoCollector, metrics_router, patchd_versio
 from patchd.api.status import status_router
 from patchd.config import Config
 from patchd.domain import EventBus
-from patchd.exceptions import ConfigError, PatchdError, PluginError
+from patchd.exceptions import ConfigError, DiskFullError, PatchdError, PluginError
 from patchd.ingest.api import ingest_router
 from patchd.ingest.metrics import IngestCollector
 from patchd.ingest.pipeline import IngestPipeline
@@ -71,6 +72,8 @@ COMPONENTS: list[str] = [
     "patchd.monitor.component:MonitorComponent",
     "patchd.runs.component:RunsComponent",
     "patchd.promotion.component:CandidatesComponent",
+    "patchd.notify.component:NotifyComponent",
+    "patchd.ui.component:UiComponent",
     "patchd.plugins.sources.kserve:KServeComponent",
     "patchd.plugins.sources.seldon:SeldonComponent",
 ]
@@ -170,6 +173,14 @@ class Daemon:
         except PatchdError:
             self.shutdown()
             raise
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                log.exception("patchd serve crashed")
+                self._cold = True
+                self.shutdown()
+                return 1
+            self.shutdown()
+            raise DiskFullError(f"cannot write {err.filename or 'the state directory'}") from None
         except Exception:
             log.exception("patchd serve crashed")
             self._cold = True

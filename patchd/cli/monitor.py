@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from patchd.cli.options import config_option
+from patchd.cli.safe import cell, markup, printable
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -40,8 +41,33 @@ def _accuracy(cell: dict[str, Any]) -> str:
     return f"{_pct(cell['accuracy'])} ± {100 * half:.1f}"
 
 
+def _estimate(cell: dict[str, Any]) -> str:
+    """The pooled row's label-free estimate, beside its labeled accuracy ("?" when unreliable)."""
+    state = cell.get("estimate_state")
+    if cell["class"] != "*" or state in (None, "none"):
+        return ""
+    if cell.get("estimated_accuracy") is None:
+        return "[yellow]? unreliable[/]"
+    half = (cell["estimated_ci_high"] - cell["estimated_ci_low"]) / 2
+    text = f"{_pct(cell['estimated_accuracy'])} ± {100 * half:.1f}"
+    return f"[bold red]{text} est. degraded[/]" if state == "estimated_degraded" else text
+
+
 def _drift(cell: dict[str, Any]) -> str:
     return " ".join(f"{k[:4]}={v:.2f}" for k, v in sorted(cell["drift"].items())) or "-"
+
+
+def drift_caption(groups: dict[str, Any]) -> str:
+    """The drift column's legend, and why it is empty when it is."""
+    caption = "drift: label-free signals, never accuracy"
+    if any(c["drift"] for c in groups["cells"]):
+        return caption + "; '-': too few predictions of that group (monitor.drift_min_samples)"
+    if str(groups.get("reference", "")).startswith(("learning", "not started")):
+        return caption + "; none until the reference is frozen"
+    return caption + (
+        "; none yet: the drift pass runs every monitor.drift_interval_s (60 s by default) and "
+        "needs monitor.drift_min_samples predictions of a group"
+    )
 
 
 def groups_table(groups: dict[str, Any]) -> RenderableType:
@@ -49,19 +75,22 @@ def groups_table(groups: dict[str, Any]) -> RenderableType:
 
     worst = groups.get("worst_group_accuracy")
     title = (
-        f"model {groups['model']}: {groups['n']} labeled events in the window, "
-        f"reference {groups['reference']}, worst-group accuracy {_pct(worst)}%"
+        f"model {markup(groups['model'])}: {groups['n']} labeled events in the window, "
+        f"reference {markup(groups['reference'])}, worst-group accuracy {_pct(worst)}%"
     )
-    table = Table(title=title, caption="drift: label-free signals, never accuracy")
-    for col in ("class", "group", "n", "accuracy % (± CI)", "ref %", "share %", "drift", "state"):
+    table = Table(title=title, caption=drift_caption(groups))
+    # est.: the label-free estimate (patchd.monitor.estimate), never used as accuracy
+    columns = ("class", "group", "n", "accuracy % (± CI)", "est. % (± CI)", "ref %", "share %")
+    for col in (*columns, "drift", "state"):
         table.add_column(col, justify="right" if col in ("n", "ref %", "share %") else "left")
     for c in groups["cells"]:
         state = c["state"]
         table.add_row(
-            c["class"],
-            c["group"],
+            cell(c["class"]),  # class and group values come from clients: escaped
+            cell(c["group"]),
             str(c["n"]),
             _accuracy(c),
+            _estimate(c),
             _pct(c["reference_accuracy"]),
             _pct(c["share"]) if c["class"] == "*" else "",
             _drift(c),
@@ -77,13 +106,18 @@ def status_view(doc: dict[str, Any]) -> RenderableType:
     st = doc["status"]
     store = st.get("store", {})
     head = Text(
-        f"patchd {st.get('version', '?')} {st.get('state', '?')}, model {st.get('model', '?')}: "
-        f"{store.get('predictions', '?')} predictions, {store.get('labeled', '?')} labeled"
+        printable(
+            f"patchd {st.get('version', '?')} {st.get('state', '?')}, model "
+            f"{st.get('model', '?')}: {store.get('predictions', '?')} predictions, "
+            f"{store.get('labeled', '?')} labeled"
+        )
     )
     requests = doc["groups"].get("patch_requests") or []
     tail = Text(
-        f"patch requests: {len(requests)}"
-        + (f", last: {requests[-1]['reason']}" if requests else "")
+        printable(
+            f"patch requests: {len(requests)}"
+            + (f", last: {requests[-1]['reason']}" if requests else "")
+        )
     )
     return Group(head, groups_table(doc["groups"]), tail)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
 from patchd.demo.plan import DemoPlan
@@ -50,6 +51,7 @@ class Demo:
         self.server_url = f"http://127.0.0.1:{self.server_port}"
         self.started = time.monotonic()
         self.last_table = 0.0
+        self.live: Live | None = None  # the table being updated in place during a replay
 
     # ------------------------------------------------------------------ orchestration
     def run(self) -> DemoResult:
@@ -62,6 +64,7 @@ class Demo:
             self.start_parts(children)
             return self.loop(ws, children)
         finally:
+            self.end_live()
             self.say("stopping serve, worker and model server ...")
             children.stop_all()
 
@@ -293,6 +296,7 @@ class Demo:
             self.table(api)
 
     def table(self, api: httpx.Client, force: bool = False) -> None:
+        """Update the live table in place; ``force`` (a phase ended) leaves it printed as is."""
         self.last_table = time.monotonic()
         groups = api.get("/v1/groups").json()
         table = Table(
@@ -315,7 +319,18 @@ class Demo:
                 ci,
                 f"[{style}]{c['state']}[/]" if style else c["state"],
             )
-        self.console.print(table)
+        if self.live is None:
+            self.live = Live(table, console=self.console, refresh_per_second=2)
+            self.live.start()
+        else:
+            self.live.update(table, refresh=True)
+        if force:
+            self.end_live()
+
+    def end_live(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
 
     # ------------------------------------------------------------------ output
     def say(self, text: str) -> None:

@@ -1,7 +1,9 @@
 """``MonitorComponent``: the monitor inside ``patchd serve``.
 
 - an apscheduler interval job (``monitor.interval_s``, coalesce, max_instances=1, so a slow tick
-  is skipped rather than piled up) runs :meth:`ModelMonitor.tick` and publishes its domain events;
+  is skipped rather than piled up) runs :meth:`ModelMonitor.tick` and publishes its domain events
+  (``GroupEstimatedDegraded``, the label-free state, opens a run only when ``trigger.on`` lists
+  "estimated");
   a second job (``monitor.drift_interval_s``) runs the label-free drift pass (evidently);
 - ``GroupDegraded`` (and ``GroupWarning`` when ``trigger.on`` lists "warning") go to
   :func:`patchd.monitor.trigger.request_patch`;
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from patchd.domain import (
     DomainEvent,
     GroupDegraded,
+    GroupEstimatedDegraded,
     GroupWarning,
     ModelPromoted,
     ModelRolledBack,
@@ -76,6 +79,8 @@ class MonitorComponent(Component):
         bus.subscribe(GroupDegraded, self._on_degraded)
         if "warning" in self.services.config.trigger.on:
             bus.subscribe(GroupWarning, self._on_degraded)
+        if "estimated" in self.services.config.trigger.on:
+            bus.subscribe(GroupEstimatedDegraded, self._on_degraded)
         bus.subscribe(ModelPromoted, self._on_promoted)
         bus.subscribe(ModelRolledBack, self._on_promoted)
         monitor = self.services.config.monitor
@@ -129,17 +134,22 @@ class MonitorComponent(Component):
             _log_event(event)
             self.services.bus.publish(event)
 
-    def _on_degraded(self, event: GroupDegraded | GroupWarning) -> None:
+    def _on_degraded(self, event: GroupDegraded | GroupWarning | GroupEstimatedDegraded) -> None:
         if event.model != self.model:
             return
-        kind = "degraded" if isinstance(event, GroupDegraded) else "warning"
+        if isinstance(event, GroupDegraded):
+            kind = "degraded"
+            detail = degraded_detail(event, self.services.config.monitor.accuracy_floor)
+        elif isinstance(event, GroupEstimatedDegraded):
+            kind = "estimated"
+            detail = (
+                f"label-free estimate {event.estimate:.3f} (upper {event.ci_high:.3f}) vs "
+                f"reference {event.reference:.3f}, n={event.n}"
+            )
+        else:
+            kind, detail = "warning", event.reason
         if kind not in self.services.config.trigger.on:
             return
-        detail = (
-            f"accuracy {event.accuracy:.3f} vs reference {event.reference:.3f}, n={event.n}"
-            if isinstance(event, GroupDegraded)
-            else event.reason
-        )
         request_patch(
             self.services,
             event.model,
@@ -184,6 +194,19 @@ def _production_evaluation(services: Services, model: str) -> dict[str, Any] | N
         return None
     candidate = evaluation.get("candidate")
     return candidate if isinstance(candidate, dict) and "cells" in candidate else evaluation
+
+
+def degraded_detail(event: GroupDegraded, floor: float) -> str:
+    """What a degraded cell was compared against: ``monitor.accuracy_floor`` or its reference.
+
+    A ``floor`` event without a reference cell carries the floor as its ``reference``; it is not
+    called a reference then.
+    """
+    if event.reason != "floor":
+        return f"accuracy {event.accuracy:.3f} vs reference {event.reference:.3f}, n={event.n}"
+    has_reference = abs(event.reference - floor) > 1e-12
+    ref = f", reference {event.reference:.3f}" if has_reference else ", no reference for this cell"
+    return f"accuracy {event.accuracy:.3f} below the accuracy floor {floor:.3f}{ref}, n={event.n}"
 
 
 def _log_event(event: DomainEvent) -> None:

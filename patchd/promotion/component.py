@@ -217,6 +217,12 @@ class CandidatesComponent(Component):
         evaluation = self.candidates.evaluation_json(candidate_id)
         return candidate_report(self.services.config, cand, evaluation, self.services.store)
 
+    def report_fragment(self, candidate_id: str) -> str:
+        """The report as an HTML fragment (``<style>`` + ``<div>``) for the approval pages."""
+        from patchd.promotion.report import render_fragment
+
+        return render_fragment(self.report(candidate_id))
+
     def write_report(self, candidate_id: str) -> None:
         """(Re)write report.json/report.html beside the version's manifest; best effort."""
         from patchd.promotion.report import render_html
@@ -232,8 +238,9 @@ class CandidatesComponent(Component):
             log.warning("report of candidate %s not written: %s", candidate_id, err)
 
     # -- decisions -----------------------------------------------------------------------------
-    def approve(self, candidate_id: str, digest: str, actor: str) -> Candidate:
-        """Promote an awaiting candidate; ``digest`` must be the candidate's (no stale ones)."""
+    def approve(self, candidate_id: str, digest: str, actor: str, comment: str = "") -> Candidate:
+        """Promote an awaiting candidate; ``digest`` must be the candidate's (no stale ones).
+        ``comment`` (the approver's words) is kept in the audit entry's ``detail``."""
         with self._lock:
             cand = self._awaiting(candidate_id, "approve")
             if digest != cand.digest:
@@ -256,6 +263,7 @@ class CandidatesComponent(Component):
                     cand.id,
                     previous,
                     metrics=audit_metrics(cand.gate),
+                    detail=comment,
                 )
             )
             self.promotions.labels("promoted").inc()

@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from patchd.promotion.report.candidate import CandidateReport, build_report
-from patchd.promotion.report.html import render_html
+from patchd.promotion.report.html import render_fragment, render_html
 
-__all__ = ["CandidateReport", "build_report", "render_html"]
+__all__ = ["CandidateReport", "build_report", "render_fragment", "render_html"]

@@ -1,0 +1,84 @@
+"""The approval pages as a serve component: off unless ``ui.enabled``.
+
+Finds the monitor, runs and candidates components by name when a page is asked for (so the order
+of :data:`patchd.daemon.COMPONENTS` does not matter and a serve without the runs component still
+shows candidates), owns the login sessions and the Jinja2 environment.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from functools import cache
+from typing import TYPE_CHECKING
+
+from patchd.exceptions import NotFoundError
+from patchd.monitor.component import MonitorComponent
+from patchd.promotion.component import CandidatesComponent
+from patchd.runs.component import RunsComponent
+from patchd.services import Component, Services
+from patchd.ui.session import SessionStore, origin_of
+
+if TYPE_CHECKING:
+    from fastapi import APIRouter
+    from jinja2 import Environment
+
+log = logging.getLogger(__name__)
+
+
+@cache
+def _environment() -> Environment:
+    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+    env = Environment(
+        loader=PackageLoader("patchd.ui", "templates"),
+        autoescape=select_autoescape(["html"]),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    return env
+
+
+class UiComponent(Component):
+    name = "ui"
+
+    def __init__(self, services: Services) -> None:
+        super().__init__(services)
+        config = services.config
+        self.settings = config.ui
+        self.model_name = config.model.name
+        self.monitor_config = config.monitor
+        self.sessions = SessionStore(config.ui.session_ttl_s)
+        self.allowed_origins = origin_of(config.ui.public_url)
+
+    def routers(self) -> Sequence[APIRouter]:
+        if not self.settings.enabled:
+            return ()
+        from patchd.ui.routes import build_router
+
+        return (build_router(self),)
+
+    def start(self) -> None:
+        if self.settings.enabled:
+            api = self.services.config.api
+            url = self.settings.public_url or f"http://{api.host}:{api.port}"
+            log.info("approval pages at %s/ui (log in with a read or approve token)", url)
+
+    def templates(self) -> Environment:
+        return _environment()
+
+    def candidates(self) -> CandidatesComponent:
+        return self.services.component("candidates", CandidatesComponent)
+
+    def runs(self) -> RunsComponent | None:
+        try:
+            return self.services.component("runs", RunsComponent)
+        except NotFoundError:
+            return None
+
+    def monitor(self) -> MonitorComponent | None:
+        try:
+            return self.services.component("monitor", MonitorComponent)
+        except NotFoundError:
+            return None

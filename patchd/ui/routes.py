@@ -1,0 +1,386 @@
+"""The ``/ui`` routes: login, models, runs, candidates (approve / reject), production (rollback).
+
+Pages are server-rendered (Jinja2, autoescaped); forms POST ``application/x-www-form-urlencoded``
+bodies with the session's CSRF token (:mod:`patchd.ui.session`) and answer with a 303 redirect.
+Responses carry a CSP that allows scripts and styles from serve only (the report's inline styles
+excepted), no framing, forms posting only here, and ``Cache-Control: no-store``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import parse_qs
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from patchd.api.auth import TokenStore
+from patchd.exceptions import ConflictError, NotFoundError, PatchdError
+from patchd.ui import views
+from patchd.ui.session import (
+    COOKIE_PATH,
+    LOGIN_COOKIE,
+    LOGIN_TTL_S,
+    SESSION_COOKIE,
+    Session,
+    SessionStore,
+    new_login_token,
+    same_origin,
+    tokens_match,
+)
+
+if TYPE_CHECKING:
+    from jinja2 import Environment
+
+    from patchd.config import MonitorConfig, UiConfig
+    from patchd.monitor.component import MonitorComponent
+    from patchd.promotion.component import CandidatesComponent
+    from patchd.runs.component import RunsComponent
+
+log = logging.getLogger(__name__)
+
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; "
+    "base-uri 'none'"
+)
+HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+    "X-Frame-Options": "DENY",
+}
+STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
+MAX_FORM_BYTES = 16 << 10
+NAV = {"candidate": "candidates"}  # template -> the menu entry it belongs to
+# flash messages by code: a redirect carries the code, never user data
+FLASH = {
+    "approved": "Approved: production switched to this candidate.",
+    "rejected": "Rejected: the candidate will not be promoted.",
+    "rolled_back": "Rolled back: production is the previous version again.",
+    "logged_out": "Logged out.",
+}
+
+
+class UiBackend(Protocol):
+    """What the routes need: settings, sessions, templates and the other components."""
+
+    settings: UiConfig
+    sessions: SessionStore
+    allowed_origins: frozenset[str]
+    model_name: str
+    monitor_config: MonitorConfig
+
+    def templates(self) -> Environment: ...
+
+    def candidates(self) -> CandidatesComponent: ...
+
+    def runs(self) -> RunsComponent | None: ...
+
+    def monitor(self) -> MonitorComponent | None: ...
+
+
+class FormError(PatchdError):
+    """A refused form: ``status`` is the HTTP answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    """The urlencoded body as single values (the first of a repeated field)."""
+    body = await request.body()
+    if len(body) > MAX_FORM_BYTES:
+        raise FormError(413, f"form body over {MAX_FORM_BYTES} bytes")
+    parsed = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+    return {k: v[0] for k, v in parsed.items()}
+
+
+def build_router(ui: UiBackend) -> APIRouter:
+    router = APIRouter(prefix="/ui", include_in_schema=False)
+    static_dir = Path(__file__).with_name("static")
+    static = {p.name: p.read_bytes() for p in static_dir.iterdir() if p.suffix in STATIC_TYPES}
+
+    def session_of(request: Request) -> Session | None:
+        return ui.sessions.get(request.cookies.get(SESSION_COOKIE))
+
+    def page(request: Request, name: str, status: int = 200, **ctx: Any) -> HTMLResponse:
+        session = ctx.pop("session", session_of(request))
+        html = (
+            ui.templates()
+            .get_template(name)
+            .render(
+                session=session,
+                flash=FLASH.get(request.query_params.get("msg", "")),
+                model_name=ui.model_name,
+                nav=NAV.get(Path(name).stem, Path(name).stem),
+                **ctx,
+            )
+        )
+        return HTMLResponse(html, status_code=status, headers=HEADERS)
+
+    def redirect(url: str) -> RedirectResponse:
+        return RedirectResponse(url, status_code=303, headers=HEADERS)
+
+    def viewer(request: Request) -> Session | None | RedirectResponse:
+        """The session; a redirect to the login page when reading needs one."""
+        session = session_of(request)
+        if session is None and not ui.settings.anonymous_read:
+            return redirect("/ui/login")
+        return session
+
+    async def action(request: Request) -> tuple[Session, dict[str, str]]:
+        """Checks of every state-changing form: same origin, a session that may approve, CSRF."""
+        if not same_origin(request.headers, request.url.scheme, ui.allowed_origins):
+            raise FormError(403, "refused: the form was posted from another origin")
+        form = await read_form(request)
+        session = session_of(request)
+        if session is None:
+            raise FormError(401, "your session expired or you are not logged in; log in again")
+        if not tokens_match(form.get("csrf"), session.csrf):
+            raise FormError(403, "refused: the form's CSRF token is missing or wrong")
+        if not session.can_approve:
+            raise FormError(403, f"{session.principal.name!r} may read but not approve")
+        return session, form
+
+    def refused(request: Request, err: FormError) -> HTMLResponse:
+        log.warning("ui: %s %s refused (%d): %s", request.method, request.url.path, err.status, err)
+        return page(request, "error.html", err.status, message=str(err), session=None)
+
+    @router.get("")
+    def root() -> RedirectResponse:
+        return redirect("/ui/candidates")
+
+    @router.get("/static/{name}")
+    def static_file(name: str) -> Response:
+        data = static.get(name)
+        if data is None:
+            return Response("not found", status_code=404)
+        media = STATIC_TYPES[Path(name).suffix]
+        return Response(data, media_type=media, headers={"Cache-Control": "max-age=300"})
+
+    # -- login ---------------------------------------------------------------------------------
+    @router.get("/login")
+    def login_form(request: Request) -> HTMLResponse:
+        token = new_login_token()
+        response = page(request, "login.html", login_csrf=token, error=None)
+        _cookie(response, LOGIN_COOKIE, token, LOGIN_TTL_S, ui.settings.secure_cookie)
+        return response
+
+    @router.post("/login", response_model=None)
+    async def login(request: Request) -> Response:
+        try:
+            if not same_origin(request.headers, request.url.scheme, ui.allowed_origins):
+                raise FormError(403, "refused: the login form was posted from another origin")
+            form = await read_form(request)
+            if not tokens_match(form.get("csrf"), request.cookies.get(LOGIN_COOKIE)):
+                raise FormError(403, "the login form expired; reload the page and log in again")
+        except FormError as err:
+            return refused(request, err)
+        tokens: TokenStore = request.app.state.tokens
+        principal = tokens.authenticate(form.get("token", "").strip())
+        if principal is None or not principal.scopes & {"read", "approve"}:
+            why = "unknown token" if principal is None else "a token without read/approve scope"
+            log.warning("ui: login refused from %s: %s", _client(request), why)
+            token = new_login_token()
+            again = page(
+                request,
+                "login.html",
+                401,
+                login_csrf=token,
+                error="That token is not valid for these pages.",
+                session=None,
+            )
+            _cookie(again, LOGIN_COOKIE, token, LOGIN_TTL_S, ui.settings.secure_cookie)
+            return again
+        session_id, session = ui.sessions.create(principal)
+        log.info("ui: %s logged in (scopes %s)", principal.name, ",".join(sorted(principal.scopes)))
+        response = redirect("/ui/candidates")
+        _cookie(
+            response,
+            SESSION_COOKIE,
+            session_id,
+            ui.settings.session_ttl_s,
+            ui.settings.secure_cookie,
+        )
+        response.delete_cookie(LOGIN_COOKIE, path=COOKIE_PATH)
+        return response
+
+    @router.post("/logout", response_model=None)
+    async def logout(request: Request) -> Response:
+        try:
+            if not same_origin(request.headers, request.url.scheme, ui.allowed_origins):
+                raise FormError(403, "refused: the form was posted from another origin")
+            form = await read_form(request)
+            session = session_of(request)
+            if session is not None and not tokens_match(form.get("csrf"), session.csrf):
+                raise FormError(403, "refused: the form's CSRF token is missing or wrong")
+        except FormError as err:
+            return refused(request, err)
+        ui.sessions.drop(request.cookies.get(SESSION_COOKIE))
+        response = redirect("/ui/login?msg=logged_out")
+        response.delete_cookie(SESSION_COOKIE, path=COOKIE_PATH)
+        return response
+
+    # -- pages ---------------------------------------------------------------------------------
+    @router.get("/models", response_model=None)
+    def models(request: Request) -> Response:
+        who = viewer(request)
+        if isinstance(who, RedirectResponse):
+            return who
+        monitor = ui.monitor()
+        registry = ui.candidates().registry
+        names = sorted({ui.model_name, *registry.models()})
+        shown = [
+            views.model_view(
+                name,
+                monitor.snapshot if monitor is not None and monitor.model == name else None,
+                registry.pointer(name),
+                ui.monitor_config,
+            )
+            for name in names
+        ]
+        return page(request, "models.html", session=who, models=shown, v=views)
+
+    @router.get("/runs", response_model=None)
+    def runs(request: Request) -> Response:
+        who = viewer(request)
+        if isinstance(who, RedirectResponse):
+            return who
+        component = ui.runs()
+        records = component.list(limit=50) if component is not None else []
+        shown = [views.run_view(r) for r in records]
+        return page(request, "runs.html", session=who, runs=shown, v=views)
+
+    @router.get("/candidates", response_model=None)
+    def candidates(request: Request) -> Response:
+        who = viewer(request)
+        if isinstance(who, RedirectResponse):
+            return who
+        listed = ui.candidates().list(limit=100)
+        return page(request, "candidates.html", session=who, candidates=listed, v=views)
+
+    @router.get("/candidates/{candidate_id}", response_model=None)
+    def candidate(request: Request, candidate_id: str) -> Response:
+        who = viewer(request)
+        if isinstance(who, RedirectResponse):
+            return who
+        return _candidate_page(request, candidate_id, who)
+
+    def _candidate_page(
+        request: Request,
+        candidate_id: str,
+        who: Session | None,
+        error: str | None = None,
+        status: int = 200,
+    ) -> HTMLResponse:
+        component = ui.candidates()
+        try:
+            cand = component.get(candidate_id)
+        except NotFoundError as err:
+            return page(request, "error.html", 404, session=who, message=str(err))
+        report = None
+        if cand.gate is not None:
+            try:
+                report = component.report_fragment(candidate_id)
+            except PatchdError as err:
+                error = error or f"the report could not be built: {err}"
+        return page(
+            request,
+            "candidate.html",
+            status,
+            session=who,
+            c=cand,
+            report=report,
+            error=error,
+            v=views,
+        )
+
+    @router.get("/production", response_model=None)
+    def production(request: Request) -> Response:
+        who = viewer(request)
+        if isinstance(who, RedirectResponse):
+            return who
+        component = ui.candidates()
+        entries = component.audit.read()
+        names = sorted({ui.model_name, *component.registry.models()})
+        shown = [
+            (name, component.registry.pointer(name), views.history(entries, name)) for name in names
+        ]
+        return page(request, "production.html", session=who, models=shown, v=views)
+
+    # -- actions -------------------------------------------------------------------------------
+    async def decide(
+        request: Request,
+        candidate_id: str,
+        verb: str,
+        run: Callable[[Session, dict[str, str]], Any],
+    ) -> Response:
+        try:
+            session, form = await action(request)
+        except FormError as err:
+            return refused(request, err)
+        try:
+            await run_in_threadpool(run, session, form)
+        except (ConflictError, NotFoundError) as err:
+            log.info(
+                "ui: %s of %s by %s refused: %s", verb, candidate_id, session.principal.name, err
+            )
+            status = 404 if isinstance(err, NotFoundError) else 409
+            return _candidate_page(request, candidate_id, session, str(err), status)
+        return redirect(f"/ui/candidates/{candidate_id}?msg={verb}")
+
+    @router.post("/candidates/{candidate_id}/approve", response_model=None)
+    async def approve(request: Request, candidate_id: str) -> Response:
+        def run(session: Session, form: dict[str, str]) -> None:
+            ui.candidates().approve(candidate_id, form.get("digest", ""), session.principal.name)
+
+        return await decide(request, candidate_id, "approved", run)
+
+    @router.post("/candidates/{candidate_id}/reject", response_model=None)
+    async def reject(request: Request, candidate_id: str) -> Response:
+        def run(session: Session, form: dict[str, str]) -> None:
+            reason = form.get("reason", "")[:1000]
+            ui.candidates().reject(candidate_id, session.principal.name, reason)
+
+        return await decide(request, candidate_id, "rejected", run)
+
+    @router.post("/production/{model}/rollback", response_model=None)
+    async def rollback(request: Request, model: str) -> Response:
+        try:
+            session, form = await action(request)
+        except FormError as err:
+            return refused(request, err)
+        digest = form.get("digest") or None
+        try:
+            await run_in_threadpool(ui.candidates().rollback, model, session.principal.name, digest)
+        except (ConflictError, NotFoundError) as err:
+            return page(request, "error.html", 409, session=session, message=str(err))
+        return redirect("/ui/production?msg=rolled_back")
+
+    return router
+
+
+def _cookie(response: Response, name: str, value: str, ttl: float, secure: bool) -> None:
+    response.set_cookie(
+        name,
+        value,
+        max_age=int(ttl),
+        path=COOKIE_PATH,
+        httponly=True,
+        samesite="strict",
+        secure=secure,
+    )
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "?"
+
+
+__all__ = ["CSP", "UiBackend", "build_router"]
