@@ -50,6 +50,16 @@ class GroupWarning(CellEvent):
 
 
 @dataclass(frozen=True, kw_only=True)
+class GroupEstimatedDegraded(CellEvent):
+    """The label-free estimate (``cls``: predicted class or "*") fell below reference - margin."""
+
+    estimate: float
+    ci_high: float
+    reference: float
+    n: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class DriftDetected(DomainEvent):
     model: str
     group: str

@@ -264,6 +264,24 @@ def subgroups() -> dict[str, Any]:
             thresholds=(("green", None), ("orange", 0.1)),
             description="Label-free: inputs or predictions changed; not an accuracy measure."),
     ]  # fmt: skip
+    estimate = [
+        Panel("Estimated (label-free) vs labeled accuracy per group", "timeseries", (
+            Query('patchd_estimated_accuracy_ratio{model="$model",class="*"}',
+                  "estimated {{group}}"),
+            Query('patchd_estimated_accuracy_lower_ratio{model="$model",class="*"}',
+                  "estimated low {{group}}"),
+            Query('patchd_estimated_accuracy_upper_ratio{model="$model",class="*"}',
+                  "estimated high {{group}}"),
+            Query('patchd_group_accuracy_ratio{model="$model",class="*"}',
+                  "labeled {{group}}")), width=12, thresholds=ACC_STEPS,
+            description="Estimated from predictions alone, before labels arrive (gaps: the "
+                        "estimate is unreliable); never used as accuracy.", **RATIO),
+        Panel("Estimated degraded / unreliable", "state-timeline", (
+            Query('patchd_estimated_degraded{model="$model"}', "degraded {{class}} / {{group}}"),
+            Query('1 - patchd_estimate_reliable{model="$model"}',
+                  "unreliable {{class}} / {{group}}")), width=12,
+            thresholds=(("green", None), ("red", 1))),
+    ]  # fmt: skip
     variables = [
         _variable("model", "label_values(patchd_group_accuracy_ratio, model)"),
         _variable("class", 'label_values(patchd_group_accuracy_ratio{model="$model"}, class)',
@@ -271,7 +289,8 @@ def subgroups() -> dict[str, Any]:
     ]  # fmt: skip
     return dashboard(
         "patchd-subgroups", "patchd / Model subgroups",
-        [("Cells (class x subgroup)", cells), ("Traffic mix and drift", shift)], variables,
+        [("Cells (class x subgroup)", cells), ("Label-free estimate", estimate),
+         ("Traffic mix and drift", shift)], variables,
         "Per-model view: accuracy per (class, subgroup) cell with sample counts, shares, drift.",
     )  # fmt: skip
 

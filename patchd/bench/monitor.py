@@ -11,7 +11,11 @@ labeled events. Measured:
 - tick time on windows of 10k, 100k and 1M events with 1,000 new events per tick: the accuracy
   pass (``ModelMonitor.advance``: cells, sequential tests) and the drift pass (evidently, 5k recent
   predictions) in memory; and the whole accuracy tick through the SQLite store (cold start reading
-  the whole window, then a warm tick reading 1,000 new events).
+  the whole window, then a warm tick reading 1,000 new events);
+- label-free (:mod:`patchd.bench.labelfree`): the per-group accuracy estimate beside NannyML's
+  CBPE and a confidence-only estimate (stationary, subgroup-mix shift, corruption, concept shift),
+  and the "estimated degraded" delay after a 20-point drop against the labeled alert's delay
+  plus a label lag of 1,000 events of the group.
 """
 
 from __future__ import annotations
@@ -21,39 +25,21 @@ import platform
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 import numpy as np
 
+from patchd.bench.stream import AFFECTED, CLASSES, GROUPS, N_GROUPS, SHARE, Stream, base_stream
 from patchd.config import Config, build_config
 from patchd.domain import GroupDegraded
 from patchd.monitor.engine import ModelMonitor
 from patchd.monitor.window import LabeledEvents, Traffic
 
-N_GROUPS = 12
-AFFECTED = 0
-SHARE = 0.05
-CLASSES = ["0", "1"]
-GROUPS = [f"g=g{i:02d}" for i in range(N_GROUPS)]
+__all__ = ["AFFECTED", "CLASSES", "GROUPS", "N_GROUPS", "SHARE", "Stream", "base_stream"]
+
 MACHINE = "2-core x86_64, no GPU"
-
-
-@dataclass(frozen=True)
-class Stream:
-    acc: np.ndarray  # [K, G]
-    shares: np.ndarray  # [G]
-
-
-def base_stream(seed: int) -> Stream:
-    rng = np.random.default_rng(seed)
-    acc = rng.uniform(0.80, 0.97, size=(2, N_GROUPS))
-    acc[:, AFFECTED] = 0.90
-    shares = np.full(N_GROUPS, (1 - SHARE) / (N_GROUPS - 1))
-    shares[AFFECTED] = SHARE
-    return Stream(acc, shares)
 
 
 def draw(rng: np.random.Generator, s: Stream, n: int, t0: float) -> LabeledEvents:
@@ -65,12 +51,29 @@ def draw(rng: np.random.Generator, s: Stream, n: int, t0: float) -> LabeledEvent
     return LabeledEvents(ts, ts, np.where(ok, y, 1 - y), y, conf, g.astype(np.int64))
 
 
-def bench_config(window: int, reference_window: int) -> Config:
+# (monitor.alarm, monitor.confidence); 0.6 is close to the peers' rule (a threshold just above
+# the largest statistic of one stationary horizon holds on a fresh horizon about half the time)
+ALARMS = (("guaranteed", 0.99), ("simulated", 0.99), ("simulated", 0.6))
+
+
+def _key(alarm: str, confidence: float) -> str:
+    return "" if (alarm, confidence) == ALARMS[0] else f"_{alarm}_{confidence:g}"
+
+
+def bench_config(
+    window: int, reference_window: int, alarm: str = "guaranteed", confidence: float = 0.99
+) -> Config:
     return build_config(
         {
             "model": {"name": "bench", "class_names": CLASSES},
             "groups": {"attributes": ["g"], "values": {"g": [g.split("=")[1] for g in GROUPS]}},
-            "monitor": {"window": window, "reference_window": reference_window, "cooldown_s": 0},
+            "monitor": {
+                "window": window,
+                "reference_window": reference_window,
+                "cooldown_s": 0,
+                "alarm": alarm,
+                "confidence": confidence,
+            },
         }
     )
 
@@ -107,12 +110,17 @@ def feed(
 
 
 def detection_delay(
-    drop: float, seed: int, reference_window: int, max_events: int = 400_000
-) -> tuple[int | None, int]:  # noqa: E501
+    drop: float,
+    seed: int,
+    reference_window: int,
+    max_events: int = 400_000,
+    alarm: str = "guaranteed",
+    confidence: float = 0.99,
+) -> tuple[int | None, int]:
     """(affected-group events until the alarm or None, false alarms before the change)."""
     rng, clock = np.random.default_rng(seed), Clock()
     s = base_stream(seed)
-    mon = ModelMonitor(bench_config(100_000, reference_window), "bench")
+    mon = ModelMonitor(bench_config(100_000, reference_window, alarm, confidence), "bench")
     false_alarms = len(feed(mon, rng, s, reference_window + 50_000, clock, 5000))
     bad = Stream(s.acc.copy(), s.shares)
     bad.acc[:, AFFECTED] -= drop
@@ -139,14 +147,16 @@ def _alarm_ts(mon: ModelMonitor, ev: LabeledEvents) -> float:
     return min(since) if since else float(ev.labeled_at[-1])
 
 
-def false_alarms(n: int, seed: int, reference_window: int) -> tuple[int, int]:
-    """(GroupDegraded events over n stationary events after the reference, rows tested)."""
+def false_alarms(
+    n: int, seed: int, reference_window: int, alarm: str = "guaranteed", confidence: float = 0.99
+) -> tuple[int, int, float]:
+    """(GroupDegraded events over n stationary events after the reference, rows tested, h)."""
     rng, clock = np.random.default_rng(seed), Clock()
-    mon = ModelMonitor(bench_config(100_000, reference_window), "bench")
+    mon = ModelMonitor(bench_config(100_000, reference_window, alarm, confidence), "bench")
     s = base_stream(seed)
     feed(mon, rng, s, reference_window, clock, 10_000)
     alarms = feed(mon, rng, s, n, clock, 10_000)
-    return len(alarms), len(mon.policy.rows)
+    return len(alarms), len(mon.policy.rows), mon.policy.alarm_h
 
 
 def tick_time(window: int, seed: int = 0, repeats: int = 5) -> tuple[float, float]:
@@ -220,10 +230,20 @@ def _insert(store, ev: LabeledEvents, prefix: str) -> None:  # noqa: ANN001
 @click.option("--stationary", default=1_000_000, show_default=True, help="stationary events")
 @click.option("--reference-window", default=50_000, show_default=True)
 @click.option("--store/--no-store", "with_store", default=True, help="also time ticks via SQLite")
+@click.option("--label-free/--no-label-free", default=True, help="label-free estimate rows")
+@click.option("--peers/--no-peers", default=True, help="river's detectors and the oracle CUSUM")
 @click.option(
     "--out", type=click.Path(path_type=Path), default=Path("benchmarks/results/monitor.json")
 )
-def monitor(reps: int, stationary: int, reference_window: int, with_store: bool, out: Path) -> None:
+def monitor(  # noqa: PLR0913
+    reps: int,
+    stationary: int,
+    reference_window: int,
+    with_store: bool,
+    label_free: bool,
+    peers: bool,
+    out: Path,
+) -> None:
     """Detection delay, false alarms over a stationary stream, and tick time (fixed seeds)."""
     results: dict[str, object] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -233,11 +253,18 @@ def monitor(reps: int, stationary: int, reference_window: int, with_store: bool,
         "groups": N_GROUPS,
         "affected_share": SHARE,
     }
-    results["detection"] = [
-        _detection_row(drop, reps, reference_window) for drop in (0.10, 0.20, 0.40)
-    ]
-    fa, rows = false_alarms(stationary, 1234, reference_window)
-    results["false_alarms"] = {"events": stationary, "alarms": fa, "rows_tested_per_tick": rows}
+    for alarm, conf in ALARMS:
+        key = _key(alarm, conf)
+        results["detection" + key] = [
+            _detection_row(drop, reps, reference_window, alarm, conf) for drop in (0.10, 0.20, 0.40)
+        ]
+        fa, rows, h = false_alarms(stationary, 1234, reference_window, alarm, conf)
+        results["false_alarms" + key] = {
+            "events": stationary,
+            "alarms": fa,
+            "rows_tested_per_tick": rows,
+            "threshold": h,
+        }
     results["tick_seconds"] = {
         str(w): dict(zip(("accuracy", "drift"), tick_time(w), strict=True))
         for w in (10_000, 100_000, 1_000_000)
@@ -247,13 +274,112 @@ def monitor(reps: int, stationary: int, reference_window: int, with_store: bool,
             str(w): dict(zip(("cold", "warm"), store_tick_time(w), strict=True))
             for w in (10_000, 100_000, 1_000_000)
         }
+    if peers:
+        from patchd.bench.detectors import peer_table
+
+        m = bench_config(100_000, reference_window).monitor
+        results["peers"] = peer_table(
+            reps, stationary, reference_window, m.margin, m.confidence, m.horizon_events
+        )
+    if label_free:
+        results["label_free"] = _label_free(reps, results["detection"])  # type: ignore[arg-type]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     _print(results)
+    if peers:
+        _print_peers(results["peers"])  # type: ignore[arg-type]
+    if label_free:
+        _print_label_free(results["label_free"])  # type: ignore[arg-type]
 
 
-def _detection_row(drop: float, reps: int, reference_window: int) -> dict[str, object]:
-    runs = [detection_delay(drop, 100 + r, reference_window) for r in range(reps)]
+def _print_peers(r: dict) -> None:  # noqa: ANN001
+    drops = list(r["delay"])
+    print(
+        f"\nlabeled detectors, each at 0 false alarms over {r['stationary']:,} stationary events "
+        f"(calibration seed {r['calibration_seed']}); patchd also at its own threshold. "
+        "Median delay (p90) in labeled events of the affected group, "
+        f"{r['reps']} seeds; false alarms before the change\n"
+    )
+    print("| detector | parameter | " + " | ".join(f"{float(d):.0%} drop" for d in drops) + " |")
+    print("|---|---|" + "---|" * len(drops))
+    names = list(r["delay"][drops[0]])
+    for name in names:
+        param = r["parameters"].get(name)
+        if name == "oracle CUSUM":
+            param_s = "h " + "/".join(
+                f"{r['parameters'][f'oracle CUSUM {float(d):.2f}']:.2f}" for d in drops
+            )
+        else:
+            param_s = f"{param:.4g}" if param is not None else "-"
+        cells = []
+        for d in drops:
+            x = r["delay"][d][name]
+            cells.append(
+                f"{_n(x['median'])} ({_n(x['p90'])}), {x['detected']}/{r['reps']}, "
+                f"FA {x['false_alarms_before_change']}"
+            )
+        print(f"| {name} | {param_s} | " + " | ".join(cells) + " |")
+
+
+def _label_free(reps: int, detection: list[dict[str, object]]) -> dict[str, object]:
+    from patchd.bench import labelfree
+
+    runs = [labelfree.estimated_delay(100 + r) for r in range(reps)]
+    delays = [d for d, _, _, _ in runs if d is not None]
+    flagged = [f for d, _, _, f in runs if d is None and f is not None]
+    labeled = next(d for d in detection if d["drop"] == 0.20)["median"]
+    return {
+        "rows": labelfree.all_rows(),
+        "delay": {
+            "reps": reps,
+            "detected": len(delays),
+            "median": statistics.median(delays) if delays else None,
+            "p90": float(np.percentile(delays, 90)) if delays else None,
+            "false_alarms": sum(f for _, f, _, _ in runs),
+            "true_drop": statistics.median(x for _, _, x, _ in runs),
+            # runs without the alert whose estimate was marked unreliable instead, and when
+            "undetected_marked_unreliable": len(flagged),
+            "marked_unreliable_after": flagged,
+            "labeled_median_plus_lag": (
+                float(labeled) + labelfree.LABEL_LAG if labeled is not None else None  # type: ignore[arg-type]
+            ),
+            "label_lag": labelfree.LABEL_LAG,
+            "window": 5000,
+        },
+    }
+
+
+def _print_label_free(r: dict) -> None:  # noqa: ANN001
+    print("\nlabel-free estimate per group (chunks of 500 events of the group)\n")
+    print(
+        "| scenario | group | method | true acc before → after | estimate after | MAE | "
+        "coverage | chunks unreliable |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for row in r["rows"]:
+        print(
+            f"| {row['scenario']} | {row['group']} | {row['method']} | "
+            f"{row['true_before']:.3f} → {row['true_after']:.3f} | {row['estimate_after']:.3f} | "
+            f"{row['mae']:.3f} | {row['coverage']:.2f} | {row['unreliable']}/{row['chunks']} |"
+        )
+    d = r["delay"]
+    print(
+        f"\nestimated degraded after a {100 * d['true_drop']:.0f}-point drop: "
+        f"{d['detected']}/{d['reps']} detected, median {_n(d['median'])} events of the group "
+        f"(p90 {_n(d['p90'])}), false alarms {d['false_alarms']}; undetected but marked "
+        f"unreliable: {d['undetected_marked_unreliable']} (after {d['marked_unreliable_after']} "
+        "events of the group); labeled alert median + "
+        f"{d['label_lag']} lag: {_n(d['labeled_median_plus_lag'])}"
+    )
+
+
+def _detection_row(
+    drop: float, reps: int, reference_window: int, alarm: str = "guaranteed", conf: float = 0.99
+) -> dict[str, object]:
+    runs = [
+        detection_delay(drop, 100 + r, reference_window, alarm=alarm, confidence=conf)
+        for r in range(reps)
+    ]
     delays = [d for d, _ in runs if d is not None]
     return {
         "drop": drop,
@@ -272,18 +398,23 @@ def _n(x: float | None) -> str:
 
 def _print(r: dict) -> None:  # noqa: ANN001
     print(f"monitor bench, {r['date']}, {r['machine']}, reference {r['reference_window']} events\n")
-    print("| drop | detected | median delay | p90 | max | false alarms before change |")
-    print("|---|---|---|---|---|---|")
-    for d in r["detection"]:
+    print("| monitor.alarm, confidence | drop | detected | median | p90 | max | FA before change |")
+    print("|---|---|---|---|---|---|---|")
+    for alarm, conf in ALARMS:
+        for d in r["detection" + _key(alarm, conf)]:
+            print(
+                f"| {alarm}, {conf:g} | {d['drop']:.2f} | {d['detected']}/{d['reps']} | "
+                f"{_n(d['median'])} | "
+                f"{_n(d['p90'])} | {d['max']} | {d['false_alarms_before_change']} |"
+            )
+    for alarm, conf in ALARMS:
+        fa = r["false_alarms" + _key(alarm, conf)]
         print(
-            f"| {d['drop']:.2f} | {d['detected']}/{d['reps']} | {_n(d['median'])} | "
-            f"{_n(d['p90'])} | {d['max']} | {d['false_alarms_before_change']} |"
+            f"\n{alarm}, {conf:g}: false alarms over {fa['events']:,} stationary events, "
+            f"{fa['rows_tested_per_tick']} rows tested per tick: {fa['alarms']} "
+            f"(h = {fa['threshold']:.2f})"
         )
-    fa = r["false_alarms"]
-    print(
-        f"\nfalse alarms over {fa['events']:,} stationary events, "
-        f"{fa['rows_tested_per_tick']} rows tested per tick: {fa['alarms']}\n"
-    )
+    print()
     print("| window | accuracy tick | drift pass | cold tick via store | warm tick via store |")
     print("|---|---|---|---|---|")
     store = r.get("store_tick_seconds", {})

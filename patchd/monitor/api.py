@@ -10,15 +10,51 @@ from fastapi import APIRouter, Depends
 
 from patchd.api.auth import require_scope
 from patchd.monitor.engine import CellReport, MonitorSnapshot
+from patchd.monitor.estimate import Estimate
+from patchd.monitor.groups import ALL
 
 LABEL_FREE_NOTE = (
     "drift scores are label-free signals (inputs or model behaviour moved); they are never "
-    "used as accuracy"
+    "used as accuracy. estimated_accuracy (and the estimates list, per predicted class x "
+    "group) is a label-free estimate with an interval, null where it is unreliable; the alert "
+    "policy never reads it as accuracy"
 )
 
 
 def _num(x: float | None) -> float | None:
     return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
+
+
+def estimate_json(e: Estimate, degraded: bool) -> dict[str, Any]:
+    shown = e.reliable and math.isfinite(e.accuracy)
+    return {
+        "class": e.cls,  # the predicted class ("*": the group pooled over predicted classes)
+        "group": e.group,
+        "n": e.n,
+        "estimated_accuracy": _num(e.accuracy) if shown else None,
+        "ci_low": _num(e.ci_low) if shown else None,
+        "ci_high": _num(e.ci_high) if shown else None,
+        "reliable": e.reliable,
+        "unreliable_reason": e.reason,
+        "reference_accuracy": _num(e.reference_accuracy),
+        "n_labeled": e.n_labeled,
+        "realized_accuracy": _num(e.realized_accuracy),
+        "state": "estimated_degraded" if degraded else "ok" if e.reliable else "unreliable",
+    }
+
+
+def _beside(e: Estimate | None, degraded: bool) -> dict[str, Any]:
+    """The pooled row's estimate, shown beside its labeled accuracy."""
+    if e is None:
+        return {"estimated_accuracy": None, "estimate_state": "none"}
+    j = estimate_json(e, degraded)
+    return {
+        "estimated_accuracy": j["estimated_accuracy"],
+        "estimated_ci_low": j["ci_low"],
+        "estimated_ci_high": j["ci_high"],
+        "estimate_state": j["state"],
+        "estimate_note": e.reason,
+    }
 
 
 def cell_json(
@@ -56,7 +92,11 @@ def snapshot_json(snap: MonitorSnapshot | None, model: str) -> dict[str, Any]:
             "shares": {},
             "worst_group_accuracy": None,
             "worst_cell": None,
+            "estimator": "none",
+            "estimates": [],
         }
+    degraded = snap.estimated_degraded
+    pooled = {e.group: e for e in snap.estimates if e.cls == ALL}
     drift: dict[str, dict[str, float]] = {}
     for d in snap.drift:
         drift.setdefault(d.group, {})[d.feature] = round(d.score, 6)
@@ -70,7 +110,19 @@ def snapshot_json(snap: MonitorSnapshot | None, model: str) -> dict[str, Any]:
         "alarm_threshold": snap.alarm_threshold,
         "tick_seconds": round(snap.tick_seconds, 6),
         "shares": snap.shares,
-        "cells": [cell_json(c, drift, snap.shares) for c in snap.cells],
+        "cells": [
+            {
+                **cell_json(c, drift, snap.shares),
+                **(
+                    _beside(pooled.get(c.stats.group), (ALL, c.stats.group) in degraded)
+                    if c.stats.cls == ALL
+                    else {}
+                ),
+            }
+            for c in snap.cells
+        ],
+        "estimator": snap.estimator,
+        "estimates": [estimate_json(e, (e.cls, e.group) in degraded) for e in snap.estimates],
         "drift": [
             {
                 "group": d.group,

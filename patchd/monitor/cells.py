@@ -111,6 +111,7 @@ def window_stats(
     c = _counts(ev, k, g) if g else None
     rows: list[CellStats] = []
     for gi, group in enumerate(group_names):
+        assert c is not None  # group_names is not empty
         for ki in range(k):
             rows.append(
                 _cell(
@@ -146,8 +147,8 @@ def window_stats(
 
 def group_shares(group: np.ndarray, group_names: list[str]) -> dict[str, float]:
     """Each subgroup's share of the given events (0 for configured groups without traffic)."""
-    counts = np.bincount(group, minlength=len(group_names)) if len(group) else None
     total = len(group)
-    return {
-        name: (float(counts[i]) / total if total else 0.0) for i, name in enumerate(group_names)
-    }
+    if not total:
+        return dict.fromkeys(group_names, 0.0)
+    counts = np.bincount(group, minlength=len(group_names))
+    return {name: float(counts[i]) / total for i, name in enumerate(group_names)}

@@ -113,7 +113,8 @@ def group_drift(
 ) -> list[DriftResult]:
     """Prediction, confidence and embedding drift of one subgroup (those with enough data)."""
     mask = traffic.group == code
-    n_cur, out = int(mask.sum()), []
+    n_cur = int(mask.sum())
+    out: list[DriftResult] = []
     if n_cur < config.drift_min_samples or profile.n < config.drift_min_samples:
         return out
     thr, g = config.drift_threshold, profile.group

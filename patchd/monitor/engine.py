@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from patchd.config import Config
-from patchd.domain import DomainEvent, DriftDetected
+from patchd.domain import DomainEvent, DriftDetected, GroupEstimatedDegraded
+from patchd.monitor import estimate as estmod
 from patchd.monitor import reference as refmod
 from patchd.monitor.cells import CellStats, WindowStats, class_count, group_shares, window_stats
 from patchd.monitor.drift import DriftResult, all_drift
@@ -34,6 +35,7 @@ from patchd.monitor.window import (
     Traffic,
     Window,
     fetch_labeled,
+    fetch_reference,
     fetch_traffic,
     newest_cursor_before,
 )
@@ -68,6 +70,10 @@ class MonitorSnapshot:
     drift: tuple[DriftResult, ...]
     alarm_threshold: float
     tick_seconds: float = 0.0
+    # label-free estimates per (predicted class, group) and per group ("*"); never accuracy
+    estimates: tuple[estmod.Estimate, ...] = ()
+    estimated_degraded: frozenset[tuple[str, str]] = frozenset()
+    estimator: str = "none"  # "none" (no reference yet) | "confidence" | "confidence+embedding"
 
 
 @dataclass
@@ -84,6 +90,8 @@ class ModelMonitor:
     traffic: Traffic | None = None  # the newest predictions, as the last tick read them
     drift: tuple[DriftResult, ...] = ()
     snapshot: MonitorSnapshot | None = None
+    estimator: estmod.Estimator | None = None  # calibrated on the reference's labeled events
+    estimated: set[tuple[str, str]] = field(default_factory=set)  # rows "estimated degraded"
 
     def __post_init__(self) -> None:
         m = self.config.monitor
@@ -116,16 +124,33 @@ class ModelMonitor:
             traffic = fetch_traffic(
                 conn, self.model, self.config.monitor.drift_window, self.groups, self.epoch
             )
+            if self.estimator is None and isinstance(self.reference, Reference):
+                self._fit_estimator(conn)
         snapshot, events = self.advance(new, traffic, now, store)
         self.snapshot = snapshot = _timed(snapshot, time.perf_counter() - started)
         return snapshot, events
 
+    def _fit_estimator(self, conn) -> None:  # noqa: ANN001
+        """Calibrate the label-free estimate on the current model's first labeled events."""
+        need = self.config.monitor.reference_window
+        events, embedding = fetch_reference(conn, self.model, self.epoch, need, self.groups)
+        if len(events) >= min(need, estmod.MIN_REFERENCE * 10):
+            self.estimator = estmod.Estimator.fit(
+                events.pred,
+                events.label,
+                events.confidence,
+                events.group,
+                embedding,
+                max(len(self.classes), class_count(events, self.classes)),
+            )
+
     def _fetch_new(self, conn) -> LabeledEvents:  # noqa: ANN001
+        cursor = self.cursor
+        assert cursor is not None  # tick sets it before fetching
         batches = []
         while True:
-            batch, self.cursor = fetch_labeled(
-                conn, self.model, self.cursor, FETCH_LIMIT, self.groups
-            )
+            batch, cursor = fetch_labeled(conn, self.model, cursor, FETCH_LIMIT, self.groups)
+            self.cursor = cursor
             batches.append(batch)
             if len(batch) < FETCH_LIMIT:
                 break
@@ -154,7 +179,53 @@ class ModelMonitor:
         )
         events = self.policy.events(transitions, stats, ref)
         self.traffic = traffic
-        return self._snapshot(stats, th, ref, traffic, self.drift, now), events
+        estimates = self._estimates(traffic)
+        events += self._estimate_events(estimates)
+        snap = self._snapshot(stats, th, ref, traffic, self.drift, now)
+        kind = "none"
+        if self.estimator is not None:
+            kind = "confidence+embedding" if self.estimator.basis is not None else "confidence"
+        return replace(
+            snap,
+            estimates=estimates,
+            estimated_degraded=frozenset(self.estimated),
+            estimator=kind,
+        ), events
+
+    def _estimates(self, traffic: Traffic) -> tuple[estmod.Estimate, ...]:
+        if self.estimator is None or len(traffic) == 0:
+            return ()
+        label = traffic.label if traffic.label is not None else np.full(len(traffic), -1)
+        batch = estmod.Batch(
+            traffic.pred, traffic.confidence, traffic.group, label, traffic.aligned_embedding()
+        )
+        return self.estimator.estimate(
+            batch, self.classes, self.groups.names, self.config.monitor.confidence
+        )
+
+    def _estimate_events(self, estimates: tuple[estmod.Estimate, ...]) -> list[DomainEvent]:
+        """Update the "estimated degraded" rows; an event for each row that enters the state."""
+        m = self.config.monitor
+        out: list[DomainEvent] = []
+        now = set()
+        for e in estimates:
+            key = (e.cls, e.group)
+            if estmod.estimated_degraded(e, m.margin, m.n_min, key in self.estimated):
+                now.add(key)
+                if key not in self.estimated:
+                    out.append(
+                        GroupEstimatedDegraded(
+                            model=self.model,
+                            cls=e.cls,
+                            group=e.group,
+                            estimate=e.accuracy,
+                            ci_high=e.ci_high,
+                            reference=e.reference_accuracy,
+                            n=e.n,
+                        )
+                    )
+        self.estimated = now
+        return out
 
     def compute_drift(self) -> tuple[Reference | None, tuple[DriftResult, ...]]:
         """Drift of the last tick's traffic against the reference (slow; call outside locks)."""
@@ -194,11 +265,17 @@ class ModelMonitor:
         profiles = refmod.profiles_from(traffic, self.groups.names, len(self.classes))
         epoch = self.reference.epoch_ts if self.reference is not None else float("-inf")
         self.set_reference(refmod.from_window(self.model, stats, epoch, profiles), store)
+        if store is None:  # driven without a store (bench, tests): calibrate on these events
+            self.estimator = estmod.Estimator.fit(
+                base.pred, base.label, base.confidence, base.group, None, stats_classes(base, self)
+            )
 
     def set_reference(self, state: Reference | Learning, store: Store | None) -> None:
         """Freeze a new reference (or start learning one); every row's test restarts."""
         self.reference = state
         self.learned = LabeledEvents.empty()
+        self.estimator = None  # re-calibrated on the new reference's labeled events
+        self.estimated.clear()
         self.policy.reset()
         self.drifting.clear()
         self.drift = ()
@@ -319,7 +396,9 @@ def _warning_reason(
     return f"{'+'.join(drifted)} drift and mean confidence down {fall:.2f}"
 
 
-def _timed(s: MonitorSnapshot, seconds: float) -> MonitorSnapshot:
-    from dataclasses import replace
+def stats_classes(ev: LabeledEvents, mon: ModelMonitor) -> int:
+    return max(len(mon.classes), class_count(ev, mon.classes))
 
+
+def _timed(s: MonitorSnapshot, seconds: float) -> MonitorSnapshot:
     return replace(s, tick_seconds=seconds)

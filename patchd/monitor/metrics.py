@@ -5,6 +5,12 @@ tick): ``patchd_group_accuracy_ratio``, ``patchd_group_samples`` (class ``"*"`` 
 classes), ``patchd_worst_group_accuracy_ratio`` (NaN while no cell has ``n_min`` events, so a
 ``< floor`` alert cannot fire on "unknown"), ``patchd_drift_score``, ``patchd_group_share_ratio``
 and ``patchd_alert_state`` (1 for the row's current state, 0 for the others).
+
+The label-free estimate is its own family, per (predicted class, subgroup) and per subgroup
+(class ``"*"``): ``patchd_estimated_accuracy_ratio`` with ``..._lower_ratio`` and
+``..._upper_ratio`` (NaN while unreliable or not calibrated: no confident number is exported),
+``patchd_estimate_reliable`` (1/0) and ``patchd_estimated_degraded`` (1 in that state). Never
+accuracy: the alert rules on ``patchd_group_accuracy_ratio`` do not read it.
 """
 
 from __future__ import annotations
@@ -51,6 +57,39 @@ class MonitorCollector(Collector):
         yield worst
         yield self._drift(snap)
         yield self._shares(snap)
+        yield from self._estimates(snap)
+
+    def _estimates(self, snap: MonitorSnapshot | None) -> Iterator[Metric]:
+        labels = ["model", "class", "group"]
+        fams = {
+            name: GaugeMetricFamily(name, doc, labels=labels)
+            for name, doc in (
+                (
+                    "patchd_estimated_accuracy_ratio",
+                    "Label-free accuracy estimate per (predicted class, subgroup); class * pools "
+                    "a subgroup; NaN while unreliable; never used as accuracy",
+                ),
+                ("patchd_estimated_accuracy_lower_ratio", "Lower end of the estimate's interval"),
+                ("patchd_estimated_accuracy_upper_ratio", "Upper end of the estimate's interval"),
+                ("patchd_estimate_reliable", "1 when the label-free estimate is reliable"),
+                ("patchd_estimated_degraded", "1 while the row is in the estimated-degraded state"),
+            )
+        }
+        rows = {(e.cls, e.group): e for e in snap.estimates} if snap else {}
+        keys = [(ALL, g) for g in self.known_groups()]
+        keys += [k for k in rows if k not in set(keys)]
+        degraded = snap.estimated_degraded if snap else frozenset()
+        for key in keys:
+            e = rows.get(key)
+            shown = e is not None and e.reliable
+            value = (e.accuracy, e.ci_low, e.ci_high) if shown and e else (math.nan,) * 3
+            ident = [self.model, *key]
+            fams["patchd_estimated_accuracy_ratio"].add_metric(ident, value[0])
+            fams["patchd_estimated_accuracy_lower_ratio"].add_metric(ident, value[1])
+            fams["patchd_estimated_accuracy_upper_ratio"].add_metric(ident, value[2])
+            fams["patchd_estimate_reliable"].add_metric(ident, 1.0 if shown else 0.0)
+            fams["patchd_estimated_degraded"].add_metric(ident, 1.0 if key in degraded else 0.0)
+        yield from fams.values()
 
     def _rows(self, snap: MonitorSnapshot | None) -> list[tuple[str, str, float, int, str]]:
         """(class, group, accuracy, n, state) for every configured cell, zeros before data."""

@@ -7,6 +7,11 @@
   ``monitor.confidence`` so an uncertain reference cannot cause alarms. The threshold keeps the
   false-alarm probability of *all* rows within ``1 - confidence`` over ``monitor.horizon_events``
   labeled events, under a look every tick (:mod:`patchd.monitor.sequential`).
+- **Simulated** (``monitor.alarm: simulated``): ``p0 = max(accuracy_floor, the reference's point
+  estimate)`` and ``h`` from :func:`patchd.monitor.sequential.simulated_threshold` (the
+  ``confidence`` quantile of the largest statistic over ``horizon_events`` in-control events,
+  simulated from the reference's own rates drawn from their posterior), computed once per
+  reference: the same budget as the analytic bound, far less slack.
 - **Recovered** (hysteresis): once degraded, an upward CUSUM tests "accuracy = p1" against
   "accuracy = p1 + recover_margin"; it must cross its own threshold before the row is ok again.
 - **Cooldown**: a row that degrades again within ``cooldown_s`` of its last published
@@ -76,9 +81,12 @@ class AlertPolicy:
     model: str
     config: MonitorConfig
     rows: dict[RowKey, RowState] = field(default_factory=dict)
+    _simulated: tuple[tuple[int, int, int], float] | None = None  # (reference key, h)
 
     @property
     def alarm_h(self) -> float:
+        if self._simulated is not None:
+            return self._simulated[1]
         c = self.config
         return sequential.alarm_threshold(c.confidence, c.horizon_events)
 
@@ -88,6 +96,7 @@ class AlertPolicy:
 
     def reset(self) -> None:
         self.rows.clear()
+        self._simulated = None
 
     def row(self, key: RowKey) -> RowState:
         found = self.rows.get(key)
@@ -99,18 +108,30 @@ class AlertPolicy:
         self, ref: Reference | None, classes: list[str], groups: list[str], k: int
     ) -> Thresholds:
         c = self.config
+        simulated = c.alarm == "simulated"
         p0 = np.full((k, len(groups)), c.accuracy_floor, dtype=np.float64)
+        ref_n, ref_c = np.zeros_like(p0), np.zeros_like(p0)
         if ref is not None:
             for ki in range(k):
                 for gi, group in enumerate(groups):
                     cell = ref.cell(class_name(ki, classes), group)
                     if cell is not None:
-                        p0[ki, gi] = max(c.accuracy_floor, cell.lower_bound(c.confidence))
+                        rate = cell.accuracy if simulated else cell.lower_bound(c.confidence)
+                        p0[ki, gi] = max(c.accuracy_floor, rate if cell.n else 0.0)
+                        ref_n[ki, gi], ref_c[ki, gi] = cell.n, cell.correct
         p0 = np.clip(p0, 2 * sequential.P_MIN, sequential.P_MAX)
         margin = max(c.margin, 0.01)
         charts = np.stack(
             [np.maximum(p0 - m * margin, sequential.P_MIN) for m in sequential.CHART_MULTIPLIERS]
         )
+        if simulated and ref is not None and ref_n.sum() > 0:
+            key = (id(ref), k, len(groups))
+            if self._simulated is None or self._simulated[0] != key:
+                h = sequential.simulated_threshold(
+                    charts, p0, ref_n, ref_c, c.horizon_events, c.confidence
+                )
+                self._simulated = (key, h)
+                log.info("model=%s: simulated alarm threshold h=%.2f", self.model, h)
         p1 = charts[0]
         p_up = np.minimum(p1 + max(c.recover_margin, 0.01), sequential.P_MAX)
         return Thresholds(p0, p1, charts, p_up)

@@ -91,3 +91,71 @@ def run_charts_until_alarm(
     hits = [first_crossing(p, threshold) for p in paths]
     hit = min((h for h in hits if h >= 0), default=-1)
     return (paths[:, hit] if hit >= 0 else paths[:, -1]), hit
+
+
+# --- the simulated threshold (``monitor.alarm: simulated``) ------------------------------------
+
+SIM_REPLICATES = 32  # independent simulated stretches (each with its own draw of the rates)
+SIM_MAX_EVENTS = 2_000_000  # events simulated in all; a longer horizon is extrapolated
+SIM_SEED = 0
+EULER = 0.5772156649015329
+
+
+def simulated_threshold(
+    charts: np.ndarray,
+    p0: np.ndarray,
+    ref_n: np.ndarray,
+    ref_c: np.ndarray,
+    horizon_events: int,
+    confidence: float,
+    replicates: int = SIM_REPLICATES,
+    seed: int = SIM_SEED,
+) -> float:
+    """``h`` such that no row alarms within ``horizon_events`` in-control events, with
+    probability ``confidence``, under the reference's own rates and their uncertainty.
+
+    Charts ``[C, K, G]`` test every cell (events in their cell's row and their group's pooled
+    row) against ``p0 [K, G]``. Each of ``replicates`` stretches of ``m`` events (a whole
+    horizon, or :data:`SIM_MAX_EVENTS` / ``replicates`` when the horizon is longer) draws every
+    cell's true accuracy from the posterior of its reference counts,
+    ``Beta(correct + 1, n - correct + 1)`` (the reference rate with its own uncertainty), draws
+    traffic from the reference's cell shares, and records the largest statistic of any row and
+    chart. The maximum of a CUSUM over a long stretch is Gumbel (Poisson clumping of its rare
+    excursions): its location and scale come from the stretches' maxima (moments), and the
+    horizon's quantile is
+    ``location + scale * log(horizon / m) - scale * log(-log(confidence))``.
+    """
+    k, g = p0.shape
+    total = float(ref_n.sum())
+    if total <= 0:
+        raise ValueError("simulated_threshold needs reference counts")
+    shares = (ref_n / total).reshape(-1)
+    m = min(horizon_events, SIM_MAX_EVENTS // replicates)
+    rng = np.random.default_rng(seed)
+    flat_p0, flat_n, flat_c = p0.reshape(-1), ref_n.reshape(-1), ref_c.reshape(-1)
+    weights = [llr_weights(flat_p0, alt.reshape(-1)) for alt in charts]
+    maxima = []
+    for _ in range(replicates):
+        p_true = np.where(flat_n > 0, rng.beta(flat_c + 1.0, flat_n - flat_c + 1.0), flat_p0)
+        cell = rng.choice(k * g, m, p=shares)
+        correct = rng.random(m) < p_true[cell]
+        rows = (*_segments(cell, k * g), *_segments(cell % g, g))
+        best = 0.0
+        for w_ok, w_bad in weights:
+            inc = np.where(correct, w_ok[cell], w_bad[cell])
+            for index in rows:
+                if len(index):
+                    best = max(best, float(lindley(0.0, inc[index]).max()))
+        maxima.append(best)
+    x = np.asarray(maxima)
+    scale = max(float(x.std(ddof=1)) * math.sqrt(6.0) / math.pi, 1e-6)
+    location = float(x.mean()) - EULER * scale
+    stretches = max(1.0, horizon_events / m)
+    return location + scale * (math.log(stretches) - math.log(-math.log(confidence)))
+
+
+def _segments(code: np.ndarray, n_codes: int) -> list[np.ndarray]:
+    """Event indices of each code, in event order."""
+    order = np.argsort(code, kind="stable")
+    bounds = np.searchsorted(code[order], np.arange(n_codes + 1))
+    return [order[bounds[i] : bounds[i + 1]] for i in range(n_codes)]

@@ -167,37 +167,87 @@ class Traffic:
     group: np.ndarray  # codes
     embedding: np.ndarray | None  # float32 [n, d] for rows that carry one, else None
     embedding_group: np.ndarray | None  # codes of those rows
+    label: np.ndarray | None = None  # int64, -1 where no label arrived yet (None: not read)
+    embedding_rows: np.ndarray | None = None  # which rows ``embedding`` belongs to
 
     def __len__(self) -> int:
         return len(self.pred)
+
+    def aligned_embedding(self) -> np.ndarray | None:
+        """``[n, d]`` float64 with every row's embedding (nan where the row has none)."""
+        if self.embedding is None or self.embedding_rows is None:
+            return None
+        out = np.full((len(self.pred), self.embedding.shape[1]), np.nan)
+        out[self.embedding_rows] = self.embedding
+        return out
 
 
 def fetch_traffic(
     conn: sqlite3.Connection, model: str, limit: int, groups: GroupIndex, since_ts: float
 ) -> Traffic:
     rows = conn.execute(
-        "SELECT pred, confidence, group_key, embedding FROM predictions "
+        "SELECT pred, confidence, group_key, embedding, label FROM predictions "
         "WHERE model = ? AND ts >= ? ORDER BY ts DESC LIMIT ?",
         (model, since_ts if np.isfinite(since_ts) else -1e300, limit),
     ).fetchall()
     if not rows:
         z = np.zeros(0, np.int64)
-        return Traffic(z, np.zeros(0), z, None, None)
-    pred, conf, keys, emb = zip(*rows, strict=True)
+        return Traffic(z, np.zeros(0), z, None, None, z, None)
+    pred, conf, keys, emb, label = zip(*rows, strict=True)
     codes = groups.encode(keys)
+    matrix, keep = _embeddings(emb)
     return Traffic(
         np.asarray(pred, np.int64),
         np.asarray(conf, np.float64),
         codes,
-        *_embeddings(emb, codes),
+        matrix,
+        codes[keep] if keep is not None else None,
+        np.asarray([-1 if x is None else x for x in label], np.int64),
+        keep,
     )
 
 
-def _embeddings(blobs: tuple, codes: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+_REFERENCE_SQL = """
+SELECT pred, label, confidence, group_key, embedding FROM predictions
+WHERE model = ? AND label IS NOT NULL AND ts >= ? ORDER BY labeled_at, id LIMIT ?
+"""
+
+
+def fetch_reference(
+    conn: sqlite3.Connection, model: str, since_ts: float, limit: int, groups: GroupIndex
+) -> tuple[LabeledEvents, np.ndarray | None]:
+    """The first ``limit`` labeled events of the current model and their embeddings (aligned,
+    nan where an event has none; None when none has one): what the estimate is calibrated on."""
+    rows = conn.execute(
+        _REFERENCE_SQL, (model, since_ts if np.isfinite(since_ts) else -1e300, limit)
+    ).fetchall()
+    if not rows:
+        return LabeledEvents.empty(), None
+    pred, label, conf, keys, emb = zip(*rows, strict=True)
+    n = len(rows)
+    zeros = np.zeros(n)
+    events = LabeledEvents(
+        zeros,
+        zeros,
+        np.asarray(pred, np.int64),
+        np.asarray(label, np.int64),
+        np.asarray(conf, np.float64),
+        groups.encode(keys),
+    )
+    matrix, keep = _embeddings(emb)
+    if matrix is None or keep is None:
+        return events, None
+    aligned = np.full((n, matrix.shape[1]), np.nan)
+    aligned[keep] = matrix
+    return events, aligned
+
+
+def _embeddings(blobs: tuple) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(float32 matrix of the rows that carry an embedding of the common width, their rows)."""
     keep = [i for i, b in enumerate(blobs) if b]
     if not keep:
         return None, None
     dim = len(blobs[keep[0]]) // 4
     keep = [i for i in keep if len(blobs[i]) == dim * 4]  # ignore rows of another width
     matrix = np.frombuffer(b"".join(blobs[i] for i in keep), dtype=np.float32).reshape(-1, dim)
-    return matrix, codes[np.asarray(keep)]
+    return matrix, np.asarray(keep, np.int64)

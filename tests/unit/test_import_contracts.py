@@ -13,16 +13,18 @@ import pytest
 
 from patchd.daemon import COMPONENTS
 
-SUBSYSTEMS = ("api", "ingest", "store", "monitor", "runs", "promotion")
+SUBSYSTEMS = ("api", "ingest", "store", "monitor", "runs", "promotion", "notify", "ui")
 # what other parts of patchd may import of each subsystem (the composition root, patchd.daemon,
 # may import anything: it is what wires the subsystems together)
 PUBLIC = {
     "api": {"auth", "client"},
     "ingest": {"records", "pipeline", "tailer"},
     "store": {"db", "predictions"},
-    "monitor": {"engine", "window", "component"},
+    "monitor": {"engine", "window", "component", "estimate", "sequential"},
     "runs": {"component", "jobqueue", "recipe", "records"},
     "promotion": {"audit", "component", "registry"},
+    "notify": {"component"},
+    "ui": {"component"},
 }
 HEAVY = ("torch", "torchvision", "diffusers", "sklearn", "open_clip", "transformers")
 ML_PLUGINS = tuple(f"patchd.plugins.{kind}" for kind in ("miners", "augmenters", "trainers"))

@@ -96,3 +96,63 @@ def test_a_drop_in_the_minority_group_is_detected_within_a_bounded_number_of_its
     else:
         pytest.fail("never detected")
     assert seen <= bound
+
+
+# --- monitor.alarm: simulated --------------------------------------------------------------------
+
+
+def _sim_inputs() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    n = np.round(SHARES[None, :] * np.array([[0.5], [0.5]]) * 200_000)
+    c = np.round(n * ACC)
+    p0 = c / n
+    charts = np.stack([p0 - m * 0.1 for m in sequential.CHART_MULTIPLIERS])
+    return charts, p0, n, c
+
+
+def test_simulated_threshold_is_the_quantile_it_claims() -> None:
+    """Fresh stationary horizons at the reference's rates stay below h about ``confidence`` of
+    the time (here 0.8 over 20 horizons of 20k events: 4 exceedances expected)."""
+    charts, p0, n, c = _sim_inputs()
+    horizon = 20_000
+    h = sequential.simulated_threshold(charts, p0, n, c, horizon, 0.8, seed=3)
+    assert sequential.simulated_threshold(charts, p0, n, c, horizon, 0.99, seed=3) > h
+    rng = np.random.default_rng(11)
+    flat = p0.reshape(-1)
+    shares = (n / n.sum()).reshape(-1)
+    weights = [sequential.llr_weights(flat, alt.reshape(-1)) for alt in charts]
+    over = 0
+    for _ in range(20):
+        cell = rng.choice(flat.size, horizon, p=shares)
+        ok = rng.random(horizon) < flat[cell]
+        top = 0.0
+        for w_ok, w_bad in weights:
+            inc = np.where(ok, w_ok[cell], w_bad[cell])
+            for rows in (cell, cell % p0.shape[1] + 100):
+                for r in np.unique(rows):
+                    top = max(top, float(sequential.lindley(0.0, inc[rows == r]).max()))
+        over += top >= h
+    assert 1 <= over <= 9
+
+
+def test_simulated_alarm_uses_the_point_estimate_and_a_lower_threshold() -> None:
+    guaranteed, _ = stationary_monitor(2)
+    rng = np.random.default_rng(2)
+    mon = ModelMonitor(
+        monitor_config(reference_window=20_000, window=50_000, alarm="simulated"), "m"
+    )
+    mon.advance(simulate(rng, 20_000, ACC, SHARES), no_traffic(), now=0)
+    th = mon._thresholds(mon.reference)  # computes the simulated h once
+    assert mon.policy.alarm_h < guaranteed.policy.alarm_h
+    cell = mon.reference.cell("a", "site=C")
+    assert th.p0[0, 2] == pytest.approx(max(0.6, cell.accuracy))
+    bad = ACC.copy()
+    bad[:, 2] -= 0.4
+    for i in range(100):
+        _, events = mon.advance(
+            simulate(rng, 500, bad, SHARES, t0=1e6 + i * 500), no_traffic(), now=0
+        )
+        if any(type(e).__name__ == "GroupDegraded" for e in events):
+            assert {e.group for e in events if type(e).__name__ == "GroupDegraded"} == {"site=C"}
+            break
+    else:
+        pytest.fail("never detected")
