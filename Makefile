@@ -8,8 +8,9 @@ export TRANSFORMERS_OFFLINE := 1
 setup:
 	./scripts/setup.sh
 
-## The test command (README, .ci/run): installs what it needs, then unit + integration tests.
-test: setup
+## The test command (README, .ci/run): installs what it needs, lints (ruff, mypy), then runs the
+## unit + integration tests.
+test: lint
 	$(PY) -m pytest tests deploy -q -p no:cacheprovider
 
 test-fast: setup
@@ -18,6 +19,7 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check patchd plugins workers tests deploy
 	$(VENV)/bin/ruff format --check patchd plugins workers tests deploy
+	$(VENV)/bin/mypy
 
 ## The main job: the end-to-end demo.
 demo: setup

@@ -311,11 +311,14 @@ def paired(
     ids: Sequence[str] = (),
 ) -> PairedEvaluation:
     """Both models' reports on the same examples (numpy in, :class:`PairedEvaluation` out)."""
-    build = dict(
-        class_names=class_names, group_names=group_names, train_mix=train_mix, confidence=confidence
-    )
-    inc = evaluate_correct(incumbent_correct, cell, n_min=n_min, **build)
-    cand = evaluate_correct(candidate_correct, cell, n_min=n_min, **build)
+
+    def build(correct: np.ndarray) -> ModelEvaluation:
+        return evaluate_correct(
+            correct, cell, class_names, group_names, train_mix, confidence, n_min=n_min
+        )
+
+    inc = build(incumbent_correct)
+    cand = build(candidate_correct)
     n_cells = len(inc.cells)
     mix = cell_mix(cell, n_cells) if train_mix is None else np.asarray(train_mix, float)
     return PairedEvaluation(

@@ -5,15 +5,30 @@ One process: load the dataset once, then per seed train the incumbent (ERM from 
 weights with the same budget:
 
 - ``erm``: plain fine-tune (the pipeline's ERMTrainer);
-- ``gdro``: Sagawa's online Group DRO; ``dfr``: last layer on group-balanced validation data;
+- ``gdro``: Sagawa's online Group DRO; ``dfr``: last layer on group-balanced validation data
+  (train + validation when a validation cell is scarce); ``jtt``: Just Train Twice (the
+  incumbent's training errors upweighted);
 - ``camel``: CycleGAN per class on the true groups + consistency + class-conditional GDRO;
-- ``camel-mined``: the same on groups mined by ``SVMDirectionMiner`` with the colour hidden
-  (directions fitted on the validation split, whose colours are hidden too; epoch selection on
+- ``camel-maskpaste``: the same trainer on ``maskpaste`` translations (real pixels moved by a
+  learned feature locator);
+- ``camel-mined``: ``camel-maskpaste`` on groups mined by the configured miner with the true
+  groups hidden (fitted on the validation split, whose groups are hidden too; epoch selection on
   the mined validation groups), the production case;
 - ``diffusion``: route (b) conditional diffusion samples for the minority cells + camel trainer;
 - ``defuse``: VAE failure regions (default labels) + the defuse trainer;
-- ``oracle``: trained from scratch on colour-balanced training data (p = 0.5; same images,
-  same total epochs), the ceiling.
+- ``translation-oracle``: camel on the exact group swap (colored datasets, whose construction is
+  known: the same strokes repainted), the ceiling of any translator;
+- ``oracle``: trained from scratch on group-balanced training data (p = 0.5; same images, same
+  total epochs), the ceiling.
+
+Every paired translation is measured (``patchd.ml.fidelity``) on the validation split and the
+fidelity policy is applied exactly as in a patch run: a class whose translations miss a threshold
+trains without the consistency term. The table reports each camel row's fidelity (the minimum
+over classes and directions) and which classes were dropped.
+
+``--minority-per-group 10,25,100`` cuts every minority group of the training split (all groups
+of a class but its largest) to that many examples (seeded), one table block per count: the
+scarce-minority regime where a patch has to beat plain robust training.
 
 Hyperparameters are fixed before looking at any result (the papers' values, see each plugin's
 docstring); the only data-driven choice is the epoch kept, by validation worst-group accuracy
@@ -31,7 +46,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,7 +55,39 @@ import click
 
 log = logging.getLogger(__name__)
 
-METHODS = ("erm", "gdro", "dfr", "camel", "camel-mined", "diffusion", "defuse", "oracle")
+METHODS = (
+    "erm",
+    "gdro",
+    "dfr",
+    "jtt",
+    "camel",
+    "camel-maskpaste",
+    "camel-mined",
+    "diffusion",
+    "defuse",
+    "translation-oracle",
+    "oracle",
+)
+DEFAULT_METHODS = (
+    "erm",
+    "gdro",
+    "dfr",
+    "jtt",
+    "camel",
+    "camel-maskpaste",
+    "camel-mined",
+    "translation-oracle",
+    "oracle",
+)
+DATASETS = (
+    "colored-fmnist",
+    "colored-digits",
+    "sticker-fmnist",
+    "texture-fmnist",
+    "image-csv",
+    "wilds-metadata",
+)
+COLORED = ("colored-fmnist", "colored-digits")
 MACHINE = f"{os.cpu_count()}-core {platform.machine()}, no GPU"
 
 
@@ -53,6 +100,8 @@ class MethodResult:
     gap: float
     seconds: float
     cells: dict[str, float] = field(default_factory=dict)
+    minority: int | None = None  # examples per minority group in train (None: as loaded)
+    fidelity: dict[str, Any] = field(default_factory=dict)  # camel rows: min over directions
 
 
 @dataclass
@@ -65,8 +114,9 @@ class Bench:
     epochs: int
     out_dir: Path
     params: dict[str, dict[str, Any]]
-    dataset: str
-    n_train: int | None
+    spec: Any  # the DatasetSpec the splits came from
+    minority: int | None
+    fidelity: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> summary
 
     def ctx(self, method: str, stage: str, extra: dict[str, dict[str, Any]] | None = None) -> Any:
         from patchd.abc import StageContext
@@ -124,36 +174,127 @@ def run_dfr(b: Bench) -> Any:
     )
 
 
+def run_jtt(b: Bench) -> Any:
+    from patchd.plugins.trainers.jtt import JTTTrainer
+
+    return (
+        JTTTrainer()
+        .train(b.ctx("jtt", "train"), b.incumbent, b.splits.train, b.splits.val, None)
+        .model
+    )
+
+
+def camel_on(b: Bench, method: str, aug: Any, train: Any, val: Any) -> Any:
+    """The camel trainer on ``aug`` after the fidelity policy, as a patch run applies it."""
+    from patchd.ml.fidelity import FidelityPolicy, judged
+    from patchd.plugins.trainers.camel import CamelTrainer
+
+    used, report, dropped = judged(aug, train, val, FidelityPolicy(), seed=b.seed)
+    b.fidelity[method] = fidelity_row(report, dropped)
+    log.info("%s seed %d fidelity: %s", method, b.seed, b.fidelity[method])
+    return CamelTrainer().train(b.ctx(method, "train"), b.incumbent, train, val, used).model
+
+
+def fidelity_row(report: Any, dropped: dict[int, str]) -> dict[str, Any]:
+    """The table's fidelity columns: minima over classes and directions, and dropped classes."""
+    if not report.measured:
+        return {"measured": False, "reason": report.reason, "dropped": sorted(dropped)}
+    ds = report.directions
+    ratio = [d.class_kept / d.class_kept_ceiling for d in ds if d.class_kept_ceiling > 0]
+    return {
+        "measured": True,
+        "flip": min(d.flip_rate for d in ds),
+        "tttr": min(d.tttr for d in ds),
+        "kept": min(d.class_kept for d in ds),
+        "kept_ratio": min(ratio) if ratio else float("nan"),
+        "dropped": sorted(dropped),
+        "directions": [asdict(d) for d in ds],
+    }
+
+
 def run_camel(b: Bench, method: str = "camel", train: Any = None, val: Any = None) -> Any:
     from patchd.plugins.augmenters.cyclegan import CycleGANAugmenter
-    from patchd.plugins.trainers.camel import CamelTrainer
 
     train = b.splits.train if train is None else train
     val = b.splits.val if val is None else val
     aug = CycleGANAugmenter().synthesize(b.ctx(method, "synthesize"), b.incumbent, train)
-    return CamelTrainer().train(b.ctx(method, "train"), b.incumbent, train, val, aug).model
+    return camel_on(b, method, aug, train, val)
+
+
+def run_camel_maskpaste(
+    b: Bench, method: str = "camel-maskpaste", train: Any = None, val: Any = None
+) -> Any:
+    from patchd.plugins.augmenters.maskpaste import MaskPasteAugmenter
+
+    train = b.splits.train if train is None else train
+    val = b.splits.val if val is None else val
+    aug = MaskPasteAugmenter().synthesize(b.ctx(method, "synthesize"), b.incumbent, train)
+    return camel_on(b, method, aug, train, val)
 
 
 def run_camel_mined(b: Bench) -> Any:
-    """Colour hidden everywhere; groups = the SVM miner's hard/easy side within each class."""
+    """True groups hidden everywhere; groups = the configured miner's, fitted on validation."""
     import torch
 
-    from patchd.plugins.miners.svm import SVMDirectionMiner
+    from patchd.config import PatchConfig
+    from patchd.plugins.catalog import load_plugin
 
     def hidden(data: Any) -> Any:
         return data.with_groups(torch.full_like(data.g, -1), ())
 
     train_h, val_h = hidden(b.splits.train), hidden(b.splits.val)
-    miner = SVMDirectionMiner()
+    name = PatchConfig().miner
+    miner = load_plugin("miner", name)
     mined_train = miner.mine(b.ctx("camel-mined", "mine"), b.incumbent, train_h, fit_data=val_h)
-    mined_val = miner.mine(b.ctx("camel-mined", "mine-val"), b.incumbent, val_h)
+    mined_val = miner.mine(b.ctx("camel-mined", "mine-val"), b.incumbent, val_h, fit_data=val_h)
     train = train_h.with_groups(mined_train.groups, mined_train.group_names)
     val = val_h.with_groups(mined_val.groups, mined_val.group_names)
-    agree = (mined_train.groups == (b.splits.train.g != b.splits.train.y).long()).float().mean()
+    truth = b.splits.train
     log.info(
-        "camel-mined: mined hard side matches the minority colour on %.3f of train", float(agree)
+        "camel-mined (%s): mined groups agree with the true minority cells on %.3f of train",
+        name,
+        float((mined_train.groups == (truth.g != majority_group(truth)).long()).float().mean()),
     )
-    return run_camel(b, "camel-mined", train, val)
+    return run_camel_maskpaste(b, "camel-mined", train, val)
+
+
+def majority_group(data: Any) -> Any:
+    """Per row, the largest group of its class."""
+    import torch
+
+    groups = max(1, len(data.group_names))
+    out = torch.zeros_like(data.y)
+    for cls in range(data.num_classes):
+        counts = torch.bincount(data.g[data.y == cls].clamp(min=0), minlength=groups)
+        out[data.y == cls] = int(counts.argmax())
+    return out
+
+
+def run_translation_oracle(b: Bench) -> Any:
+    """camel on the exact swap (colored datasets only: the same strokes on the other colour)."""
+    from patchd.abc import Augmentation
+
+    if b.spec.kind not in COLORED:
+        raise click.UsageError(
+            f"translation-oracle needs a dataset whose construction is known ({list(COLORED)}); "
+            f"drop it from --methods for {b.spec.kind}"
+        )
+    swapped = exact_swap(b.splits.train)
+    aug = Augmentation(kind="exact-swap", paired={"F": swapped, "G": swapped})
+    return camel_on(b, "translation-oracle", aug, b.splits.train, b.splits.val)
+
+
+def exact_swap(data: Any) -> Any:
+    """Colored images repainted with the other background (``x = v + (1 - v) * bg``)."""
+    import torch
+
+    from patchd.ml.datasets import PALETTE
+
+    src = PALETTE[data.g][:, :, None, None]
+    dst = PALETTE[1 - data.g][:, :, None, None]
+    v = ((data.x - src) / (1 - src).clamp(min=1e-6)).clamp(0, 1)
+    v = torch.where(src < 0.999, v, torch.full_like(v, float("nan"))).nanmean(1, keepdim=True)
+    return (v + (1 - v) * dst).clamp(0, 1)
 
 
 def run_diffusion(b: Bench) -> Any:
@@ -183,12 +324,16 @@ def run_defuse(b: Bench) -> Any:
 
 
 def run_oracle(b: Bench) -> Any:
-    from patchd.config import DatasetSpec
     from patchd.ml.datasets import load_splits
     from patchd.ml.models import small_cnn
     from patchd.ml.training import fit, seed_everything
 
-    spec = DatasetSpec(kind=b.dataset, n_train=b.n_train, options={"p_train": 0.5})
+    if b.spec.kind not in (*COLORED, "sticker-fmnist", "texture-fmnist"):
+        raise click.UsageError(
+            f"the group-balanced oracle regenerates the data with p_train 0.5, which "
+            f"{b.spec.kind} cannot; drop 'oracle' from --methods"
+        )
+    spec = b.spec.model_copy(update={"options": {**b.spec.options, "p_train": 0.5}})
     balanced = load_splits(spec).train
     seed_everything(b.seed)
     model = small_cnn(num_classes=balanced.num_classes, in_channels=balanced.x.shape[1])
@@ -201,10 +346,13 @@ RUNNERS: dict[str, Callable[[Bench], Any]] = {
     "erm": run_erm,
     "gdro": run_gdro,
     "dfr": run_dfr,
+    "jtt": run_jtt,
     "camel": run_camel,
+    "camel-maskpaste": run_camel_maskpaste,
     "camel-mined": run_camel_mined,
     "diffusion": run_diffusion,
     "defuse": run_defuse,
+    "translation-oracle": run_translation_oracle,
     "oracle": run_oracle,
 }
 BASE_EPOCHS = 4
@@ -247,85 +395,195 @@ def parse_overrides(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def cut_minority(data: Any, per_group: int | None, seed: int) -> Any:
+    """Every group of a class but its largest cut to ``per_group`` rows (seeded); None: as is."""
+    import torch
+
+    if per_group is None:
+        return data
+    keep = torch.ones(len(data), dtype=torch.bool)
+    gen = torch.Generator().manual_seed(seed)
+    major = majority_group(data)
+    for cls in range(data.num_classes):
+        for group in range(max(1, len(data.group_names))):
+            rows = ((data.y == cls) & (data.g == group) & (major != group)).nonzero()[:, 0]
+            if len(rows) > per_group:
+                drop = rows[torch.randperm(len(rows), generator=gen)[per_group:]]
+                keep[drop] = False
+    return data.subset(keep)
+
+
 def run_seed(
-    dataset: str,
     splits: Any,
     seed: int,
     methods: list[str],
     epochs: int,
     out: Path,
-    n_train: int | None,
+    spec: Any,
+    minority: int | None,
     params: dict[str, dict[str, Any]],
 ) -> list[MethodResult]:
     incumbent, seconds = train_incumbent(splits, seed)
     base = score("incumbent", seed, incumbent, splits.test, seconds)
+    tag = f"minority {minority} " if minority is not None else ""
     click.echo(
-        f"seed {seed} incumbent: worst {base.worst:.3f} avg {base.average:.3f} ({seconds:.0f}s)",
+        f"{tag}seed {seed} incumbent: worst {base.worst:.3f} avg {base.average:.3f} "
+        f"({seconds:.0f}s)",
         err=True,
     )
-    bench = Bench(splits, incumbent, seed, epochs, out, params, dataset, n_train)
-    results = [base]
+    folder = out / (f"minority{minority}" if minority is not None else "full")
+    bench = Bench(splits, incumbent, seed, epochs, folder, params, spec, minority)
+    results = [replace(base, minority=minority)]
     for method in methods:
         start = time.monotonic()
         model = RUNNERS[method](bench)
         r = score(method, seed, model, splits.test, time.monotonic() - start)
+        r = replace(r, minority=minority, fidelity=bench.fidelity.get(method, {}))
         click.echo(
-            f"seed {seed} {method}: worst {r.worst:.3f} avg {r.average:.3f} gap {r.gap:.3f} "
-            f"({r.seconds:.0f}s) {r.cells}",
+            f"{tag}seed {seed} {method}: worst {r.worst:.3f} avg {r.average:.3f} "
+            f"gap {r.gap:.3f} ({r.seconds:.0f}s) {r.cells} {_fidelity_text(r.fidelity)}",
             err=True,
         )
         results.append(r)
     return results
 
 
+def _fidelity_text(f: dict[str, Any]) -> str:
+    if not f:
+        return ""
+    if not f.get("measured"):
+        return f"fidelity unmeasured ({f.get('reason', '')})"
+    return (
+        f"fidelity flip {f['flip']:.2f} tttr {f['tttr']:.2f} kept {f['kept']:.2f} "
+        f"dropped {f['dropped']}"
+    )
+
+
 def summarize(results: list[MethodResult]) -> list[dict[str, Any]]:
     rows = []
-    for method in dict.fromkeys(r.method for r in results):
-        rs = [r for r in results if r.method == method]
-        row: dict[str, Any] = {"method": method, "seeds": len(rs)}
+    keys = dict.fromkeys((r.minority, r.method) for r in results)
+    for minority, method in keys:
+        rs = [r for r in results if r.method == method and r.minority == minority]
+        row: dict[str, Any] = {"method": method, "minority": minority, "seeds": len(rs)}
         for key in ("worst", "average", "gap", "seconds"):
             vals = [getattr(r, key) for r in rs]
             row[key] = statistics.fmean(vals)
             row[f"{key}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        measured = [r.fidelity for r in rs if r.fidelity.get("measured")]
+        for key in ("flip", "tttr", "kept"):
+            row[key] = statistics.fmean(f[key] for f in measured) if measured else None
+        row["dropped"] = sum(len(r.fidelity.get("dropped", [])) for r in rs)
         rows.append(row)
     return rows
 
 
-def merged(
-    old: dict[str, Any], new: list[MethodResult], dataset: str, epochs: int, n_train: int
-) -> list[MethodResult]:
+def merged(old: dict[str, Any], new: list[MethodResult], key: dict[str, Any]) -> list[MethodResult]:
     """Earlier runs from ``old`` (same dataset and budget) plus ``new``."""
-    if (old.get("dataset"), old.get("epochs"), old.get("n_train")) != (dataset, epochs, n_train):
-        raise click.UsageError("--append needs the same --dataset, --epochs and --n-train as --out")
-    fresh = {(r.method, r.seed) for r in new}
-    kept = [MethodResult(**r) for r in old.get("runs", []) if (r["method"], r["seed"]) not in fresh]
+    if {k: old.get(k) for k in key} != key:
+        raise click.UsageError("--append needs the same dataset, --epochs and --n-train as --out")
+    fresh = {(r.method, r.seed, r.minority) for r in new}
+    kept = [
+        MethodResult(**r)
+        for r in old.get("runs", [])
+        if (r["method"], r["seed"], r.get("minority")) not in fresh
+    ]
     return kept + new
+
+
+def _cell(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
 
 
 def markdown(rows: list[dict[str, Any]], header: str) -> str:
     lines = [
         header,
         "",
-        "| method | worst-group | average | gap | wall s | seeds |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| minority / group | method | worst-group | average | gap | fidelity: flip / tttr / "
+        "class kept (min) | classes dropped | wall s | seeds |",
+        "|---:|---|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in rows:
+        fidelity = (
+            f"{_cell(r['flip'])} / {_cell(r['tttr'])} / {_cell(r['kept'])}"
+            if r.get("flip") is not None
+            else "–"
+        )
+        minority = "as loaded" if r["minority"] is None else str(r["minority"])
         lines.append(
-            f"| {r['method']} | {r['worst']:.3f} ± {r['worst_std']:.3f} "
+            f"| {minority} | {r['method']} | {r['worst']:.3f} ± {r['worst_std']:.3f} "
             f"| {r['average']:.3f} ± {r['average_std']:.3f} | {r['gap']:.3f} ± {r['gap_std']:.3f} "
-            f"| {r['seconds']:.0f} ± {r['seconds_std']:.0f} | {r['seeds']} |"
+            f"| {fidelity} | {r['dropped']} | {r['seconds']:.0f} ± {r['seconds_std']:.0f} "
+            f"| {r['seeds']} |"
         )
     return "\n".join(lines)
 
 
+def parse_counts(text: str | None) -> list[int | None]:
+    if not text:
+        return [None]
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not a comma-separated list of counts", param_hint="--minority-per-group"
+        ) from None
+    if not counts or min(counts) < 2:
+        raise click.BadParameter("counts must be >= 2", param_hint="--minority-per-group")
+    return list(counts)
+
+
+def dataset_spec(
+    dataset: str | None, config_path: Path | None, data: tuple[str, ...], n_train: int | None
+) -> Any:
+    """The dataset: ``data.train`` of a config file, or ``--dataset`` with ``--data`` keys."""
+    from patchd.config import DatasetSpec, load_config
+
+    fields: dict[str, Any] = {}
+    if config_path is not None:
+        fields = load_config(config_path).data.train.model_dump()
+    if dataset is not None:
+        fields["kind"] = dataset
+    for key, values in (
+        parse_overrides(tuple(f"data.{item}" for item in data)).get("data", {}).items()
+    ):
+        fields[key] = values
+    if n_train is not None:
+        fields["n_train"] = n_train
+    fields.setdefault("kind", "colored-fmnist")
+    try:
+        return DatasetSpec(**fields)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--data") from None
+
+
 @click.command()
+@click.option("--dataset", type=click.Choice(list(DATASETS)), default=None)
 @click.option(
-    "--dataset", type=click.Choice(["colored-fmnist", "colored-digits"]), default="colored-fmnist"
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="Take the dataset from this patchd.yaml's data.train (--dataset/--data override it).",
+)
+@click.option(
+    "--data",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A data.train key (JSON value), e.g. --data root=/srv/imgs --data csv=/srv/meta.csv.",
+)
+@click.option(
+    "--minority-per-group",
+    default=None,
+    help="Cut each minority group of the training split to N examples; a list runs a sweep.",
 )
 @click.option("--seeds", type=int, default=3, show_default=True, help="Seeds 0..N-1.")
 @click.option("--first-seed", type=int, default=0, show_default=True)
 @click.option(
-    "--methods", default=",".join(METHODS), show_default=True, help="Comma-separated subset."
+    "--methods",
+    default=",".join(DEFAULT_METHODS),
+    show_default=True,
+    help=f"Comma-separated subset of {', '.join(METHODS)}.",
 )
 @click.option(
     "--epochs", type=int, default=3, show_default=True, help="Fine-tuning epochs per method."
@@ -345,14 +603,12 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
     is_flag=True,
     help="Merge into an existing --out file (same dataset/budget) instead of replacing it.",
 )
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    default=Path("benchmarks/results/quality.json"),
-    show_default=True,
-)
+@click.option("--out", type=click.Path(path_type=Path), default=None)
 def quality(
-    dataset: str,
+    dataset: str | None,
+    config_path: Path | None,
+    data: tuple[str, ...],
+    minority_per_group: str | None,
     seeds: int,
     first_seed: int,
     methods: str,
@@ -360,12 +616,11 @@ def quality(
     n_train: int | None,
     overrides: tuple[str, ...],
     append: bool,
-    out: Path,
+    out: Path | None,
 ) -> None:
     """Worst-group / average accuracy of every recipe and baseline on the same splits."""
     import torch
 
-    from patchd.config import DatasetSpec
     from patchd.ml.datasets import load_splits
 
     torch.set_num_threads(int(os.environ.get("PATCHD_BENCH_THREADS", "1")))
@@ -375,36 +630,41 @@ def quality(
         raise click.BadParameter(
             f"unknown methods {unknown}; choose from {list(METHODS)}", param_hint="--methods"
         )
-    params = bench_params(dataset)
+    spec = dataset_spec(dataset, config_path, data, n_train)
+    counts = parse_counts(minority_per_group)
+    params = bench_params(spec.kind)
     for plugin, values in parse_overrides(overrides).items():
         params[plugin] = {**params.get(plugin, {}), **values}
+    out = out or Path(f"benchmarks/results/quality-{spec.kind}.json")
     load_before = os.getloadavg()[0]
-    splits = load_splits(DatasetSpec(kind=dataset, n_train=n_train))
-    artifacts = out.parent / f"quality-{dataset}"
+    splits = load_splits(spec)
+    artifacts = out.parent / f"quality-{spec.kind}"
     results: list[MethodResult] = []
-    for seed in range(first_seed, first_seed + seeds):
-        results += run_seed(dataset, splits, seed, chosen, epochs, artifacts, n_train, params)
+    for count in counts:
+        for seed in range(first_seed, first_seed + seeds):
+            cut = replace(splits, train=cut_minority(splits.train, count, seed))
+            results += run_seed(cut, seed, chosen, epochs, artifacts, spec, count, params)
+    key = {"dataset": spec.kind, "epochs": epochs, "n_train": len(splits.train)}
     if append and out.is_file():
-        results = merged(json.loads(out.read_text()), results, dataset, epochs, len(splits.train))
+        results = merged(json.loads(out.read_text()), results, key)
     rows = summarize(results)
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     load_after = os.getloadavg()[0]
     header = (
-        f"quality on {dataset} (train {len(splits.train)}, test {len(splits.test)}), "
-        f"{seeds} seed(s), {epochs} fine-tune epochs, {when}, {MACHINE}, "
-        f"load avg {load_before:.1f} → {load_after:.1f}"
+        f"quality on {spec.kind} (train {len(splits.train)} before cuts, val {len(splits.val)}, "
+        f"test {len(splits.test)}), {seeds} seed(s), {epochs} fine-tune epochs, {when}, "
+        f"{MACHINE}, load avg {load_before:.1f} → {load_after:.1f}"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "schema": 1,
-        "dataset": dataset,
+        "schema": 2,
+        **key,
+        "spec": spec.model_dump(mode="json"),
         "date": when,
         "machine": MACHINE,
-        "epochs": epochs,
-        "n_train": len(splits.train),
         "seeds": seeds,
         "summary": rows,
         "runs": [asdict(r) for r in results],
     }
-    out.write_text(json.dumps(payload, indent=2))
+    out.write_text(json.dumps(payload, indent=2, default=str))
     click.echo(markdown(rows, header))

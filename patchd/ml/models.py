@@ -79,7 +79,7 @@ def resolve_callable(path: str) -> Callable[..., Any]:
             f"factory {path!r}: cannot import module {module_name!r} ({err}); "
             "check model.factory and that the package is installed"
         ) from err
-    obj = module
+    obj: object = module
     for part in attr.split("."):
         obj = getattr(obj, part, None)
         if obj is None:

@@ -13,12 +13,14 @@ from typing import Any
 from patchd.exceptions import PluginError
 
 MINERS: dict[str, str] = {
+    "subgroup": "patchd.plugins.miners.subgroup:SubgroupMiner",
     "svm": "patchd.plugins.miners.svm:SVMDirectionMiner",
 }
 
 AUGMENTERS: dict[str, str] = {
     "none": "patchd.plugins.augmenters.none:NoneAugmenter",
     "cyclegan": "patchd.plugins.augmenters.cyclegan:CycleGANAugmenter",
+    "maskpaste": "patchd.plugins.augmenters.maskpaste:MaskPasteAugmenter",
     "diffusion": "patchd.plugins.augmenters.diffusion:DiffusionAugmenter",
     "vae": "patchd.plugins.augmenters.vae:VAEAugmenter",
 }
@@ -28,6 +30,7 @@ TRAINERS: dict[str, str] = {
     "gdro": "patchd.plugins.trainers.gdro:GroupDROTrainer",
     "dfr": "patchd.plugins.trainers.dfr:DFRTrainer",
     "camel": "patchd.plugins.trainers.camel:CamelTrainer",
+    "jtt": "patchd.plugins.trainers.jtt:JTTTrainer",
     "defuse": "patchd.plugins.trainers.defuse:DefuseTrainer",
 }
 
@@ -77,7 +80,7 @@ def load_class(kind: str, name_or_path: str) -> type[Any]:
     if cls is None:
         raise PluginError(f"{kind} {name_or_path!r}: module {module_name!r} has no {attr!r}")
     _check_base(kind, name_or_path, cls)
-    return cls  # type: ignore[no-any-return]
+    return cls
 
 
 def _check_base(kind: str, name: str, cls: object) -> None:

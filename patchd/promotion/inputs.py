@@ -50,7 +50,9 @@ def run_record(store: Store, run_id: str) -> dict[str, Any]:
     if row is None:
         return {}
     recipe = _loads(row[0])
-    summary = {k: recipe[k] for k in ("miner", "augmenter", "trainer") if k in recipe}
+    summary: dict[str, Any] = {
+        k: recipe[k] for k in ("miner", "augmenter", "trainer") if k in recipe
+    }
     budget = recipe.get("config", {}).get("patch", {}).get("budget")
     if budget:
         summary["budget"] = budget

@@ -6,6 +6,7 @@ caller's transaction, so two concurrent decisions resolve to exactly one outcome
 
 from __future__ import annotations
 
+import builtins
 import json
 import sqlite3
 import time
@@ -53,7 +54,8 @@ class CandidateStore:
     def list(
         self, model: str | None = None, state: str | None = None, limit: int = 100
     ) -> list[Candidate]:
-        sql, args = f"{_SELECT} WHERE 1=1", []
+        sql = f"{_SELECT} WHERE 1=1"
+        args: list[str] = []
         if model:
             sql, args = sql + " AND model = ?", [*args, model]
         if state:
@@ -80,7 +82,9 @@ class CandidateStore:
             ).fetchone()
         return row[0] if row and row[0] else None
 
-    def promoted_ids(self, conn: sqlite3.Connection, model: str, digest: str) -> list[str]:
+    def promoted_ids(
+        self, conn: sqlite3.Connection, model: str, digest: str
+    ) -> builtins.list[str]:  # `list` here is the method above
         """The promoted candidates of ``model`` at ``digest`` (inside the caller's transaction)."""
         rows = conn.execute(
             "SELECT id FROM candidates WHERE model = ? AND digest = ? AND state = ?",

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from patchd.digests import sha256_file
 from patchd.domain import RunFinished, RunQueued
@@ -152,6 +152,14 @@ class RunsComponent(Component):
         )
         for result in ("succeeded", "failed", "cancelled", "abandoned"):
             self.runs_total.labels(result=result)
+        self.fidelity = Gauge(
+            "patchd_synthesis_fidelity_ratio",
+            "Synthesis fidelity of the latest run's translations per class and direction "
+            "(measure: flip_rate, tttr, class_kept, used = 1 when the policy kept them)",
+            ["model", "cls", "direction", "measure"],
+            registry=None,
+        )
+        self._fidelity_series: dict[str, set[tuple[str, ...]]] = {}
 
     # lifecycle
     def routers(self) -> Sequence[APIRouter]:
@@ -160,7 +168,7 @@ class RunsComponent(Component):
         return (build_router(self),)
 
     def collectors(self) -> Iterable[Collector]:
-        return (self.runs_total, self.stage_seconds)
+        return (self.runs_total, self.stage_seconds, self.fidelity)
 
     def start(self) -> None:
         jobqueue.check_patch_config(self.config)
@@ -303,6 +311,8 @@ class RunsComponent(Component):
             if stage not in times:
                 times[stage] = round(seconds, 3)
                 self.stage_seconds.labels(stage=stage).observe(seconds)
+                if stage == "synthesize":
+                    self._export_fidelity(rec.model, states[stage].result)
         rec = replace(rec, stage_times=times)
         if prog.missing:
             return self._reenqueue(rec)
@@ -318,6 +328,27 @@ class RunsComponent(Component):
         ) or times != rec.stage_times:
             rec = self._save(replace(rec, state=prog.state, stage=prog.stage, result=prog.result))
         return rec
+
+    def _export_fidelity(self, model: str, job_result: dict[str, Any] | None) -> None:
+        """The synthesize stage's fidelity summary as gauges (replacing the model's last ones)."""
+        stage_result = (job_result or {}).get("result") or {}
+        fidelity = stage_result.get("fidelity") or {}
+        directions = fidelity.get("directions") or []
+        if not directions:
+            return
+        for labels in self._fidelity_series.pop(model, set()):  # the model's previous run
+            self.fidelity.remove(*labels)
+        series_of_model: set[tuple[str, ...]] = set()
+        for d in directions:
+            direction = f"{d['source']}->{d['target']}"
+            series = {k: d.get(k) for k in ("flip_rate", "tttr", "class_kept")}
+            series["used"] = 1.0 if d.get("kept") else 0.0
+            for measure, value in series.items():
+                if isinstance(value, int | float):
+                    labels = (model, str(d["cls"]), direction, measure)
+                    self.fidelity.labels(*labels).set(value)
+                    series_of_model.add(labels)
+        self._fidelity_series[model] = series_of_model
 
     def _reenqueue(self, rec: RunRecord) -> RunRecord:
         """Jobs vanished from Redis (flushed, restarted without persistence): enqueue again."""

@@ -19,7 +19,7 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from redis import Redis
 
@@ -218,11 +218,14 @@ def cleanup_abandoned(conn: Redis, names: list[str]) -> None:
     """
     from rq import Queue
     from rq.registry import StartedJobRegistry
+    from rq.utils import as_text
 
     for name in names:
         registry = StartedJobRegistry(queue=Queue(name, connection=conn))
-        for raw in conn.zrangebyscore(registry.key, 0, time.time()):
-            status = job_state(conn, registry.parse_job_id(raw)).status
+        # without withscores the reply is the members only (the stubs cannot tell)
+        members = cast(list[bytes | str], conn.zrangebyscore(registry.key, 0, time.time()))
+        for raw in members:
+            status = job_state(conn, registry.parse_job_id(as_text(raw))).status
             if status != "started":
                 conn.zrem(registry.key, raw)
         registry.cleanup()

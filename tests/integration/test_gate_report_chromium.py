@@ -107,3 +107,64 @@ def test_report_renders_in_chromium(tmp_path: Path) -> None:
         Path(keep).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, Path(keep) / "gate_report.png")
     services.store.close()
+
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "fidelity"
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium not installed")
+def test_report_shows_synthesis_fidelity_beside_the_previews(tmp_path: Path) -> None:
+    """Previews and fidelity.json as a maskpaste run on sticker-fmnist wrote them (fixtures
+    recorded from `patchd bench quality --dataset sticker-fmnist`, seed 0, 25 per minority)."""
+    config = make_config(tmp_path)
+    services = Services(
+        config,
+        Store.open(config.store_path),
+        EventBus(),
+        CollectorRegistry(),
+        BackgroundScheduler(),
+        "redis://unused",
+    )
+    comp = CandidatesComponent(services)
+    write_weights(tmp_path / "inc.safetensors", 9.0)
+    comp.registry.import_model("m", tmp_path / "inc.safetensors", "setup")
+    _add_run_record(services.store)
+    fake_run(config.artifacts_root, RUN, passing(), 1.0, png_bytes(256, 160))
+    synth = config.artifacts_root / "runs" / RUN / "synthesize"
+    shutil.copytree(FIXTURES / "previews", synth / "previews", dirs_exist_ok=True)
+    shutil.copyfile(FIXTURES / "fidelity.json", synth / "fidelity.json")
+    cand = comp.evaluate_run(RUN, "m")
+    html = comp.registry.version_dir("m", cand.digest) / "report.html"
+    text = html.read_text()
+    assert "Synthesis fidelity" in text and "train-on-translated" in text
+    recorded = json.loads((FIXTURES / "fidelity.json").read_text())
+    dropped = [d for d in recorded["directions"] if d["verdict"] != "kept"]
+    assert text.count("dropped") >= len(dropped)
+    previews = len(list((FIXTURES / "previews").glob("*.png")))
+    assert text.count("<figcaption>Synthesized: maskpaste") == previews
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            f"--user-data-dir={tmp_path / 'chromium'}",
+            f"--screenshot={shot}",
+            "--window-size=1280,2400",
+            html.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    assert _pixel_rows_differ(shot)
+    keep = os.environ.get("PATCHD_KEEP_SCREENSHOTS")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, Path(keep) / "report_fidelity.png")
+    services.store.close()

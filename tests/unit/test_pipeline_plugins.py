@@ -35,9 +35,10 @@ def fake_module() -> Iterator[types.ModuleType]:
 
 
 def test_builtin_tables_name_every_contract_plugin() -> None:
-    assert set(catalog.MINERS) == {"svm"}
-    assert set(catalog.AUGMENTERS) == {"none", "cyclegan", "diffusion", "vae"}
-    assert set(catalog.TRAINERS) == {"erm", "gdro", "dfr", "camel", "defuse"}
+    assert set(catalog.MINERS) == {"subgroup", "svm"}
+    assert catalog.MINERS["subgroup"] == "patchd.plugins.miners.subgroup:SubgroupMiner"
+    assert set(catalog.AUGMENTERS) == {"none", "maskpaste", "cyclegan", "diffusion", "vae"}
+    assert set(catalog.TRAINERS) == {"erm", "gdro", "dfr", "jtt", "camel", "defuse"}
     assert catalog.TRAINERS["erm"] == "patchd.plugins.trainers.erm:ERMTrainer"
     assert catalog.MINERS["svm"] == "patchd.plugins.miners.svm:SVMDirectionMiner"
 

@@ -115,3 +115,29 @@ def test_poll_reenqueues_jobs_lost_from_redis(make_runs: Any) -> None:
     runs.tick()
     assert Queue("patchd", connection=runs.redis).job_ids == [f"{rec.id}-collect"]
     assert runs.get(rec.id).state == "queued"
+
+
+def test_synthesize_fidelity_is_exported_and_replaced_by_the_next_run(make_runs: Any) -> None:
+    from prometheus_client import generate_latest
+
+    runs, _ = make_runs()
+
+    def result(flip: float, kept: bool) -> dict[str, Any]:
+        direction = {"cls": 1, "source": 0, "target": 1, "flip_rate": flip, "tttr": 0.9}
+        direction.update({"class_kept": 0.95, "class_kept_ceiling": 0.97, "kept": kept})
+        return {"result": {"fidelity": {"measured": True, "directions": [direction]}}}
+
+    runs._export_fidelity("digits", result(0.42, False))
+    text = generate_latest(runs.services.metrics).decode()
+
+    def series(measure: str) -> str:
+        labels = f'cls="1",direction="0->1",measure="{measure}",model="digits"'
+        return f"patchd_synthesis_fidelity_ratio{{{labels}}}"
+
+    assert f"{series('flip_rate')} 0.42" in text and f"{series('used')} 0.0" in text
+    runs._export_fidelity("digits", result(0.97, True))
+    text = generate_latest(runs.services.metrics).decode()
+    assert f"{series('flip_rate')} 0.97" in text and f"{series('used')} 1.0" in text
+    assert "0.42" not in text
+    runs._export_fidelity("digits", {"result": {"kind": "none"}})  # no pairs: series kept
+    assert "0.97" in generate_latest(runs.services.metrics).decode()

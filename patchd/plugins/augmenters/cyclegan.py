@@ -91,6 +91,7 @@ class Generator(nn.Module):
             ]
         last = nn.Conv2d(ngf, channels, 7)
         nn.init.normal_(last.weight, 0.0, 0.02)
+        assert last.bias is not None  # Conv2d's bias=True default
         nn.init.zeros_(last.bias)
         layers += [nn.ReflectionPad2d(3), last]
         self.body = nn.Sequential(*layers)
@@ -124,7 +125,8 @@ class ReplayBuffer:
     """Shrivastava et al.'s history of fakes (size 50): half of each batch from the past."""
 
     def __init__(self, size: int, generator: torch.Generator) -> None:
-        self.size, self.items, self.gen = size, [], generator
+        self.size, self.gen = size, generator
+        self.items: list[torch.Tensor] = []
 
     def __call__(self, fakes: torch.Tensor) -> torch.Tensor:
         out = []

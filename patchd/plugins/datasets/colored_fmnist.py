@@ -34,7 +34,15 @@ DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 CLASS_NAMES = ("top", "other")
 TOPS = (0, 2, 4, 6)
 DEFAULT_N_TRAIN = 20000
-IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+# IDX type byte -> numpy dtype (u1 = uint8, i1 = int8; the wider ones big-endian)
+IDX_DTYPES: dict[int, str] = {
+    0x08: "u1",
+    0x09: "i1",
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
 
 
 def read_idx(path: Path) -> np.ndarray:

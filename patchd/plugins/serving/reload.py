@@ -25,7 +25,9 @@ class Reloadable(Protocol):
 
     registry_root: Path
     model_name: str
-    digest: str | None
+
+    @property
+    def digest(self) -> str | None: ...  # read-only: the watcher only reads it
 
     def reload_if_changed(self) -> bool: ...
 

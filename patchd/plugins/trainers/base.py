@@ -112,12 +112,13 @@ class Budget:
     max_seconds: float
 
     @classmethod
-    def from_ctx(cls, ctx: StageContext, params: dict[str, object]) -> Budget:
+    def from_ctx(cls, ctx: StageContext, params: dict[str, Any]) -> Budget:
+        """``params``: patch.params.<trainer> (YAML values, converted here)."""
         b = ctx.params.budget
         return cls(
-            epochs=int(params.get("epochs", b.epochs)),  # type: ignore[arg-type]
-            batch_size=int(params.get("batch_size", b.batch_size)),  # type: ignore[arg-type]
-            lr=float(params.get("lr", b.lr)),  # type: ignore[arg-type]
+            epochs=int(params.get("epochs", b.epochs)),
+            batch_size=int(params.get("batch_size", b.batch_size)),
+            lr=float(params.get("lr", b.lr)),
             max_seconds=float(b.max_minutes) * 60.0,
         )
 

@@ -67,6 +67,7 @@ class CandidateReport:
     stage_seconds: dict[str, float]
     failure_modes: tuple[dict[str, Any], ...]
     images: tuple[Image, ...] = ()
+    fidelity: dict[str, Any] | None = None  # synthesize/fidelity.json (patchd.ml.fidelity)
     expires_at: float | None = None  # end of the approval window (awaiting_approval only)
     decided_by: str | None = None
     generated_at: float = field(default_factory=time.time)
@@ -148,6 +149,12 @@ def _image(path: Path, caption: str) -> Image | None:
     return Image(path.name, caption, data) if data.startswith(b"\x89PNG") else None
 
 
+def synthesis_fidelity(run_dir: Path) -> dict[str, Any] | None:
+    """The synthesize stage's fidelity report, when the run measured one."""
+    data = _read_json(run_dir / "synthesize" / "fidelity.json")
+    return data if isinstance(data, dict) else None
+
+
 def run_images(run_dir: Path) -> tuple[Image, ...]:
     """Failure examples first, then up to :data:`MAX_PREVIEWS` synthesized samples."""
     found = [_image(run_dir / "mine" / "failure_report.png", "Failure directions: examples")]
@@ -185,6 +192,7 @@ def build_report(
         stage_seconds=stage_seconds,
         failure_modes=failure_modes(run_dir) if run_dir else (),
         images=run_images(run_dir) if run_dir else (),
+        fidelity=synthesis_fidelity(run_dir) if run_dir else None,
         expires_at=expires_at,
         decided_by=decided_by,
     )

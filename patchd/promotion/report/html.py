@@ -45,9 +45,10 @@ margin-left:4px;background:#eaeef2;color:#57606a;white-space:nowrap}
 .tag.warn{background:#fff8c5;color:#9a6700}
 .legend span{display:inline-block;margin-right:14px}.sw{width:10px;height:10px;display:inline-block;
 border-radius:2px;margin-right:4px;vertical-align:middle}
-.gallery{display:flex;flex-wrap:wrap;gap:14px}.gallery figure{margin:0;max-width:100%}
-.gallery img{max-width:100%;border:1px solid #d0d7de;border-radius:6px;image-rendering:pixelated}
-.gallery.samples img{height:128px;width:auto}.gallery.failures img{min-height:160px}
+.gallery{display:flex;flex-wrap:wrap;gap:14px}.gallery figure{margin:0;max-width:100%;
+overflow-x:auto}.gallery img{display:block;border:1px solid #d0d7de;border-radius:6px;
+image-rendering:pixelated}.gallery.samples img{height:128px;width:auto;max-width:none}
+.gallery.failures img{width:auto;height:auto;max-width:100%;min-height:160px;object-fit:contain}
 td.num{white-space:nowrap}td .ci{display:block;font-size:12px}
 .gallery figcaption{font-size:13px;color:#57606a}
 .kv td:first-child{color:#57606a;width:220px}code{font:13px ui-monospace,SFMono-Regular,monospace}
@@ -249,7 +250,40 @@ def _samples_section(report: CandidateReport) -> str:
     samples = [i for i in report.images if i.caption.startswith("Synthesized")]
     empty = '<p class="muted">No synthesized samples (augmenter "none").</p>'
     body = _gallery(samples, "samples") or empty
-    return f"<section><h2>Synthesized training samples</h2>{body}</section>"
+    fidelity = _fidelity_table(report)
+    return f"<section><h2>Synthesized training samples</h2>{fidelity}{body}</section>"
+
+
+def _fidelity_table(report: CandidateReport) -> str:
+    """Per class and direction: was the translation what it claims, and was it used."""
+    data = report.fidelity
+    if not data:
+        return ""
+    if not data.get("measured", True):
+        reason = escape(str(data.get("reason", "")))
+        return f'<p class="muted">Synthesis fidelity not measured: {reason}</p>'
+    rows = []
+    for d in data.get("directions", []):
+        used = d.get("verdict") == "kept"
+        tone = "good" if used else "bad"
+        rows.append(
+            f"<tr><td>{d['cls']}</td><td>{d['source']} &rarr; {d['target']}</td>"
+            f"<td>{d['n']}</td><td>{_num(d.get('flip_rate'))}</td><td>{_num(d.get('tttr'))}</td>"
+            f"<td>{_num(d.get('class_kept'))} / {_num(d.get('class_kept_ceiling'))}</td>"
+            f"<td>{_num(d.get('change_spread'))} / {_num(d.get('real_spread'))}</td>"
+            f'<td class="{tone}">{escape(str(d.get("verdict", "")))}</td></tr>'
+        )
+    head = (
+        "<tr><th>class</th><th>group</th><th>n</th><th>flip rate</th>"
+        "<th>train-on-translated</th><th>class kept / real cell</th>"
+        "<th>change spread / real</th><th>used</th></tr>"
+    )
+    note = (
+        '<p class="muted">Judged on the validation split by classifiers the translator never '
+        "saw. A dropped class trains without the consistency term (class-conditional Group DRO)."
+        "</p>"
+    )
+    return f"<h3>Synthesis fidelity</h3><table>{head}{''.join(rows)}</table>{note}"
 
 
 def _kv(rows: Iterable[tuple[str, str]], empty: str = "") -> str:
@@ -283,6 +317,13 @@ def _recipe_section(report: CandidateReport) -> str:
     )
 
 
+def _sections(report: CandidateReport) -> str:
+    return (
+        f"{_cards(report)}{_cell_table(report)}{_failure_section(report)}"
+        f"{_samples_section(report)}{_recipe_section(report)}"
+    )
+
+
 def render_html(report: CandidateReport) -> str:
     """The whole page as a string."""
     title = f"patchd candidate {report.candidate_id}: {report.decision.verdict.value}"
@@ -290,7 +331,10 @@ def render_html(report: CandidateReport) -> str:
         f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
         f'<meta name="viewport" content="width=device-width,initial-scale=1">'
         f"<title>{escape(title)}</title><style>{_CSS}</style></head><body>"
-        f"{_banner(report)}<main>{_cards(report)}{_cell_table(report)}"
-        f"{_failure_section(report)}{_samples_section(report)}{_recipe_section(report)}"
-        "</main></body></html>"
+        f"{_banner(report)}<main>{_sections(report)}</main></body></html>"
     )
+
+
+def render_fragment(report: CandidateReport) -> str:
+    """The same evidence as one ``<div>`` (with its ``<style>``) to embed in another page."""
+    return f'<style>{_CSS}</style><div class="report">{_banner(report)}{_sections(report)}</div>'

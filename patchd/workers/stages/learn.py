@@ -19,7 +19,7 @@ from patchd.plugins.catalog import load_plugin
 from patchd.workers import artifacts, runtime
 
 if TYPE_CHECKING:
-    from patchd.abc import Augmentation, MiningResult
+    from patchd.abc import Augmentation, MiningResult, StageContext
     from patchd.config import Config
     from patchd.ml.data import ImageSet
     from patchd.runs.recipe import Recipe
@@ -60,29 +60,54 @@ def grouped_train(run_dir: Path) -> ImageSet:
 
 # --- mine ------------------------------------------------------------------------------------
 
+PRODUCTION_PREFIX = "prod:"  # ids of labeled production events (see stages.collect)
+
+
+def mining_fit_set(train: ImageSet, val: ImageSet) -> ImageSet:
+    """What the miner fits on: the validation split plus the labeled production events that
+    ``collect`` put into train (held-out labeled data whose errors the incumbent has not
+    memorized); the training split's own rows only get scored. Group names are dropped when the
+    two disagree (the miner needs the labels and predictions, not the groups)."""
+    import torch
+
+    from patchd.workers.stages.collect import concat
+
+    prod = torch.tensor([i.startswith(PRODUCTION_PREFIX) for i in train.ids], dtype=torch.bool)
+    if not bool(prod.any()):
+        return val
+    extra = train.subset(prod)
+    if tuple(extra.group_names[: len(val.group_names)]) != tuple(val.group_names):
+        unknown = torch.full_like(val.g, -1)
+        val = val.with_groups(unknown, ())
+        extra = extra.with_groups(torch.full_like(extra.g, -1), ())
+    return concat(val, extra)
+
 
 def mine(
     *, run_id: str, run_dir: Path, out: Path, recipe: Recipe, config: Config
 ) -> dict[str, Any]:
     from safetensors.torch import save_file
 
-    train = artifacts.load_imageset(stage_input(run_dir, "collect") / "train.safetensors")
+    collected = stage_input(run_dir, "collect")
+    train = artifacts.load_imageset(collected / "train.safetensors")
+    held = mining_fit_set(train, artifacts.load_imageset(collected / "val.safetensors"))
     model = runtime.load_incumbent(recipe, config)
     ctx = runtime.make_context(recipe, config, "mine", out, run_id)
     runtime.seed_everything(ctx.seed)
-    result: MiningResult = load_plugin("miner", recipe.miner).mine(ctx, model.to(ctx.device), train)
+    miner = load_plugin("miner", recipe.miner)
+    result: MiningResult = miner.mine(ctx, model.to(ctx.device), train, fit_data=held)
     if result.groups.shape != (len(train),):
         raise StageError(
             f"miner {recipe.miner!r} returned {tuple(result.groups.shape)} groups "
             f"for {len(train)} training examples"
         )
-    save_file(
-        {
-            "groups": result.groups.to("cpu").long().contiguous(),
-            "hardness": result.hardness.to("cpu").float().contiguous(),
-        },
-        str(out / "groups.safetensors"),
-    )
+    tensors = {
+        "groups": result.groups.to("cpu").long().contiguous(),
+        "hardness": result.hardness.to("cpu").float().contiguous(),
+    }
+    if result.membership is not None:
+        tensors["membership"] = result.membership.to("cpu").float().contiguous()
+    save_file(tensors, str(out / "groups.safetensors"))
     png = _copy_into(result.report_png, out / "failure_report.png")
     if (
         result.report_json is not None
@@ -94,6 +119,8 @@ def mine(
         "group_names": list(result.group_names),
         "mined": result.mined,
         "miner": recipe.miner,
+        "n_fit": len(held),
+        "fit_on": "val + labeled production events in train",
     }
     (out / "mining.json").write_text(json.dumps(body, indent=2))
     return {
@@ -119,12 +146,71 @@ def synthesize(
         ctx, model.to(ctx.device), train
     )
     aug = _with_local_previews(aug, out / "previews")
+    aug, fidelity = _judged(aug, train, run_dir, out, config, ctx)
     artifacts.save_augmentation(aug, out / "augmentation.safetensors")
     return {
         "kind": aug.kind,
         "paired": sorted(aug.paired),
         "extra": len(aug.extra) if aug.extra is not None else 0,
         "previews": len(aug.previews),
+        "fidelity": fidelity,
+    }
+
+
+def _judged(
+    aug: Augmentation,
+    train: ImageSet,
+    run_dir: Path,
+    out: Path,
+    config: Config,
+    ctx: StageContext,
+) -> tuple[Augmentation, dict[str, Any] | None]:
+    """Paired translations measured on the validation split, the fidelity policy applied.
+
+    Writes ``fidelity.json``; returns the augmentation the trainer gets (dropped classes set to
+    the identity) and the summary for the stage result (None when nothing was paired).
+    """
+    from patchd.ml.fidelity import FidelityPolicy, judged
+
+    policy_config = config.patch.fidelity
+    if not aug.paired or not policy_config.enabled:
+        return aug, None
+    val = artifacts.load_imageset(stage_input(run_dir, "collect") / "val.safetensors")
+    policy = FidelityPolicy.from_mapping(policy_config)
+    used, report, dropped = judged(aug, train, val, policy, seed=ctx.seed, device=ctx.device)
+    (out / "fidelity.json").write_text(report.to_json())
+    if not report.measured:
+        ctx.log.warning("run %s: synthesis fidelity not measured: %s", ctx.run_id, report.reason)
+    for cls, why in sorted(dropped.items()):
+        ctx.log.warning(
+            "run %s: class %s translations not used (consistency off, class-conditional GDRO "
+            "there): %s",
+            ctx.run_id,
+            train.class_names[cls],
+            why,
+        )
+    return used, fidelity_summary(report, dropped)
+
+
+def fidelity_summary(report: Any, dropped: dict[int, str]) -> dict[str, Any]:
+    """The small JSON of the stage result: what serve exports as metrics."""
+    return {
+        "measured": report.measured,
+        "reason": report.reason,
+        "dropped": {str(c): why for c, why in dropped.items()},
+        "directions": [
+            {
+                "cls": d.cls,
+                "source": d.source,
+                "target": d.target,
+                "flip_rate": d.flip_rate,
+                "tttr": d.tttr,
+                "class_kept": d.class_kept,
+                "class_kept_ceiling": d.class_kept_ceiling,
+                "kept": d.kept,
+            }
+            for d in report.directions
+        ],
     }
 
 
