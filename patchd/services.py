@@ -7,7 +7,8 @@ candidates, source adapters); components find each other by name through
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -39,6 +40,8 @@ class Services:
     ingest: IngestPipeline = field(default=None)  # type: ignore[assignment]
     components: dict[str, Component] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    # wall-clock seconds; a test injects a fake one instead of sleeping past a TTL
+    clock: Callable[[], float] = time.time
 
     def component(self, name: str, kind: type[C]) -> C:
         found = self.components.get(name)

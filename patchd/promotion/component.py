@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import re
 import threading
-import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -63,7 +62,8 @@ class CandidatesComponent(Component):
 
         config = services.config
         self.registry = Registry(config.registry_root)
-        self.candidates = CandidateStore(services.store)
+        self.clock = services.clock
+        self.candidates = CandidateStore(services.store, services.clock)
         self.audit = AuditLog.in_state_dir(config.state_dir)
         self.hooks = HookRunner(config.registry.hooks)
         self._lock = threading.RLock()
@@ -185,7 +185,7 @@ class CandidatesComponent(Component):
         )
         self.registry.publish(model, inputs.weights, manifest)
         ttl = self.services.config.gate.approval_ttl_s
-        expires = time.time() + ttl if decision.passed else None
+        expires = self.clock() + ttl if decision.passed else None
         self.candidates.finish_evaluation(cid, state, decision, evaluation, expires_at=expires)
         self.write_report(cid)
         self._audit_evaluated(
@@ -346,7 +346,11 @@ class CandidatesComponent(Component):
 
     def _awaiting(self, candidate_id: str, verb: str) -> Candidate:
         cand = self.get(candidate_id)
-        if cand.state == S.AWAITING_APPROVAL and cand.expires_at and cand.expires_at <= time.time():
+        if (
+            cand.state == S.AWAITING_APPROVAL
+            and cand.expires_at
+            and cand.expires_at <= self.clock()
+        ):
             self._expire(cand)
             cand = self.get(candidate_id)
         if cand.state != S.AWAITING_APPROVAL:
@@ -391,7 +395,7 @@ class CandidatesComponent(Component):
     # -- housekeeping --------------------------------------------------------------------------
     def tick(self) -> None:
         """Expire overdue approvals; garbage-collect old registry versions."""
-        now = time.time()
+        now = self.clock()
         for cand in self.list(state=S.AWAITING_APPROVAL, limit=10_000):
             if cand.expires_at is not None and cand.expires_at <= now:
                 self._expire(cand)

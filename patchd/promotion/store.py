@@ -10,6 +10,7 @@ import builtins
 import json
 import sqlite3
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from patchd.exceptions import ConflictError, NotFoundError
@@ -41,8 +42,9 @@ _TRANSITION = (
 class CandidateStore:
     """Reads and compare-and-set writes of candidate rows in serve's store."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
         self.store = store
+        self.clock = clock
 
     def get(self, candidate_id: str) -> Candidate:
         with self.store.read() as conn:
@@ -72,7 +74,7 @@ class CandidateStore:
                 "SELECT min(updated_at) FROM candidates WHERE state = ?",
                 (CandidateState.AWAITING_APPROVAL.value,),
             ).fetchone()[0]
-        return counts, (time.time() - oldest) if oldest else 0.0
+        return counts, (self.clock() - oldest) if oldest else 0.0
 
     def evaluation_json(self, candidate_id: str) -> str | None:
         """The stored paired evaluation of a gated candidate (None before the gate ran)."""
@@ -102,7 +104,7 @@ class CandidateStore:
             "run_id": run_id,
             "digest": digest,
             "state": CandidateState.EVALUATING.value,
-            "now": time.time(),
+            "now": self.clock(),
             "parent": parent,
         }
         with self.store.write() as conn:
@@ -127,14 +129,14 @@ class CandidateStore:
             "evaluation": evaluation.to_json() if evaluation is not None else None,
             "expires_at": expires_at,
             "note": note,
-            "now": time.time(),
+            "now": self.clock(),
             "evaluating": CandidateState.EVALUATING.value,
         }
         with self.store.write() as conn:
             conn.execute(_FINISH, row)
 
-    @staticmethod
     def transition(
+        self,
         conn: sqlite3.Connection,
         cid: str,
         old: CandidateState,
@@ -148,7 +150,7 @@ class CandidateStore:
             "old": old.value,
             "new": new.value,
             "actor": actor,
-            "now": time.time(),
+            "now": self.clock(),
             "note": note,
         }
         if conn.execute(_TRANSITION, args).rowcount != 1:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,11 +26,24 @@ from tests.gate_support import (
 )
 
 
+class FakeClock:
+    """Wall-clock seconds that move only when a test says so."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 @pytest.fixture
 def make(tmp_path: Path) -> Iterator:
     built: list[Services] = []
 
-    def build(**gate: object) -> CandidatesComponent:
+    def build(clock: FakeClock | None = None, **gate: object) -> CandidatesComponent:
         config = make_config(tmp_path, **gate)
         services = Services(
             config,
@@ -41,6 +53,8 @@ def make(tmp_path: Path) -> Iterator:
             BackgroundScheduler(),
             "redis://unused",
         )
+        if clock is not None:
+            services.clock = clock
         built.append(services)
         comp = CandidatesComponent(services)
         for collector in comp.collectors():
@@ -109,7 +123,8 @@ def test_fail_and_inconclusive_are_final(make) -> None:
 
 
 def test_stale_unknown_digest_and_expiry(make, tmp_path: Path) -> None:
-    comp = make(approval_ttl_s=0.3)
+    clock = FakeClock()
+    comp = make(clock, approval_ttl_s=30)
     _incumbent(comp, tmp_path)
     sha = fake_run(comp.services.config.artifacts_root, "r1", passing(), 1.0)
     comp.evaluate_run("r1", "m")
@@ -117,7 +132,9 @@ def test_stale_unknown_digest_and_expiry(make, tmp_path: Path) -> None:
         comp.approve("c-r1", "0" * 64, "alice")
     with pytest.raises(NotFoundError):
         comp.approve("c-nope", sha, "alice")
-    time.sleep(0.35)
+    clock.advance(29)
+    assert comp.get("c-r1").state == "awaiting_approval"
+    clock.advance(2)
     with pytest.raises(ConflictError, match="expired"):
         comp.approve("c-r1", sha, "alice")
     assert comp.get("c-r1").state == "expired"
@@ -125,13 +142,20 @@ def test_stale_unknown_digest_and_expiry(make, tmp_path: Path) -> None:
 
 
 def test_expiry_job_and_metrics(make, tmp_path: Path) -> None:
-    comp = make(approval_ttl_s=0.2)
+    clock = FakeClock()
+    comp = make(clock, approval_ttl_s=30)
     fake_run(comp.services.config.artifacts_root, "r1", passing(), 1.0)
     comp.evaluate_run("r1", "m")
     text = generate_latest(comp.services.metrics).decode()
     assert 'patchd_candidates{state="awaiting_approval"} 1.0' in text
     assert "patchd_awaiting_approval_seconds" in text
-    time.sleep(0.25)
+    clock.advance(10)
+    comp.tick()
+    assert comp.get("c-r1").state == "awaiting_approval"
+    assert (
+        "patchd_awaiting_approval_seconds 10.0" in generate_latest(comp.services.metrics).decode()
+    )
+    clock.advance(21)
     comp.tick()
     assert comp.get("c-r1").state == "expired"
     text = generate_latest(comp.services.metrics).decode()
