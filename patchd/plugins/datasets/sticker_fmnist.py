@@ -69,6 +69,61 @@ def _paste(
     return x.contiguous(), boxes
 
 
+@dataclass(frozen=True)
+class PairPart:
+    """One split of a class pair: which official images, their binary labels, the correlation."""
+
+    name: str  # train | val | test
+    source: str  # the official part the images come from: train | t10k
+    images: np.ndarray  # the whole official part (uint8 [N, 28, 28]); rows ``idx`` are used
+    idx: np.ndarray
+    y: np.ndarray  # 1 for the pair's second label
+    p: float  # P(group feature == class) in this split
+
+    def gray(self, side: int) -> torch.Tensor:
+        return resize_gray(torch.from_numpy(self.images[self.idx].astype(np.float32) / 255.0), side)
+
+
+def pair_parts(
+    root: Path | None,
+    pair: str,
+    n_train: int | None,
+    n_val: int,
+    n_test: int,
+    p_train: float,
+    p_eval: float,
+    seed: int,
+) -> list[PairPart]:
+    """The train/val/test images of a hard Fashion-MNIST pair, drawn by ``seed``.
+
+    Train: the pair's images of the official train set (``n_train`` of them by seed); val and
+    test: the pair's official test images shuffled by seed and cut into two disjoint parts.
+    Shared by the sticker and texture sets, so both use the same images for the same arguments.
+    """
+    if pair not in PAIRS:
+        raise ConfigError(f"pair {pair!r} is unknown; known: {sorted(PAIRS)}")
+    (lab0, lab1), _ = PAIRS[pair]
+    base = _root(DatasetSpec(kind="colored-fmnist", root=root))
+    train_img, train_lab = _read_part(base, "train")
+    test_img, test_lab = _read_part(base, "t10k")
+    rng = np.random.default_rng(seed)
+    pool = np.flatnonzero(np.isin(train_lab, (lab0, lab1)))
+    n = len(pool) if n_train is None else min(n_train, len(pool))
+    train_idx = np.sort(rng.choice(pool, size=n, replace=False))
+    held = rng.permutation(np.flatnonzero(np.isin(test_lab, (lab0, lab1))))
+    if n_val + n_test > len(held):
+        raise ConfigError(f"n_val + n_test = {n_val + n_test} > {len(held)} test images of {pair}")
+    parts = (
+        ("train", "train", train_img, train_lab, train_idx, p_train),
+        ("val", "t10k", test_img, test_lab, np.sort(held[:n_val]), p_eval),
+        ("test", "t10k", test_img, test_lab, np.sort(held[n_val : n_val + n_test]), p_eval),
+    )
+    return [
+        PairPart(name, source, img, idx, (lab[idx] == lab1).astype(np.int64), p)
+        for name, source, img, lab, idx, p in parts
+    ]
+
+
 def make_sticker_fmnist(
     root: Path | None = None,
     *,
@@ -90,31 +145,16 @@ def make_sticker_fmnist(
             f"sticker_size must lie in [1, {image_size // 2}] for {image_size} px images, "
             f"got {sticker_size}"
         )
-    (lab0, lab1), names = PAIRS[pair]
-    base = _root(DatasetSpec(kind="colored-fmnist", root=root))
-    train_img, train_lab = _read_part(base, "train")
-    test_img, test_lab = _read_part(base, "t10k")
-    rng = np.random.default_rng(seed)
-    pool = np.flatnonzero(np.isin(train_lab, (lab0, lab1)))
-    n = len(pool) if n_train is None else min(n_train, len(pool))
-    train_idx = np.sort(rng.choice(pool, size=n, replace=False))
-    held = rng.permutation(np.flatnonzero(np.isin(test_lab, (lab0, lab1))))
-    if n_val + n_test > len(held):
-        raise ConfigError(f"n_val + n_test = {n_val + n_test} > {len(held)} test images of {pair}")
-    parts = {
-        "train": (train_img, train_lab, train_idx, p_train),
-        "val": (test_img, test_lab, np.sort(held[:n_val]), p_eval),
-        "test": (test_img, test_lab, np.sort(held[n_val : n_val + n_test]), p_eval),
-    }
+    names = PAIRS[pair][1]
     sets: dict[str, ImageSet] = {}
     boxes: dict[str, np.ndarray] = {}
-    for i, (name, (img, lab, idx, p)) in enumerate(parts.items()):
+    for i, part in enumerate(pair_parts(root, pair, n_train, n_val, n_test, p_train, p_eval, seed)):
+        name, idx, y = part.name, part.idx, part.y
         split = split_rng(seed, 10 + i)
-        gray = resize_gray(torch.from_numpy(img[idx].astype(np.float32) / 255.0), image_size)
-        y = (lab[idx] == lab1).astype(np.int64)
-        has = assign_colors(y, p, split)  # 1 = sticker; equals the class except the minority
+        gray = part.gray(image_size)
+        has = assign_colors(y, part.p, split)  # 1 = sticker; equals the class except the minority
         x, boxes[name] = _paste(gray, has == 1, sticker_size, split)
-        source = "train" if name == "train" else "t10k"
+        source = part.source
         sets[name] = ImageSet(
             x=x,
             y=torch.as_tensor(y),

@@ -22,9 +22,8 @@ import torch
 from patchd.config import DatasetSpec
 from patchd.exceptions import ConfigError
 from patchd.ml.data import ImageSet, Splits
-from patchd.ml.datasets import assign_colors, image_size, option, resize_gray, split_rng
-from patchd.plugins.datasets.colored_fmnist import _read_part, _root
-from patchd.plugins.datasets.sticker_fmnist import P_EVAL, P_TRAIN, PAIRS
+from patchd.ml.datasets import assign_colors, image_size, option, split_rng
+from patchd.plugins.datasets.sticker_fmnist import P_EVAL, P_TRAIN, PAIRS, pair_parts
 
 GROUP_NAMES = ("texture=plain", "texture=striped")
 KNOWN_OPTIONS = {"pair", "p_train", "p_eval", "depth", "n_val", "n_test"}
@@ -65,28 +64,13 @@ def make_texture_fmnist(
         raise ConfigError(f"texture-fmnist pair {pair!r} is unknown; known: {sorted(PAIRS)}")
     if not 0.0 < depth <= 1.0:
         raise ConfigError(f"texture-fmnist depth must lie in (0, 1], got {depth}")
-    (lab0, lab1), names = PAIRS[pair]
-    base = _root(DatasetSpec(kind="colored-fmnist", root=root))
-    train_img, train_lab = _read_part(base, "train")
-    test_img, test_lab = _read_part(base, "t10k")
-    rng = np.random.default_rng(seed)
-    pool = np.flatnonzero(np.isin(train_lab, (lab0, lab1)))
-    n = len(pool) if n_train is None else min(n_train, len(pool))
-    train_idx = np.sort(rng.choice(pool, size=n, replace=False))
-    held = rng.permutation(np.flatnonzero(np.isin(test_lab, (lab0, lab1))))
-    if n_val + n_test > len(held):
-        raise ConfigError(f"n_val + n_test = {n_val + n_test} > {len(held)} test images of {pair}")
-    parts = {
-        "train": (train_img, train_lab, train_idx, p_train, "train"),
-        "val": (test_img, test_lab, np.sort(held[:n_val]), p_eval, "t10k"),
-        "test": (test_img, test_lab, np.sort(held[n_val : n_val + n_test]), p_eval, "t10k"),
-    }
+    names = PAIRS[pair][1]
     sets: dict[str, ImageSet] = {}
-    for i, (name, (img, lab, idx, p, source)) in enumerate(parts.items()):
+    for i, part in enumerate(pair_parts(root, pair, n_train, n_val, n_test, p_train, p_eval, seed)):
+        name, idx, y, source = part.name, part.idx, part.y, part.source
         split = split_rng(seed, 20 + i)
-        gray = resize_gray(torch.from_numpy(img[idx].astype(np.float32) / 255.0), image_size)
-        y = (lab[idx] == lab1).astype(np.int64)
-        has = assign_colors(y, p, split)  # 1 = striped; equals the class except the minority
+        gray = part.gray(image_size)
+        has = assign_colors(y, part.p, split)  # 1 = striped; equals the class except the minority
         sets[name] = ImageSet(
             x=_texture(gray, has, depth, split),
             y=torch.as_tensor(y),
