@@ -57,9 +57,8 @@ def _pixel_rows_differ(path: Path) -> bool:
     return len(set(data[100:5000])) > 20
 
 
-@pytest.mark.integration
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium not installed")
-def test_report_renders_in_chromium(tmp_path: Path) -> None:
+def _finished_run(tmp_path: Path) -> tuple[Services, CandidatesComponent]:
+    """A candidates component with an incumbent and a finished run RUN waiting to be gated."""
     config = make_config(tmp_path)
     services = Services(
         config,
@@ -74,12 +73,10 @@ def test_report_renders_in_chromium(tmp_path: Path) -> None:
     comp.registry.import_model("m", tmp_path / "inc.safetensors", "setup")
     _add_run_record(services.store)
     fake_run(config.artifacts_root, RUN, passing(), 1.0, png_bytes(256, 160))
-    cand = comp.evaluate_run(RUN, "m")
-    html = comp.registry.version_dir("m", cand.digest) / "report.html"
-    text = html.read_text()
-    assert "PASS: the patch clears the gate" in text and "data:image/png;base64," in text
-    assert "camel" in text and "synthesize" in text
-    shot = tmp_path / "report.png"
+    return services, comp
+
+
+def _screenshot(html: Path, shot: Path, tmp_path: Path, size: str) -> None:
     subprocess.run(
         [
             CHROMIUM,
@@ -93,13 +90,26 @@ def test_report_renders_in_chromium(tmp_path: Path) -> None:
             "--disable-sync",
             f"--user-data-dir={tmp_path / 'chromium'}",
             f"--screenshot={shot}",
-            "--window-size=1280,1600",
+            f"--window-size={size}",
             html.as_uri(),
         ],
         check=True,
         capture_output=True,
         timeout=120,
     )
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium not installed")
+def test_report_renders_in_chromium(tmp_path: Path) -> None:
+    services, comp = _finished_run(tmp_path)
+    cand = comp.evaluate_run(RUN, "m")
+    html = comp.registry.version_dir("m", cand.digest) / "report.html"
+    text = html.read_text()
+    assert "PASS: the patch clears the gate" in text and "data:image/png;base64," in text
+    assert "camel" in text and "synthesize" in text
+    shot = tmp_path / "report.png"
+    _screenshot(html, shot, tmp_path, "1280,1600")
     assert _png_size(shot) == (1280, 1600)
     assert _pixel_rows_differ(shot)
     keep = os.environ.get("PATCHD_KEEP_SCREENSHOTS")  # e.g. benchmarks/results, to refresh it
@@ -117,20 +127,8 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "fidelity"
 def test_report_shows_synthesis_fidelity_beside_the_previews(tmp_path: Path) -> None:
     """Previews and fidelity.json as a maskpaste run on sticker-fmnist wrote them (fixtures
     recorded from `patchd bench quality --dataset sticker-fmnist`, seed 0, 25 per minority)."""
-    config = make_config(tmp_path)
-    services = Services(
-        config,
-        Store.open(config.store_path),
-        EventBus(),
-        CollectorRegistry(),
-        BackgroundScheduler(),
-        "redis://unused",
-    )
-    comp = CandidatesComponent(services)
-    write_weights(tmp_path / "inc.safetensors", 9.0)
-    comp.registry.import_model("m", tmp_path / "inc.safetensors", "setup")
-    _add_run_record(services.store)
-    fake_run(config.artifacts_root, RUN, passing(), 1.0, png_bytes(256, 160))
+    services, comp = _finished_run(tmp_path)
+    config = services.config
     synth = config.artifacts_root / "runs" / RUN / "synthesize"
     shutil.copytree(FIXTURES / "previews", synth / "previews", dirs_exist_ok=True)
     shutil.copyfile(FIXTURES / "fidelity.json", synth / "fidelity.json")
@@ -144,24 +142,7 @@ def test_report_shows_synthesis_fidelity_beside_the_previews(tmp_path: Path) -> 
     previews = len(list((FIXTURES / "previews").glob("*.png")))
     assert text.count("<figcaption>Synthesized: maskpaste") == previews
     shot = tmp_path / "report.png"
-    subprocess.run(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            f"--user-data-dir={tmp_path / 'chromium'}",
-            f"--screenshot={shot}",
-            "--window-size=1280,2400",
-            html.as_uri(),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+    _screenshot(html, shot, tmp_path, "1280,2400")
     assert _pixel_rows_differ(shot)
     keep = os.environ.get("PATCHD_KEEP_SCREENSHOTS")
     if keep:
