@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from patchd.abc import StageContext
+from patchd.bench.quality import exact_swap as repaint
 from patchd.config import BudgetConfig, DatasetSpec, PatchConfig
 from patchd.ml.data import ImageSet
-from patchd.ml.datasets import PALETTE, load_splits
+from patchd.ml.datasets import load_splits
 from patchd.ml.fidelity import (
     FidelityPolicy,
     FidelityReport,
@@ -45,12 +46,7 @@ def identity_report(digits) -> FidelityReport:
 
 def exact_swap(data: ImageSet) -> dict[str, torch.Tensor]:
     """The oracle translation of colored digits: the same strokes on the other background."""
-    src = PALETTE[data.g][:, :, None, None]
-    dst = PALETTE[1 - data.g][:, :, None, None]
-    # x = v + (1 - v) * bg per channel; recover v where bg < 1, then repaint
-    v = ((data.x - src) / (1 - src).clamp(min=1e-6)).clamp(0, 1)
-    v = torch.where(src < 0.999, v, torch.full_like(v, float("nan"))).nanmean(1, keepdim=True)
-    swapped = (v + (1 - v) * dst).clamp(0, 1)
+    swapped = repaint(data)
     return {"F": swapped, "G": swapped}
 
 
