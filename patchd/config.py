@@ -18,6 +18,7 @@ plugin parameters are rebased for the well-known keys in :data:`PARAM_PATH_KEYS`
 from __future__ import annotations
 
 import os
+import zoneinfo
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -82,12 +83,35 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class InputNormalization(Section):
+    """Per-channel ``(x - mean) / std`` applied by patchd before the model's forward.
+
+    patchd hands a model RGB float tensors in [0, 1] (``[N, 3, H, W]``); a model trained on
+    normalized inputs (e.g. ImageNet statistics) sets this instead of changing its code.
+    """
+
+    mean: list[float] = Field(..., min_length=1, max_length=4)
+    std: list[float] = Field(..., min_length=1, max_length=4)
+
+    @model_validator(mode="after")
+    def _same_channels(self) -> InputNormalization:
+        if len(self.mean) != len(self.std):
+            raise ValueError(
+                f"mean has {len(self.mean)} values and std {len(self.std)}; give one per channel"
+            )
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std values must be > 0, got {self.std}")
+        return self
+
+
 class ModelConfig(Section):
     name: str = Field("model", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     factory: str = "patchd.ml.models:small_cnn"  # module:callable returning an nn.Module
     factory_kwargs: dict[str, Any] = Field(default_factory=dict)
     weights: ConfigPath | None = None  # safetensors file of the initial production model
     class_names: list[str] = Field(default_factory=lambda: ["0", "1"], min_length=2)
+    # None: the model takes RGB in [0, 1] as it is (see InputNormalization)
+    input_normalization: InputNormalization | None = None
 
     @field_validator("factory")
     @classmethod
@@ -141,6 +165,28 @@ class TailSourceConfig(Section):
     glob: ConfigGlob
     poll_interval_s: float = Field(0.5, gt=0)
     mapping: dict[str, str] = Field(default_factory=dict)  # field -> dotted path, for kind=mapping
+    # zone a naive timestamp was written in: an IANA name ("Asia/Tokyo") or "local" (this
+    # machine's zone). Default: "local" for kind bentoml (its monitor writes datetime.now()),
+    # naive times read as UTC otherwise (schema v1)
+    timezone: str | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str | None) -> str | None:
+        if value is None or value == "local":
+            return value
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"{value!r} is not a time zone: use an IANA name such as 'Asia/Tokyo' or 'UTC', "
+                "or 'local'"
+            ) from None
+        return value
+
+    def zone(self) -> str | None:
+        """The zone naive timestamps of this source are read in (None: as UTC)."""
+        return self.timezone or ("local" if self.kind == "bentoml" else None)
 
 
 class CloudEventSourceConfig(Section):
@@ -160,6 +206,27 @@ class CloudEventSourceConfig(Section):
     output: str | None = None  # OIP output tensor to read (default: first usable)
     emit_response_orphans: bool = True  # a response whose request never came still counts
     inline_inputs: bool = True  # b64 / BYTES request instances are sent inline to the store
+    # the event group attribute that records the stream's ce-endpoint (KServe: default|canary,
+    # Seldon: the predictor); list it in groups.attributes to monitor the streams apart. null:
+    # not recorded
+    endpoint_group: str | None = Field("endpoint", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    endpoints: list[str] | None = None  # ce-endpoint values taken (null: all); others ignored
+
+
+class KServeSourceConfig(CloudEventSourceConfig):
+    """``sources.kserve``: which component's logger stream is the model's predictions."""
+
+    # ce-component taken (predictor|transformer|explainer); events of the others are answered
+    # 200 and counted as ignored; an event without ce-component (older agents) is taken
+    component: str = "predictor"
+
+
+class SeldonSourceConfig(CloudEventSourceConfig):
+    """``sources.seldon``: which graph node's logger stream is the model's predictions."""
+
+    # Ce-Modelid of the node whose output is the classifier's; null: the node named like the
+    # model (sources.seldon.model or model.name) once one has logged, every node until then
+    node: str | None = None
 
 
 class SourcesConfig(Section):
@@ -175,8 +242,8 @@ class SourcesConfig(Section):
     # '[' + '{' bytes in one HTTP body or CloudEvent, counted before parsing: a parsed container
     # costs ~70 bytes, so this bounds what `[[],[],...]` costs (more: a 413 / counted 400)
     max_json_containers: int = Field(1_000_000, ge=1000)
-    kserve: CloudEventSourceConfig = Field(default_factory=CloudEventSourceConfig)
-    seldon: CloudEventSourceConfig = Field(default_factory=CloudEventSourceConfig)
+    kserve: KServeSourceConfig = Field(default_factory=KServeSourceConfig)
+    seldon: SeldonSourceConfig = Field(default_factory=SeldonSourceConfig)
 
 
 class MonitorConfig(Section):
@@ -360,10 +427,18 @@ class NotifyConfig(Section):
 
 class ArtifactsConfig(Section):
     root: ConfigPath | None = None  # default: <state_dir>/artifacts
+    # a run whose files (all stages) would pass this fails at the stage that passes it
+    max_run_disk_mb: float | None = Field(10240.0, gt=0)  # None: unbounded
+    # paired translations / synthesized samples on disk: uint8 (a pixel moves <= 1/510),
+    # float16, or float32 (exact)
+    augmentation_dtype: Literal["uint8", "float16", "float32"] = "uint8"
 
 
 class Config(Section):
     state_dir: ConfigPath = Field(Path(".patchd"), validate_default=True)
+    # set by load_config: the file this configuration was read from (SIGHUP and
+    # `patchd config reload` make serve re-read it); None without a file
+    config_file: ConfigPath | None = None
     log_level: str = "INFO"
     model: ModelConfig = Field(default_factory=ModelConfig)
     groups: GroupsConfig = Field(default_factory=GroupsConfig)
@@ -490,4 +565,6 @@ def load_config(
     file_data = read_yaml(path) if path is not None else {}
     env = os.environ if environ is None else environ
     base_dir = path.parent.resolve() if path is not None else None
+    if path is not None:
+        overrides = {**(overrides or {}), "config_file": str(path.resolve())}
     return build_config(file_data, env, overrides, base_dir=base_dir)

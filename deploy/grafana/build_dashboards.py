@@ -200,6 +200,24 @@ def _fleet_ingest() -> list[Panel]:
         Panel("Labels joined / s", "timeseries", (Query(
             "sum(rate(patchd_labels_joined_total[$__rate_interval]))", "joined"),),
             width=8, unit="reqps"),
+        Panel("Capture failures / s (adapters; also in the rejected panel)", "timeseries", (
+            Query("sum by (source, reason) "
+                  "(rate(patchd_capture_rejected_total[$__rate_interval]))",
+                  "{{source}} rejected: {{reason}}"),
+            Query("sum by (source) (rate(patchd_capture_events_total[$__rate_interval]))",
+                  "{{source}} events received"),
+        ), width=12, unit="reqps", description="CloudEvents the KServe / Seldon adapters "
+            "rejected before ingest (PatchdCaptureRejecting), beside what they received; each "
+            "is also one patchd_ingest_rejected_total count of the same source and reason."),
+        Panel("Inputs dropped / s (prediction kept)", "timeseries", (
+            Query("sum by (source, reason) "
+                  "(rate(patchd_capture_inputs_dropped_total[$__rate_interval]))",
+                  "{{source}}: {{reason}}"),
+            Query("sum by (source, reason) "
+                  "(rate(patchd_ingest_inputs_dropped_total[$__rate_interval]))",
+                  "{{source}}: {{reason}}"),
+        ), width=12, unit="reqps", description="Unusable input URIs or bytes removed from "
+            "events that were stored without them (no patching material for those)."),
     ]  # fmt: skip
 
 

@@ -1,7 +1,11 @@
 """Ingest metrics, read from the pipeline's committed counters at scrape time.
 
 ``patchd_predictions_ingested_total{source}``, ``patchd_ingest_rejected_total{source,reason}``,
-``patchd_labels_joined_total`` and ``patchd_ingest_queue_events``.
+``patchd_ingest_inputs_dropped_total{source,reason}`` (tail sources: an unusable input removed,
+the prediction kept), ``patchd_labels_joined_total`` and ``patchd_ingest_queue_events``.
+A logger CloudEvent the KServe/Seldon adapters refuse before it becomes records (``bad_json``,
+``binary_truncated``, ...) counts once in ``patchd_ingest_rejected_total`` (whatever number of
+instances it carried) as well as in the adapters' ``patchd_capture_rejected_total``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,14 @@ class IngestCollector(Collector):
             labels=["source", "reason"],
         )
         for (source, reason), value in sorted(rejected.items()):
+            family.add_metric([source, reason], value)
+        yield family
+        family = CounterMetricFamily(
+            "patchd_ingest_inputs_dropped",
+            "Inputs removed from events (unusable URI); the prediction was kept",
+            labels=["source", "reason"],
+        )
+        for (source, reason), value in sorted(self.pipeline.stats.dropped_inputs().items()):
             family.add_metric([source, reason], value)
         yield family
         yield CounterMetricFamily(

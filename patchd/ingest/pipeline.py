@@ -109,11 +109,28 @@ class IngestStats:
         self.labels_joined = 0
         self.labels_pending = 0
         self.commits = 0
+        self.inputs_dropped: Counter[tuple[str, str]] = Counter()  # prediction kept
 
     def reject(self, source: str, errors: Sequence[RecordError]) -> None:
         if errors:
             with self._lock:
                 self.rejected.update((source, e.reason) for e in errors)
+
+    def reject_unread(self, source: str, reason: str) -> None:
+        """A message refused before it held any record (a logger CloudEvent that is not JSON,
+        a truncated binary tail, ...): one rejection whatever it carried, never a record that
+        ingest validates (and counts) itself."""
+        with self._lock:
+            self.rejected[(source, reason)] += 1
+
+    def drop_input(self, source: str, reason: str) -> None:
+        """An event's input was unusable and removed; the event itself goes on."""
+        with self._lock:
+            self.inputs_dropped[(source, reason)] += 1
+
+    def dropped_inputs(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self.inputs_dropped)
 
     def committed(self, work: _Work, result: BatchResult) -> None:
         with self._lock:

@@ -6,7 +6,8 @@ A prediction event::
      "pred": 1, "probs": [0.1, 0.9], "groups": {"site": "B"},
      "input": {"uri": "file:///srv/images/r-1.png"}, "embedding": null, "label": null}
 
-Required: ``id`` (string or integer) and ``pred`` (class index, or class name). ``model`` defaults
+Required: ``id`` (string or integer) and ``pred`` (class index, or class name; a decimal string
+that is not a class name is read as an index). ``model`` defaults
 to ``config.model.name`` and must equal it (a serve instance watches one model); ``ts`` (ISO 8601
 or unix seconds) defaults to the arrival time. Unknown top-level fields are ignored; ``schema``,
 when present, must be 1. A label is ``{"id": ..., "label": ..., "model"?: ...}``.
@@ -469,6 +470,10 @@ class EventParser:
             return None
         if isinstance(value, str):
             index = self._class_index.get(value)
+            if index is None and value.isascii() and value.isdigit():
+                # TorchServe's top-k names without index_to_name.json, numpy ints as text
+                # (BentoML): a decimal string that is not a class name is a class index
+                return self._cls(int(value), field, required=required)
             if index is None:
                 raise ValidationError(
                     "invalid_value", f"{value[:64]!r} is not one of {self.class_names}", field=field

@@ -7,8 +7,11 @@ Guarantees:
   re-counts a line (and ids are de-duplicated anyway).
 - **Rotation by rename**: a file is followed by (device, inode), not by name; a renamed file is
   read to its end through the open descriptor while the new file is read from 0. Include the
-  rotated names in the glob (``app.log*``) so that a restart during rotation still finds them.
-  Compressed files (``.gz``, ``.bz2``, ``.xz``, ``.zst``) are skipped.
+  rotated names in the glob (``app.log*``; BentoML: ``data.*.log*``) so that a restart during
+  rotation still finds them. A file idle for :data:`IDLE_CLOSE_POLLS` polls, or no longer matched,
+  is closed and its offset remembered: when it grows (or the glob matches it again) it is read on
+  from there, never again from 0. Compressed files (``.gz``, ``.bz2``, ``.xz``, ``.zst``) are
+  skipped.
 - **Truncation** (copytruncate): a file shorter than the offset, or whose first bytes changed,
   is read again from 0.
 - **Partial last line**: only complete lines (ending in ``\\n``) are consumed; the rest waits.
@@ -17,7 +20,10 @@ Guarantees:
   with a ``path_not_allowed`` rejection when it lies outside the roots. Only regular files.
 
 For ``kind: bentoml`` or ``kind: mapping`` each line is first converted by
-``patchd.plugins.sources.mapping:map_record(kind, mapping, raw)`` (imported lazily).
+``patchd.plugins.sources.mapping:map_record(kind, mapping, raw, zone)`` (imported lazily;
+``zone`` from :meth:`TailSourceConfig.zone`). For these kinds an ``input`` that serve cannot use
+(not a local path, outside ``sources.allowed_roots``) is dropped and counted
+(``patchd_ingest_inputs_dropped_total{source,reason}``): the prediction is kept.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ MAX_LINE_BYTES = 1 << 20
 MAX_INFLIGHT = 4
 HEAD_BYTES = 128
 GONE_POLLS = 3
+IDLE_CLOSE_POLLS = 120
 SKIP_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
 _GLOB_CHARS = frozenset("*?[")
 
@@ -70,7 +77,10 @@ def check_glob(pattern: str, roots: list[Path]) -> Path:
     return base
 
 
-def _load_mapper() -> Callable[[str, dict[str, str], Any], Any]:
+Mapper = Callable[[str, dict[str, str], Any, str | None], Any]
+
+
+def _load_mapper() -> Mapper:
     """The capture plugin's ``map_record`` (imported only for bentoml / mapping sources)."""
     try:
         from patchd.plugins.sources.mapping import map_record
@@ -101,6 +111,7 @@ class _File:
     head: bytes = b""  # the first bytes, to detect truncate-and-rewrite
     gone: int = 0  # polls since the glob last matched it and nothing was read
     skipping: bool = False  # inside an over-long line: drop bytes until the next newline
+    idle: int = 0  # polls in a row that read nothing
 
 
 class Tailer:
@@ -117,14 +128,16 @@ class Tailer:
         check_glob(source.glob, list(config.sources.allowed_roots))
         self.files: dict[tuple[int, int], _File] = {}
         self._stored: dict[tuple[int, int], int] | None = None  # used by the first scan only
+        self._closed: dict[tuple[int, int], tuple[int, bytes]] = {}  # offset, head of closed files
         self._inflight: deque[tuple[Future[BatchResult], _File, int, int]] = deque()
         self._refused: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._mapper: Callable[[str, dict[str, str], Any], Any] | None = None
+        self._mapper: Mapper | None = None
+        self.zone = source.zone()
         if source.kind != "jsonl":
             self._mapper = _load_mapper()
-            self._mapper(source.kind, dict(source.mapping), {})  # a bad mapping fails here
+            self._mapper(source.kind, dict(source.mapping), {}, self.zone)  # a bad mapping fails
         self.lines_read = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -181,12 +194,22 @@ class Tailer:
             read = self._read(f)
             progressed |= read
             f.gone = 0 if (key in seen or read) else f.gone + 1
+            f.idle = 0 if read else f.idle + 1
             if f.gone >= GONE_POLLS and not read:
                 log.info("tail %s: %s rotated away and read to its end", self.name, f.path)
-                f.fh.close()
-                del self.files[key]
+                self._close(key, f)
+            elif f.idle >= IDLE_CLOSE_POLLS:
+                self._close(key, f)
         self._collect()
         return progressed
+
+    def _close(self, key: tuple[int, int], f: _File) -> None:
+        """Close a drained file, remembering where it ended (a later match reads on from there)."""
+        if any(item[1] is f for item in self._inflight):
+            return  # its last batch may still be re-read
+        self._closed[key] = (f.offset, f.head)
+        f.fh.close()
+        del self.files[key]
 
     def _scan(self) -> set[tuple[int, int]]:
         seen: set[tuple[int, int]] = set()
@@ -215,6 +238,9 @@ class Tailer:
         if known is not None:
             known.path = path
             return key
+        closed = self._closed.get(key)
+        if closed is not None and closed[0] == st.st_size:
+            return key  # closed and unchanged: nothing to read, no descriptor needed
         return key if self._open(path, real, key) else None
 
     def _open(self, path: str, real: str, key: tuple[int, int]) -> bool:
@@ -227,11 +253,14 @@ class Tailer:
         if (st.st_dev, st.st_ino) != key or not stat.S_ISREG(st.st_mode):
             os.close(fd)  # swapped between stat and open
             return False
-        offset = (self._stored or {}).get(key, 0)
+        offset, head = (self._stored or {}).get(key, 0), b""
+        closed = self._closed.pop(key, None)
+        if closed is not None and os.pread(fd, len(closed[1]), 0) == closed[1]:
+            offset, head = closed  # read before in this process: go on where it ended
         if offset > st.st_size:
-            offset = 0
+            offset, head = 0, b""
         fh = os.fdopen(fd, "rb", buffering=0)
-        self.files[key] = _File(path, real, fh, key[0], key[1], offset, offset)
+        self.files[key] = _File(path, real, fh, key[0], key[1], offset, offset, head)
         log.info("tail %s: reading %s from offset %d", self.name, path, offset)
         return True
 
@@ -319,7 +348,7 @@ class Tailer:
                 out.append(raw)
                 continue
             try:
-                out.append(mapper(kind, mapping, raw))
+                out.append(self._usable_input(mapper(kind, mapping, raw, self.zone)))
             except ValidationError as err:
                 errors.append(RecordError(i, err.reason, str(err)))
                 out.append(PLACEHOLDER)
@@ -328,6 +357,24 @@ class Tailer:
                 errors.append(RecordError(i, "invalid_value", message))
                 out.append(PLACEHOLDER)
         return out
+
+    def _usable_input(self, event: Any) -> Any:
+        """Drop (and count) an input URI serve cannot use; the prediction is kept."""
+        value = event.get("input") if isinstance(event, dict) else None
+        if value is None or (isinstance(value, dict) and "base64" in value):
+            return event  # no input, or inline bytes (validated and stored by serve)
+        uri = value.get("uri") if isinstance(value, dict) else value
+        if uri is None:
+            del event["input"]  # a null column: no input
+            return event
+        try:
+            if not isinstance(uri, str):
+                raise ValidationError("wrong_type", "the input URI must be a string")
+            self.pipeline.parser.inputs.file_uri(uri)
+        except ValidationError as err:
+            del event["input"]
+            self.pipeline.stats.drop_input(self.name, err.reason)
+        return event
 
     def _collect(self) -> None:
         while self._inflight and self._inflight[0][0].done():

@@ -120,6 +120,14 @@ def test_prometheus_config_is_valid(tmp_path: Path) -> None:
     assert config["rule_files"] == ["rules/patchd.rules.yml"]
 
 
+def test_prometheus_config_checks_from_the_repository() -> None:
+    """`promtool check config deploy/prometheus/prometheus.yml` from a checkout: the relative
+    rule_files entry must resolve next to the file (deploy/prometheus/rules)."""
+    result = run_promtool("check", "config", "deploy/prometheus/prometheus.yml", cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 1 rule files found" in result.stdout + result.stderr
+
+
 def test_alertmanager_routes_every_severity_to_a_receiver() -> None:
     config = yaml.safe_load((DEPLOY / "alertmanager" / "alertmanager.yml").read_text())
     receivers = {r["name"] for r in config["receivers"]}

@@ -105,6 +105,27 @@ def test_rule_tests_catch_a_broken_rule(tmp_path: Path) -> None:
     assert "PatchdWorstGroupAccuracyLow" in result.stdout + result.stderr
 
 
+def test_capture_rule_tests_catch_a_source_that_only_rejects(tmp_path: Path) -> None:
+    """A logger whose every event is rejected has no received series: without the `or ... * 0`
+    fallback PatchdCaptureRejecting would stay silent for it, and capture.test.yml must say so."""
+    text = RULES.read_text()
+    fallback = (
+        "              sum by (source) (rate(patchd_capture_events_total[10m]))\n"
+        "                or\n"
+        "              sum by (source) (rate(patchd_capture_rejected_total[10m])) * 0\n"
+    )
+    assert fallback in text, "the capture rule's fallback is not where this test expects it"
+    broken = text.replace(
+        fallback, "              sum by (source) (rate(patchd_capture_events_total[10m]))\n"
+    )
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "patchd.rules.yml").write_text(broken)
+    shutil.copy(RULES_DIR / "tests" / "capture.test.yml", tmp_path / "tests")
+    result = run_promtool("test", "rules", "capture.test.yml", cwd=tmp_path / "tests")
+    assert result.returncode != 0, result.stdout
+    assert 'source="kserve-canary"' in result.stdout + result.stderr
+
+
 def test_rules_use_only_exported_metric_names() -> None:
     catalog = load_catalog()
     known = catalog.known_series_names(catalog.load_metrics())

@@ -56,7 +56,8 @@ def test_binary_bytes_tensor_gives_inline_inputs() -> None:
     header, tail = split_binary(body, None)
     inputs = oip_inputs(parse_oip_tensors(header, "inputs", tail), inline=True)
     assert inputs == [InputRef(data=cp.PNG), InputRef(uri="file:///srv/a.png")]
-    assert oip_inputs(parse_oip_tensors(header, "inputs", tail), inline=False)[0] is None
+    off = oip_inputs(parse_oip_tensors(header, "inputs", tail), inline=False)[0]
+    assert off == InputRef(dropped="inline_disabled")  # counted as dropped, not silently lost
 
 
 @pytest.mark.parametrize(
@@ -182,7 +183,7 @@ def test_v1_inputs_recognise_b64_and_uris() -> None:
         InputRef(data=cp.PNG),
         InputRef(uri="s3://bucket/x.png"),
         InputRef(uri="file:///a.png"),
-        None,
+        InputRef(dropped="no_image"),  # a feature row: counted as dropped, not silently lost
     ]
     assert reason(v1_inputs, {"nothing": 1}, True) == "unsupported_body"
 

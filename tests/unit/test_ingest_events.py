@@ -89,7 +89,8 @@ def test_defaults_model_ts_and_class_names(tmp_path: Path) -> None:
         ({"id": ""}, "invalid_value", "id"),
         ({"id": "x" * 300}, "too_large", "id"),
         ({"id": 1.5}, "wrong_type", "id"),
-        ({"pred": "1"}, "invalid_value", "pred"),
+        ({"pred": "5"}, "invalid_value", "pred"),  # a decimal string is an index: out of range
+        ({"pred": "cat"}, "invalid_value", "pred"),
         ({"pred": 2}, "invalid_value", "pred"),
         ({"pred": True}, "wrong_type", "pred"),
         ({"pred": [1]}, "wrong_type", "pred"),

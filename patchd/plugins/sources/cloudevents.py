@@ -5,7 +5,10 @@ mode (``application/cloudevents+json``), gunzipping the body when it is gzip.
 :class:`CloudEventSource` is the serve Component: one ``POST`` route, a request/response
 :class:`~patchd.plugins.sources.join.PairJoiner`, a periodic sweep that expires orphans, and the
 ``patchd_capture_*`` metrics (one collector shared by every CloudEvents source, label ``source``).
-Subclasses say how to decode a half and how a joined pair becomes events.
+An event refused before it is joined (``bad_json``, ``binary_truncated``, ``bad_gzip``, ...) is
+counted in ``patchd_capture_rejected_total`` and in ``patchd_ingest_rejected_total`` (same
+``source`` and ``reason``); the events of a joined pair that ingest refuses are counted by ingest
+alone. Subclasses say how to decode a half and how a joined pair becomes events.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from fastapi import Request, Response
 
 from patchd.exceptions import PatchdError, QueueFullError, ValidationError
 from patchd.plugins.sources.join import Half, Joined, PairJoiner
-from patchd.plugins.sources.payloads import InputRef, Prediction
+from patchd.plugins.sources.payloads import IMAGE_MAGIC, InputRef, Prediction
 from patchd.services import Component, Services
 
 if TYPE_CHECKING:
@@ -41,7 +44,6 @@ log = logging.getLogger(__name__)
 
 MAX_DECOMPRESSED = 64 << 20
 STATS_KEY = "capture_stats"
-IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,7 @@ class CaptureStats:
         self.rejected: Counter[tuple[str, str]] = Counter()
         self.inputs_dropped: Counter[tuple[str, str]] = Counter()
         self.submitted: Counter[tuple[str, str]] = Counter()
+        self.ignored: Counter[tuple[str, str]] = Counter()
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -202,19 +205,23 @@ class CaptureStats:
         def counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
             return CounterMetricFamily(f"patchd_capture_{name}", doc, labels=["source", *labels])
 
-        received = counter("events", "Logger CloudEvents received", ["type"])
+        received = counter("events", "Logger CloudEvents received (monitored streams)", ["type"])
         rejected = counter("rejected", "Logger CloudEvents rejected before joining", ["reason"])
         dropped = counter("inputs_dropped", "Inputs dropped (prediction kept)", ["reason"])
         submitted = counter("submitted", "Prediction events handed to ingest", ["result"])
+        ignored = counter(
+            "ignored", "CloudEvents of streams not monitored (answered 200)", ["reason"]
+        )
         for fam, ctr in (
             (received, self.received),
             (rejected, self.rejected),
             (dropped, self.inputs_dropped),
             (submitted, self.submitted),
+            (ignored, self.ignored),
         ):
             for labels, value in sorted(ctr.items()):
                 fam.add_metric(list(labels), value)
-        yield from (received, rejected, dropped, submitted)
+        yield from (received, rejected, dropped, submitted, ignored)
         yield from self._join_metrics(counter, GaugeMetricFamily)
 
     def _join_metrics(self, counter: Any, gauge_cls: Any) -> Iterator[Any]:
@@ -251,7 +258,7 @@ def capture_stats(services: Services) -> tuple[CaptureStats, bool]:
 class Outcome:
     """What the route answers for one CloudEvent."""
 
-    status: str  # buffered | joined | duplicate
+    status: str  # buffered | joined | duplicate | ignored
     accepted: int = 0
     duplicates: int = 0
     rejected: tuple[dict[str, Any], ...] = ()
@@ -264,6 +271,7 @@ class CloudEventSource(Component):
     path = "/v1/sources/cloudevents"
     request_types: frozenset[str] = frozenset()
     response_types: frozenset[str] = frozenset()
+    ignored_types: frozenset[str] = frozenset()  # valid events that carry no prediction
 
     def __init__(self, services: Services) -> None:
         super().__init__(services)
@@ -285,7 +293,20 @@ class CloudEventSource(Component):
 
     # -- subclass hooks
     @abstractmethod
-    def join_key(self, event: CloudEvent) -> str: ...
+    def join_key(self, event: CloudEvent) -> str:
+        """The pair's key: the request id and the stream (see :func:`stream_key`)."""
+
+    def skip_reason(self, event: CloudEvent) -> str | None:
+        """Why this event's stream is not the monitored one (counted, answered 200), or None."""
+        wanted = self.settings.endpoints
+        if wanted is not None and (event.attr("endpoint") or "") not in wanted:
+            return "other_endpoint"
+        return None
+
+    def stream_groups(self, event: CloudEvent) -> dict[str, str]:
+        """``{endpoint_group: ce-endpoint}``: which stream (default/canary...) an event is from."""
+        attr, endpoint = self.settings.endpoint_group, event.attr("endpoint")
+        return {attr: endpoint} if attr and endpoint else {}
 
     @abstractmethod
     def decode(self, event: CloudEvent, half: Half) -> Part: ...
@@ -362,7 +383,8 @@ class CloudEventSource(Component):
                 {"index": e.index, "reason": e.reason, "message": e.message}
                 for e in result.rejected
             ]
-        return JSONResponse(answer, status_code=202)
+        # 200, not 202: KServe's logger logs every answer but 200 as a failed delivery
+        return JSONResponse(answer, status_code=200)
 
     def handle(self, headers: Mapping[str, str], body: bytes) -> Outcome:
         """Synchronous :meth:`respond` (waits for the commit); raises on bad input."""
@@ -380,11 +402,19 @@ class CloudEventSource(Component):
     ) -> tuple[str, Joined[Part] | None, Future[Any] | None]:
         """Parse, decode and join one CloudEvent; a completed pair is submitted to ingest."""
         try:
-            event, half, part = self._read(headers, body)
+            read = self._read(headers, body)
         except ValidationError as err:
+            # one event, two views: the adapter's counter (by cause) and ingest's, which the
+            # rejection alert reads; no record of it exists, so ingest never counts it itself
             self.stats.rejected[(self.source, err.reason)] += 1
+            if self.services.ingest is not None:
+                self.services.ingest.stats.reject_unread(self.source, err.reason)
             log.info("%s: rejected CloudEvent: %s", self.source, err)
             raise
+        if isinstance(read, str):
+            self.stats.ignored[(self.source, read)] += 1
+            return "ignored", None, None
+        event, half, part = read
         result, expired = self.joiner.add(self.join_key(event), half, part)
         self._emit_orphans(expired)
         if result.pair is None:
@@ -396,12 +426,18 @@ class CloudEventSource(Component):
             raise
         return "joined", result.pair, future
 
-    def _read(self, headers: Mapping[str, str], body: bytes) -> tuple[CloudEvent, Half, Part]:
-        """The validation boundary of a CloudEvent: anything wrong is a ValidationError."""
+    def _read(self, headers: Mapping[str, str], body: bytes) -> tuple[CloudEvent, Half, Part] | str:
+        """The validation boundary of a CloudEvent: anything wrong is a ValidationError; an event
+        of a stream this serve does not monitor is the reason it is ignored."""
         try:
             event = parse_cloudevent(headers, body, self.settings.max_decompressed_bytes)
+            if event.type in self.ignored_types:
+                return "event_type"
             half = self._half(event.type)
-            self.stats.received[(self.source, half)] += 1
+            skip = self.skip_reason(event)
+            if skip is not None:
+                return skip
+            self.stats.received[(self.source, half)] += 1  # of the monitored streams only
             containers = event.data.count(b"[") + event.data.count(b"{")
             if containers > self._max_containers:
                 message = f"{containers} JSON arrays/objects, over sources.max_json_containers"
@@ -467,14 +503,19 @@ class CloudEventSource(Component):
         if not isinstance(resp, ResponsePart):
             return []
         inputs = req.inputs if isinstance(req, RequestPart) else ()
-        inputs = inputs if len(inputs) == len(resp.predictions) else resp.inputs
+        n = len(resp.predictions)
+        if resp.inputs and len(resp.inputs) == n:
+            inputs = resp.inputs  # URIs from headers win over what the body holds
+        elif inputs and len(inputs) != n:
+            self._drop_input("count_mismatch", n)
+            inputs = ()
         groups = {**(req.groups if req is not None else {}), **resp.groups}
         ts = (req.ts if req is not None else None) or resp.ts
-        n = len(resp.predictions)
+        ident = event_id(pair.key)
         out = []
         for i, p in enumerate(resp.predictions):
             event: dict[str, Any] = {
-                "id": pair.key if n == 1 else f"{pair.key}-{i}",
+                "id": ident if n == 1 else f"{ident}-{i}",
                 "model": self._model_name(resp.model or (req.model if req else None)),
                 "pred": p.pred,
             }
@@ -512,6 +553,9 @@ class CloudEventSource(Component):
         use it; a bad input never costs the prediction."""
         if ref is None:
             return None
+        if ref.dropped is not None:
+            self._drop_input(ref.dropped)
+            return None
         if ref.data is not None:
             if not ref.data.startswith(IMAGE_MAGIC):
                 self._drop_input("not_image")
@@ -539,8 +583,8 @@ class CloudEventSource(Component):
             return None
         return {"uri": uri}
 
-    def _drop_input(self, reason: str) -> None:
-        self.stats.inputs_dropped[(self.source, reason)] += 1
+    def _drop_input(self, reason: str, n: int = 1) -> None:
+        self.stats.inputs_dropped[(self.source, reason)] += n
 
     def header_groups(self, headers: Mapping[str, Any]) -> dict[str, str]:
         """Group attributes from forwarded request headers: ``x-patchd-group-<attr>`` and the
@@ -566,6 +610,17 @@ class CloudEventSource(Component):
                 if len(uris) == n:
                     return tuple(InputRef(uri=u) for u in uris)
         return ()
+
+
+def stream_key(ident: str, *stream: str | None) -> str:
+    """A join key: the request id and the stream it belongs to (component, endpoint, node),
+    unambiguous whatever the strings hold; :func:`event_id` gives the request id back."""
+    return json.dumps([*(s or "" for s in stream), ident])
+
+
+def event_id(key: str) -> str:
+    """The request id of a :func:`stream_key` (the events' id)."""
+    return str(json.loads(key)[-1])
 
 
 async def authorize_logger(request: Request) -> None:

@@ -7,22 +7,28 @@ Point the InferenceService's logger at patchd::
         logger:
           mode: all
           url: http://patchd.monitoring:8321/v1/sources/kserve?token=<ingest token>
-          metadataHeaders: ["x-patchd-group-site", "x-patchd-input-uri"]
+          metadataHeaders: ["X-Patchd-Group-Site", "X-Patchd-Input-Uri"]
 
+``metadataHeaders`` must be written in Go's canonical form (the agent compares them, exactly, with
+the canonicalised names of the incoming headers); patchd reads ``ce-metadata`` case-insensitively.
 Each request and response arrives as a binary-mode CloudEvent (``ce-type``
 ``org.kubeflow.serving.inference.request|response``, the same ``ce-id`` on both,
-``ce-inferenceservicename``, ``ce-endpoint``, ``ce-metadata`` = JSON of the forwarded headers,
-e.g. ``{"X-Patchd-Group-Site": ["B"]}``). Halves are joined by ``ce-id`` within
-``sources.kserve.ttl_s``; the body is KServe v1 (``instances`` / ``predictions``) or Open
-Inference Protocol v2 JSON, with or without Triton's binary tensor extension. A pair with N
-instances becomes N events, ids ``<ce-id>`` when N = 1 and ``<ce-id>-<i>`` otherwise.
-KServe logs the response only on HTTP 200, so a request without response is an orphan that is
-counted and dropped; a response without request still becomes events (no input).
+``ce-inferenceservicename``, ``ce-component``, ``ce-endpoint``, ``ce-metadata`` = JSON of the
+forwarded headers, e.g. ``{"X-Patchd-Group-Site": ["B"]}``). Halves are joined by ``ce-id`` within
+one stream (``ce-component`` and ``ce-endpoint``) within ``sources.kserve.ttl_s``. Only the
+``sources.kserve.component`` stream (default ``predictor``) becomes events; the endpoint
+(default/canary) is recorded as the group attribute ``sources.kserve.endpoint_group``. The body is
+KServe v1 (``instances`` / ``predictions``) or Open Inference Protocol v2 JSON, with or without
+Triton's binary tensor extension. A pair with N instances becomes N events, ids ``<ce-id>`` when
+N = 1 and ``<ce-id>-<i>`` otherwise. KServe logs the response only on HTTP 200, so a request
+without response is an orphan that is counted and dropped; a response without request still
+becomes events (no input).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import TYPE_CHECKING, Any
 
 from patchd.exceptions import ValidationError
 from patchd.plugins.sources.cloudevents import (
@@ -32,11 +38,13 @@ from patchd.plugins.sources.cloudevents import (
     RequestPart,
     ResponsePart,
     header_json,
+    stream_key,
 )
 from patchd.plugins.sources.join import Half
 from patchd.plugins.sources.payloads import (
     InputRef,
     Prediction,
+    is_blank,
     is_oip,
     oip_inputs,
     parse_oip_tensors,
@@ -45,6 +53,12 @@ from patchd.plugins.sources.payloads import (
     v1_inputs,
     v1_predictions,
 )
+from patchd.services import Services
+
+if TYPE_CHECKING:
+    from patchd.config import KServeSourceConfig
+
+log = logging.getLogger(__name__)
 
 REQUEST = "org.kubeflow.serving.inference.request"
 RESPONSE = "org.kubeflow.serving.inference.response"
@@ -58,12 +72,29 @@ class KServeComponent(CloudEventSource):
     request_types = frozenset({REQUEST})
     response_types = frozenset({RESPONSE})
 
+    def __init__(self, services: Services) -> None:
+        super().__init__(services)
+        self.kserve: KServeSourceConfig = services.config.sources.kserve
+        self._hint_metadata = bool(services.config.groups.attributes)
+
     def join_key(self, event: CloudEvent) -> str:
-        return event.id
+        return stream_key(event.id, event.attr("component"), event.attr("endpoint"))
+
+    def skip_reason(self, event: CloudEvent) -> str | None:
+        component = event.attr("component")
+        if component and component != self.kserve.component:
+            return "other_component"
+        return super().skip_reason(event)
 
     def decode(self, event: CloudEvent, half: Half) -> Part:
         metadata = header_json(event.attr("metadata"))
-        groups = self.header_groups(metadata)
+        if not metadata and self._hint_metadata:
+            self._hint_metadata = False  # once: groups.attributes are wanted but none forwarded
+            log.info(
+                "kserve: events carry no forwarded headers (ce-metadata is empty); list them in "
+                "the logger's metadataHeaders in Go's canonical form, e.g. X-Patchd-Group-Site"
+            )
+        groups = {**self.header_groups(metadata), **self.stream_groups(event)}
         model = event.attr("inferenceservicename")
         ts = event.attr("time")
         if half == "request":
@@ -97,7 +128,7 @@ def request_inputs(event: CloudEvent, inline: bool) -> tuple[InputRef | None, ..
     body, tail = _body(event)
     if is_oip(body):
         return tuple(oip_inputs(parse_oip_tensors(body, "inputs", tail), inline))
-    if tail:
+    if not is_blank(tail):
         raise ValidationError("unsupported_body", "binary data after a non-OIP JSON body")
     return tuple(v1_inputs(body, inline))
 
@@ -113,6 +144,6 @@ def response_predictions(
         return predictions_from_outputs(outputs, class_names, output), (
             str(version) if version not in (None, "") else None
         )
-    if tail:
+    if not is_blank(tail):
         raise ValidationError("unsupported_body", "binary data after a non-OIP JSON body")
     return v1_predictions(body, class_names), None

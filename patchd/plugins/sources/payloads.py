@@ -46,6 +46,7 @@ FLOAT_TYPES = frozenset({"FP16", "FP32", "FP64"})
 INT_TYPES = frozenset(k for k in DTYPES if k.startswith(("INT", "UINT")))
 PRED_KEYS = ("pred", "label", "class", "prediction", "predicted_class", "class_id")
 PROBS_KEYS = ("probs", "probabilities", "scores", "proba", "logits")
+IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG, JPEG: inputs serve stores
 
 
 @dataclass(frozen=True)
@@ -76,10 +77,19 @@ class Prediction:
 
 @dataclass(frozen=True)
 class InputRef:
-    """How patchd can find an instance's input: a URI or the raw bytes (stored by serve)."""
+    """How patchd can find an instance's input: a URI or the raw bytes (stored by serve), or
+    ``dropped``: why the instance's input cannot be used (counted; the prediction is kept)."""
 
     uri: str | None = None
     data: bytes | None = None
+    dropped: str | None = None
+
+
+# Why an instance's input was dropped (label ``reason`` of patchd_capture_inputs_dropped_total,
+# beside the URI checks' path_not_allowed / not_found ... and not_image / too_large).
+NO_IMAGE = "no_image"  # a numeric tensor or feature row: nothing patchd can patch
+NOT_BASE64 = "not_base64"  # a b64 field that does not decode
+INLINE_OFF = "inline_disabled"  # image bytes, but sources.<kserve|seldon>.inline_inputs is off
 
 
 def load_json(body: bytes, what: str) -> Any:
@@ -107,15 +117,23 @@ def split_binary(body: bytes, header_length: int | None) -> tuple[dict[str, Any]
                 f"{len(body)}-byte body",
             )
         return _json_object(load_json(body[:header_length], "OIP header")), body[header_length:]
+    start = len(body) - len(body.lstrip(JSON_WHITESPACE))  # bodies sent verbatim: "\n{...}"
     try:
         text = body.decode("latin-1")  # 1:1 byte<->char, so offsets are byte offsets
-        obj, end = json.JSONDecoder().raw_decode(text)
+        obj, end = json.JSONDecoder().raw_decode(text, start)
     except (ValueError, RecursionError) as err:
         raise ValidationError("bad_json", f"OIP body is not JSON: {str(err)[:200]}") from None
     if not body[:end].isascii():
         obj = load_json(body[:end], "OIP header")  # re-decode non-ASCII text as UTF-8
-    tail = body[end:]
-    return _json_object(obj), b"" if not tail.strip() else tail
+    return _json_object(obj), body[end:]
+
+
+JSON_WHITESPACE = b" \t\n\r"  # RFC 8259 insignificant whitespace (not \v, \f)
+
+
+def is_blank(tail: bytes) -> bool:
+    """The bytes after a JSON body are only JSON whitespace (a trailing newline, no tensors)."""
+    return not tail.strip(JSON_WHITESPACE)
 
 
 def _json_object(obj: Any) -> dict[str, Any]:
@@ -136,7 +154,8 @@ def parse_oip_tensors(header: Mapping[str, Any], key: str, tail: bytes = b"") ->
         tensor, used = _tensor(spec, key, tail, offset)
         out.append(tensor)
         offset += used
-    if offset != len(tail):
+    # JSON-only bodies may end in whitespace; a binary tail is exact (its bytes may be 0x20)
+    if offset != len(tail) and not (offset == 0 and is_blank(tail)):
         raise ValidationError(
             "binary_truncated", f"binary tail has {len(tail)} bytes, tensors declare {offset}"
         )
@@ -147,7 +166,10 @@ def _tensor(spec: Any, key: str, tail: bytes, offset: int) -> tuple[Tensor, int]
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise ValidationError("unsupported_body", f"each of {key!r} needs a name")
     name, datatype = spec["name"], str(spec.get("datatype", ""))
-    shape = _shape(spec.get("shape"), name)
+    raw_shape, raw_data = spec.get("shape"), spec.get("data")
+    if key == "inputs" and raw_shape == -1 and isinstance(raw_data, str):
+        raw_shape, raw_data = [1], [raw_data]  # KServe's TorchServe v2 bytes sample: one string
+    shape = _shape(raw_shape, name)
     size = (spec.get("parameters") or {}).get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or size < 0 or offset + size > len(tail):
@@ -159,7 +181,7 @@ def _tensor(spec: Any, key: str, tail: bytes, offset: int) -> tuple[Tensor, int]
         data = decode_binary(datatype, tail[offset : offset + size], name)
         used = size
     else:
-        data, used = _flatten(spec.get("data"), datatype), 0
+        data, used = _flatten(raw_data, datatype), 0
     expected = math.prod(shape)
     if len(data) != expected or (shape and shape[0] > max(1, len(data))):  # [10**9, 0]: no rows
         raise ValidationError(
@@ -338,8 +360,10 @@ def v1_predictions(body: Mapping[str, Any], class_names: Sequence[str]) -> list[
 def v1_inputs(body: Mapping[str, Any], inline: bool) -> list[InputRef | None]:
     """Per instance of ``{"instances": [...]}``: a URI or inline image bytes when recognisable.
 
-    Recognised: ``{"b64": "..."}`` (TF-serving binary convention), ``{"image": {"b64": ...}}``,
-    ``{"uri"|"url"|"image_uri": "..."}`` and a bare string that looks like a URI.
+    Recognised: ``{"b64": "..."}`` (TF-serving binary convention), ``{<any key>: {"b64": ...}}``
+    (``image_bytes``, ``image``), ``{"data": "<base64>"}`` (KServe's TorchServe samples),
+    ``{"uri"|"url"|"image_uri": "..."}`` and a bare string that looks like a URI. Anything else
+    (a feature row, a number) is an :class:`InputRef` with ``dropped`` set: counted, not an error.
     """
     instances = body.get("instances", body.get("inputs"))
     if not isinstance(instances, list):
@@ -347,39 +371,61 @@ def v1_inputs(body: Mapping[str, Any], inline: bool) -> list[InputRef | None]:
     return [_instance_input(item, inline) for item in instances]
 
 
-def _instance_input(item: Any, inline: bool) -> InputRef | None:
+def _instance_input(item: Any, inline: bool) -> InputRef:
     if isinstance(item, str) and "://" in item:
         return InputRef(uri=item)
     if not isinstance(item, dict):
-        return None
+        return InputRef(dropped=NO_IMAGE)
     for key in ("uri", "url", "image_uri", "input_uri"):
         if isinstance(item.get(key), str):
             return InputRef(uri=item[key])
-    b64 = item.get("b64")
-    if b64 is None and isinstance(item.get("image"), dict):
-        b64 = item["image"].get("b64")
-    if inline and isinstance(b64, str):
-        try:
-            return InputRef(data=base64.b64decode(b64, validate=True))
-        except ValueError:
-            return None
-    return None
+    b64 = _b64_field(item)
+    if b64 is None:
+        return InputRef(dropped=NO_IMAGE)
+    if not inline:
+        return InputRef(dropped=INLINE_OFF)
+    return inline_ref(b64)
+
+
+def _b64_field(item: Mapping[str, Any]) -> str | None:
+    """The base64 text of ``{"b64": ...}``, ``{<key>: {"b64": ...}}`` or ``{"data": "..."}``."""
+    if isinstance(item.get("b64"), str):
+        return str(item["b64"])
+    for value in item.values():
+        if isinstance(value, dict) and isinstance(value.get("b64"), str):
+            return str(value["b64"])
+    data = item.get("data")
+    return data if isinstance(data, str) else None
+
+
+def inline_ref(b64: str) -> InputRef:
+    """Base64 text → the decoded bytes, or a dropped input when it does not decode."""
+    try:
+        return InputRef(data=base64.b64decode(b64, validate=True))
+    except ValueError:
+        return InputRef(dropped=NOT_BASE64)
 
 
 def oip_inputs(tensors: Sequence[Tensor], inline: bool) -> list[InputRef | None]:
-    """Per instance: the BYTES input (an encoded image) inline, a string that is a URI by ref."""
+    """Per instance: the BYTES input (an encoded image, raw or as base64 text as KServe's
+    TorchServe samples send it) inline, a string that is a URI by reference; else dropped."""
     source = next((t for t in tensors if t.datatype == "BYTES"), None)
     if source is None:
-        return [None] * (tensors[0].batch if tensors else 0)
+        return [InputRef(dropped=NO_IMAGE)] * (tensors[0].batch if tensors else 0)
     out: list[InputRef | None] = []
     for row in source.rows():
         value = row[0] if len(row) == 1 else None
-        if isinstance(value, bytes) and value[:64].isascii() and b"://" in value[:64]:
+        if not isinstance(value, bytes):
+            out.append(InputRef(dropped=NO_IMAGE))
+        elif value[:64].isascii() and b"://" in value[:64]:
             out.append(InputRef(uri=value.decode("ascii", "replace")))
-        elif isinstance(value, bytes) and inline:
-            out.append(InputRef(data=value))
+        elif not inline:
+            out.append(InputRef(dropped=INLINE_OFF))
+        elif value.isascii() and not value.startswith(IMAGE_MAGIC):
+            decoded = inline_ref(value.decode("ascii"))
+            out.append(decoded if decoded.data is not None else InputRef(data=value))
         else:
-            out.append(None)
+            out.append(InputRef(data=value))
     return out
 
 

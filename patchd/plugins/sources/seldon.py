@@ -7,9 +7,14 @@ Point the SeldonDeployment's graph logger at patchd::
       logger: {mode: all, url: "http://patchd.monitoring:8321/v1/sources/seldon?token=<ingest>"}
 
 The executor sends binary-mode CloudEvents ``io.seldon.serving.inference.request|response``
-with ``Ce-Requestid`` (the join key; ``ce-id`` differs per event), ``Ce-Modelid`` (graph node),
-``Ce-Inferenceservicename`` (the SeldonDeployment) and ``Ce-Protocol`` (``seldon``,
-``tensorflow`` or ``kfserving``/``v2``). Bodies may be gzip (Triton responses) and are gunzipped.
+with ``Ce-Requestid`` (``ce-id`` differs per event), ``Ce-Modelid`` (graph node),
+``Ce-Inferenceservicename`` (the SeldonDeployment), ``Ce-Endpoint`` (the predictor) and
+``Ce-Protocol`` (``seldon``, ``tensorflow`` or ``kfserving``/``v2``). Every node with a logger
+logs its own request and response under the same ``Ce-Requestid``, so halves are joined by
+request id within one node and predictor. The node whose output is the classifier's is
+``sources.seldon.node`` (default: the node named like the model once one has logged); the other
+nodes' events, and ``io.seldon.serving.feedback`` events, are answered 200 and counted as
+ignored. Bodies may be gzip (Triton responses) and are gunzipped.
 Decoded bodies: SeldonMessage (``data.ndarray``, ``data.tensor``, ``binData``, ``strData``,
 ``jsonData``), TF-serving JSON (``instances``/``predictions``) and OIP v2.
 Subgroups come from ``meta.tags`` (``x-patchd-group-<attr>`` tags and ``group_headers`` names)
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from patchd.exceptions import ValidationError
 from patchd.plugins.sources.cloudevents import (
@@ -29,10 +34,13 @@ from patchd.plugins.sources.cloudevents import (
     Part,
     RequestPart,
     ResponsePart,
+    stream_key,
 )
 from patchd.plugins.sources.join import Half
 from patchd.plugins.sources.kserve import request_inputs, response_predictions
 from patchd.plugins.sources.payloads import (
+    INLINE_OFF,
+    NO_IMAGE,
     InputRef,
     Prediction,
     load_json,
@@ -40,9 +48,14 @@ from patchd.plugins.sources.payloads import (
     v1_inputs,
     v1_predictions,
 )
+from patchd.services import Services
+
+if TYPE_CHECKING:
+    from patchd.config import SeldonSourceConfig
 
 REQUEST = "io.seldon.serving.inference.request"
 RESPONSE = "io.seldon.serving.inference.response"
+FEEDBACK = "io.seldon.serving.feedback"
 
 
 class SeldonComponent(CloudEventSource):
@@ -51,9 +64,27 @@ class SeldonComponent(CloudEventSource):
     path = "/v1/sources/seldon"
     request_types = frozenset({REQUEST, "org.kubeflow.serving.inference.request"})
     response_types = frozenset({RESPONSE, "org.kubeflow.serving.inference.response"})
+    ignored_types = frozenset({FEEDBACK})
+
+    def __init__(self, services: Services) -> None:
+        super().__init__(services)
+        self.seldon: SeldonSourceConfig = services.config.sources.seldon
+        self._model_node_seen = False
 
     def join_key(self, event: CloudEvent) -> str:
-        return event.attr("requestid") or event.id
+        ident = event.attr("requestid") or event.id
+        return stream_key(ident, event.attr("endpoint"), event.attr("modelid"))
+
+    def skip_reason(self, event: CloudEvent) -> str | None:
+        node = event.attr("modelid")
+        if self.seldon.node is not None:
+            if node != self.seldon.node:
+                return "other_node"
+        elif node and node == (self.settings.model or self.model):
+            self._model_node_seen = True
+        elif node and self._model_node_seen:
+            return "other_node"
+        return super().skip_reason(event)
 
     def decode(self, event: CloudEvent, half: Half) -> Part:
         model = self._served_model(event)
@@ -66,7 +97,7 @@ class SeldonComponent(CloudEventSource):
         meta = body.get("meta")
         if not isinstance(meta, dict):
             meta = {}
-        groups = self.header_groups(meta.get("tags") or {})
+        groups = {**self.header_groups(meta.get("tags") or {}), **self.stream_groups(event)}
         if half == "request":
             inputs = seldon_inputs(body, self.settings.inline_inputs)
             tagged = self.header_inputs(meta.get("tags") or {}, len(inputs))
@@ -77,15 +108,19 @@ class SeldonComponent(CloudEventSource):
         return ResponsePart(model, ts, tuple(preds), version, groups, tagged)
 
     def _decode_oip(self, event: CloudEvent, half: Half, model: str | None, ts: str | None) -> Part:
+        groups = self.stream_groups(event)
         if half == "request":
-            return RequestPart(model, ts, request_inputs(event, self.settings.inline_inputs))
+            inputs = request_inputs(event, self.settings.inline_inputs)
+            return RequestPart(model, ts, inputs, groups)
         preds, version = response_predictions(event, self.class_names, self.settings.output)
-        return ResponsePart(model, ts, tuple(preds), version)
+        return ResponsePart(model, ts, tuple(preds), version, groups)
 
     def _served_model(self, event: CloudEvent) -> str | None:
         expected = self.settings.model or self.model
         node = event.attr("modelid")
-        return node if node == expected else event.attr("inferenceservicename") or node
+        if node == expected or (node and node == self.seldon.node):
+            return expected  # the configured model node is the model, whatever it is named
+        return event.attr("inferenceservicename") or node
 
 
 def _is_oip(event: CloudEvent) -> bool:
@@ -127,20 +162,21 @@ def seldon_inputs(body: Mapping[str, Any], inline: bool) -> tuple[InputRef | Non
     if "instances" in body:
         return tuple(v1_inputs(body, inline))
     if isinstance(body.get("data"), dict):
-        return (None,) * len(_data_rows(body["data"]))
+        return (InputRef(dropped=NO_IMAGE),) * len(_data_rows(body["data"]))
     if isinstance(body.get("binData"), str):
         try:
             raw = base64.b64decode(body["binData"], validate=True)
         except ValueError:
             raise ValidationError("unsupported_body", "binData is not base64") from None
-        return (InputRef(data=raw) if inline else None,)
+        return (InputRef(data=raw) if inline else InputRef(dropped=INLINE_OFF),)
     if isinstance(body.get("strData"), str):
         text = body["strData"]
-        return (InputRef(uri=text) if "://" in text or text.startswith("/") else None,)
+        uri = "://" in text or text.startswith("/")
+        return (InputRef(uri=text) if uri else InputRef(dropped=NO_IMAGE),)
     if isinstance(body.get("jsonData"), dict) and "instances" in body["jsonData"]:
         return tuple(v1_inputs(body["jsonData"], inline))
     if "jsonData" in body:
-        return (None,)
+        return (InputRef(dropped=NO_IMAGE),)
     raise ValidationError(
         "unsupported_body", "request has none of data, binData, strData, jsonData, instances"
     )

@@ -1,0 +1,1 @@
+"""Generators of upstream-format capture traffic with exact expected outcomes (replay tests)."""
