@@ -10,6 +10,11 @@ A listed component that cannot be imported or built stops startup with an error 
 Signals: the first SIGTERM/SIGINT is a warm shutdown (stop intake, let in-flight requests finish,
 flush the queue, stop components, close the store); a second one is cold (stop without waiting
 for queued writes; nothing unacknowledged was promised, and SQLite stays consistent).
+
+Reload (SIGHUP, or ``POST /v1/config/reload`` with an ``admin`` token): the configuration file
+is read and validated again; the fields in :data:`RELOADABLE` (the monitor's thresholds, the
+gate) take effect at once (every monitor cell is re-judged over its window), other changed
+fields are logged and reported as needing a restart. An invalid file changes nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -33,6 +40,7 @@ import uvicorn
 from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry
 
+from patchd.api.admin import admin_router
 from patchd.api.app import create_app
 from patchd.api.auth import TokenStore
 from patchd.api.metrics import BuildInfoCollector, metrics_router, patchd_version
@@ -133,6 +141,86 @@ def component_class(target: str) -> type[Component]:
     return cls
 
 
+# Fields a running serve takes from a reloaded file (None: every field of the section). The
+# monitor's window sizes and intervals, and every other section, need a restart.
+RELOADABLE: dict[str, frozenset[str] | None] = {
+    "monitor": frozenset(
+        {
+            "accuracy_floor",
+            "margin",
+            "confidence",
+            "recover_margin",
+            "cooldown_s",
+            "n_min",
+            "horizon_events",
+            "alarm",
+            "drift_threshold",
+            "drift_min_samples",
+            "warning_confidence_drop",
+        }
+    ),
+    "gate": None,
+}
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    config_file: str
+    applied: tuple[str, ...]  # "monitor.accuracy_floor: 0.6 -> 0.97"
+    restart_needed: tuple[str, ...]  # changed fields serve does not take while running
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config_file": self.config_file,
+            "applied": list(self.applied),
+            "restart_needed": list(self.restart_needed),
+        }
+
+
+def _changes(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted field, old value, new value) for every leaf that differs (JSON dumps)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _changes(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
+
+
+def _reloadable(field: str) -> bool:
+    section, _, name = field.partition(".")
+    if section not in RELOADABLE:
+        return False
+    names = RELOADABLE[section]
+    return names is None or name.split(".")[0] in names
+
+
+def plan_reload(old: Config, new: Config) -> tuple[Config, ReloadResult]:
+    """The running config with ``new``'s reloadable fields, and what changed."""
+    changes = [
+        c
+        for c in _changes(old.model_dump(mode="json"), new.model_dump(mode="json"))
+        if c[0] != "config_file"
+    ]
+    applied = [c for c in changes if _reloadable(c[0])]
+    update: dict[str, Any] = {}
+    for section in {field.partition(".")[0] for field, _, _ in applied}:
+        names = {
+            field.partition(".")[2].split(".")[0]
+            for field, _, _ in applied
+            if field.partition(".")[0] == section
+        }
+        current, wanted = getattr(old, section), getattr(new, section)
+        update[section] = current.model_copy(update={n: getattr(wanted, n) for n in names})
+    merged = old.model_copy(update=update)
+    result = ReloadResult(
+        config_file=str(old.config_file),
+        applied=tuple(f"{f}: {a!r} -> {b!r}" for f, a, b in applied),
+        restart_needed=tuple(f for f, _, _ in changes if not _reloadable(f)),
+    )
+    return merged, result
+
+
 class Daemon:
     """One ``patchd serve`` process. ``run()`` blocks until shutdown and returns the exit code."""
 
@@ -143,6 +231,7 @@ class Daemon:
         self._state_lock = threading.Lock()
         self._signals = 0
         self._cold = False
+        self._reload_lock = threading.Lock()
         self.started_monotonic = time.monotonic()
         self.services: Services = None  # type: ignore[assignment]  # set by start()
         self.components: list[Component] = []
@@ -193,6 +282,48 @@ class Daemon:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
+            signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_hup(self, signum: int, frame: FrameType | None) -> None:
+        """SIGHUP: reload in a thread (a signal handler must not wait on the monitor's lock)."""
+        threading.Thread(target=self._reload_logged, name="patchd-reload", daemon=True).start()
+
+    def _reload_logged(self) -> None:
+        try:
+            self.reload("SIGHUP")
+        except PatchdError as err:
+            log.error("SIGHUP: %s", err)
+        except Exception:
+            log.exception("SIGHUP: reload failed; the running configuration is kept")
+
+    # -- reload ------------------------------------------------------------------------------
+    def reload(self, who: str = "admin") -> ReloadResult:
+        """Re-read the config file; apply its reloadable fields (ConfigError: nothing changes)."""
+        from patchd.config import load_config
+
+        with self._reload_lock:
+            path = self.config.config_file
+            if path is None:
+                raise ConfigError("serve was started without a config file (-c); nothing to reload")
+            if self.services is None or self.state is not RunState.RUNNING:
+                raise ConfigError(f"serve is {self.state.value}; reload needs it running")
+            try:
+                new = load_config(Path(path), self.environ)
+            except ConfigError as err:
+                raise ConfigError(f"{path}: {err}") from None
+            merged, result = plan_reload(self.config, new)
+            if result.applied:
+                self.config = self.services.config = merged
+                for component in self.components:
+                    component.reconfigure(merged)
+            log.info(
+                "config reloaded from %s by %s: applied %s; changed but needing a restart: %s",
+                path,
+                who,
+                list(result.applied) or "nothing",
+                list(result.restart_needed) or "nothing",
+            )
+            return result
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals += 1
@@ -313,6 +444,7 @@ class Daemon:
             ingest_router(services.ingest),
         ]
         routers.append(metrics_router(services.metrics))
+        routers.append(admin_router(lambda who: self.reload(who).to_dict()))
         for component in self.components:
             routers.extend(component.routers())
         tokens = TokenStore.from_config(self.config, self.environ)

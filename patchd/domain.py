@@ -84,7 +84,9 @@ class RunQueued(DomainEvent):
 class RunFinished(DomainEvent):
     run_id: str
     model: str
-    result: str  # "succeeded" | "failed" | "cancelled" | "abandoned"
+    # "succeeded" (a candidate) | "no_improvement" (incumbent kept) | "failed" | "cancelled" |
+    # "abandoned"
+    result: str
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -73,3 +73,8 @@ class Component:
 
     def stop(self) -> None:
         """Release resources; called once."""
+
+    def reconfigure(self, config: Config) -> None:
+        """Adopt a reloaded configuration (only its reloadable fields differ from the running
+        one: see :data:`patchd.daemon.RELOADABLE`); the default keeps reading
+        ``services.config``, which the daemon has already replaced."""

@@ -1,4 +1,5 @@
-"""Bearer-token authentication for the admin API, with scopes ``read``, ``ingest``, ``approve``.
+"""Bearer-token authentication for the admin API, with scopes ``read``, ``ingest``, ``approve``
+and ``admin`` (operating serve itself: ``POST /v1/config/reload``).
 
 Tokens come from the environment variable ``PATCHD_TOKEN`` (all scopes, name ``env``) and from
 ``api.token_file``: one token per line, ``<token> <scope[,scope]> [name]`` (``#`` comments). When
@@ -30,7 +31,7 @@ from patchd.exceptions import ConfigError
 
 log = logging.getLogger(__name__)
 
-SCOPES = frozenset({"read", "ingest", "approve"})
+SCOPES = frozenset({"read", "ingest", "approve", "admin"})
 ADMIN_TOKEN_FILE = "admin.token"
 MIN_TOKEN_CHARS = 16
 

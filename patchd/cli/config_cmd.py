@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 import yaml
 
+from patchd.cli.config_reload import reload as reload_command
 from patchd.cli.options import config_path_option
 from patchd.config import Config, load_config
 from patchd.exceptions import ConfigError
@@ -17,6 +18,9 @@ from patchd.exceptions import ConfigError
 @click.group()
 def config() -> None:
     """Inspect the configuration."""
+
+
+config.add_command(reload_command)
 
 
 @config.command("check")

@@ -233,6 +233,8 @@ class Demo:
             time.sleep(1.0)
         if run["state"] != "succeeded":
             raise PatchdError(f"patch run {run['id']} ended {run['state']}: {run.get('error')}")
+        if run.get("outcome") == "no_improvement":
+            raise PatchdError(f"patch run {run['id']}: {run.get('outcome_message')}")
         return run
 
     def wait_candidate(self, api: httpx.Client, run_id: str, children: Children) -> dict[str, Any]:

@@ -10,7 +10,9 @@
 - ``ModelPromoted`` (and ``ModelRolledBack``: another model serves) resets the reference: to the
   new production version's evaluation when the registry has one, else re-learned from the new
   model's first labeled events;
-- a scrape-time collector (:mod:`patchd.monitor.metrics`) and ``GET /v1/groups``.
+- a scrape-time collector (:mod:`patchd.monitor.metrics`) and ``GET /v1/groups``;
+- a reload (SIGHUP, ``POST /v1/config/reload``) hands it the new thresholds: every cell is
+  re-judged over the window's events at once (:meth:`ModelMonitor.reconfigure`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from patchd.services import Component, Services
 if TYPE_CHECKING:
     from fastapi import APIRouter
     from prometheus_client.registry import Collector
+
+    from patchd.config import Config
 
 
 log = logging.getLogger(__name__)
@@ -121,6 +125,20 @@ class MonitorComponent(Component):
             snap.n,
         )
         return snap
+
+    def reconfigure(self, config: Config) -> None:
+        """New monitor thresholds (a reload): every cell is re-judged over the window now."""
+        with self._lock:
+            events = self.engine.reconfigure(config)
+        log.info(
+            "model=%s: monitor thresholds reloaded (accuracy_floor %.3f, margin %.3f); "
+            "%d cell state change(s)",
+            self.model,
+            config.monitor.accuracy_floor,
+            config.monitor.margin,
+            len(events),
+        )
+        self._publish(events)
 
     def drift_pass(self) -> None:
         """The label-free drift pass (the second scheduler job; tests may call it directly)."""

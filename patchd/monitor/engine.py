@@ -192,6 +192,25 @@ class ModelMonitor:
             estimator=kind,
         ), events
 
+    def reconfigure(self, config: Config, now: float | None = None) -> list[DomainEvent]:
+        """Adopt a reloaded configuration's monitor thresholds and re-judge every cell over the
+        window's events under them (no restart); returns the events of the cells whose state
+        changed. Window sizes and intervals are not changed here (they need a restart)."""
+        now = time.time() if now is None else now
+        self.config = config
+        self.policy.reconfigure(config.monitor)
+        ref = self.reference if isinstance(self.reference, Reference) else None
+        th = self._thresholds(ref)
+        window = self.window.since(self.epoch)
+        transitions = self.policy.rejudge(window, th, self.classes, self.groups.names, now)
+        m = config.monitor
+        stats = window_stats(window, self.classes, self.groups.names, m.n_min, m.confidence)
+        events = self.policy.events(transitions, stats, ref)
+        if self.traffic is not None and self.snapshot is not None:
+            snap, more = self.advance(LabeledEvents.empty(), self.traffic, now)
+            self.snapshot, events = snap, events + more
+        return events
+
     def _estimates(self, traffic: Traffic) -> tuple[estmod.Estimate, ...]:
         if self.estimator is None or len(traffic) == 0:
             return ()

@@ -1,19 +1,32 @@
 """The alert policy: which cells are degraded, warned or fine, with hysteresis and cooldown.
 
 - **Degraded**: a Bernoulli CUSUM per row (every class x group cell and each group's pooled row,
-  whose events use their own cell's parameters) tests H0 "accuracy >= p0" against
-  H1 "accuracy = p0 - m * margin" (one chart per m in 1, 2, 4: a multi-chart CUSUM), where
-  ``p0 = max(accuracy_floor, lower bound of the reference)``. The lower bound is one-sided at
-  ``monitor.confidence`` so an uncertain reference cannot cause alarms. The threshold keeps the
-  false-alarm probability of *all* rows within ``1 - confidence`` over ``monitor.horizon_events``
-  labeled events, under a look every tick (:mod:`patchd.monitor.sequential`).
-- **Simulated** (``monitor.alarm: simulated``): ``p0 = max(accuracy_floor, the reference's point
-  estimate)`` and ``h`` from :func:`patchd.monitor.sequential.simulated_threshold` (the
-  ``confidence`` quantile of the largest statistic over ``horizon_events`` in-control events,
-  simulated from the reference's own rates drawn from their posterior), computed once per
-  reference: the same budget as the analytic bound, far less slack.
+  whose events use their own cell's parameters) with two families of charts, and the row
+  alarms when any chart crosses (a multi-chart CUSUM):
+
+  - *reference*: H0 "accuracy >= p_ref" against H1 "accuracy = p_ref - m * margin" for m in
+    1, 2, 4, where ``p_ref`` is the reference's lower bound, one-sided at
+    ``monitor.confidence`` so an uncertain reference cannot cause alarms (``accuracy_floor``
+    where the cell has no reference);
+  - *floor*: H0 "accuracy >= accuracy_floor" against H1 "accuracy = accuracy_floor - m * step"
+    for the same m, ``step = min(margin, (1 - accuracy_floor) / 2)`` (at least 0.005): a cell
+    significantly below the floor is flagged whatever its reference, with the same guarantee.
+
+  The threshold keeps the false-alarm probability of *all* rows and charts within
+  ``1 - confidence`` over ``monitor.horizon_events`` labeled events, under a look every tick
+  (:mod:`patchd.monitor.sequential`). The cell's shown ``threshold`` is
+  ``max(accuracy_floor, p_ref)``.
+- **Simulated** (``monitor.alarm: simulated``): ``p_ref`` is the reference's point estimate and
+  ``h`` comes from :func:`patchd.monitor.sequential.simulated_threshold` (the ``confidence``
+  quantile of the largest statistic over ``horizon_events`` in-control events, simulated from
+  the reference's own rates drawn from their posterior), computed once per reference: the same
+  budget as the analytic bound, far less slack.
 - **Recovered** (hysteresis): once degraded, an upward CUSUM tests "accuracy = p1" against
-  "accuracy = p1 + recover_margin"; it must cross its own threshold before the row is ok again.
+  "accuracy = p_up" (``p1``: the larger first alternative of the two families; ``p_up``: the
+  larger of ``p1_ref + recover_margin`` and ``accuracy_floor + step``); it must cross its own
+  threshold before the row is ok again.
+- **Reload** (:meth:`AlertPolicy.rejudge`): new thresholds are applied by replaying the window's
+  events through fresh statistics; the rows whose state changes publish their events.
 - **Cooldown**: a row that degrades again within ``cooldown_s`` of its last published
   :class:`~patchd.domain.GroupDegraded` is shown degraded but publishes nothing (no new trigger).
 - **Warning**: label-free; a group whose predictions, confidences or embeddings drift *and* whose
@@ -37,15 +50,19 @@ from patchd.monitor.window import LabeledEvents
 
 log = logging.getLogger(__name__)
 
+_MULT = sequential.CHART_MULTIPLIERS
+
 OK, WARNING, DEGRADED = "ok", "warning", "degraded"
 STATES = (OK, WARNING, DEGRADED)
 RowKey = tuple[str, str]  # (class name or "*", group)
+N_CHARTS = 2 * len(sequential.CHART_MULTIPLIERS)  # the reference family, then the floor family
+MIN_FLOOR_STEP = 0.005
 
 
 @dataclass
 class RowState:
     degraded: bool = False
-    s: np.ndarray = field(default_factory=lambda: np.zeros(len(sequential.CHART_MULTIPLIERS)))
+    s: np.ndarray = field(default_factory=lambda: np.zeros(N_CHARTS))
     u: float = 0.0  # recovery CUSUM (while degraded)
     since: float = 0.0  # when the row entered its current state
     last_published: float = float("-inf")  # last GroupDegraded published for this row
@@ -70,10 +87,16 @@ class Transition:
 
 @dataclass(frozen=True)
 class Thresholds:
-    p0: np.ndarray  # [K, G] in-control accuracy per cell
-    p1: np.ndarray  # [K, G] degraded level (p0 - margin)
+    p0: np.ndarray  # [K, G] the level a cell is held to: max(accuracy_floor, p_ref)
+    p1: np.ndarray  # [K, G] null of the recovery test (the larger first alternative)
     charts: np.ndarray  # [C, K, G] the alternatives of the degradation charts
     p_up: np.ndarray  # [K, G] recovery alternative
+    nulls: np.ndarray  # [C, K, G] the null (in-control accuracy) of each chart
+
+
+def floor_step(config: MonitorConfig) -> float:
+    """Drop per chart multiplier below the floor: small enough to catch a high floor's breach."""
+    return max(MIN_FLOOR_STEP, min(max(config.margin, 0.01), (1.0 - config.accuracy_floor) / 2))
 
 
 @dataclass
@@ -88,7 +111,7 @@ class AlertPolicy:
         if self._simulated is not None:
             return self._simulated[1]
         c = self.config
-        return sequential.alarm_threshold(c.confidence, c.horizon_events)
+        return sequential.alarm_threshold(c.confidence, c.horizon_events, charts=N_CHARTS)
 
     @property
     def release_h(self) -> float:
@@ -97,6 +120,34 @@ class AlertPolicy:
     def reset(self) -> None:
         self.rows.clear()
         self._simulated = None
+
+    def reconfigure(self, config: MonitorConfig) -> None:
+        """New thresholds (a reload); :meth:`rejudge` then applies them to the window."""
+        self.config = config
+        self._simulated = None
+
+    def rejudge(
+        self,
+        ev: LabeledEvents,
+        th: Thresholds,
+        classes: list[str],
+        groups: list[str],
+        now: float,
+    ) -> list[Transition]:
+        """Replay ``ev`` (the window) through fresh statistics under ``th``; the rows whose state
+        differs from before, as transitions at ``now``. Cooldowns and warnings are kept."""
+        before = {key: st.degraded for key, st in self.rows.items()}
+        kept = {key: (st.last_published, st.warning) for key, st in self.rows.items()}
+        self.rows = {}
+        for key, (last, warning) in kept.items():
+            st = self.row(key)
+            st.last_published, st.warning = last, warning
+        self.observe(ev, th, classes, groups)
+        return [
+            Transition(key, st.degraded, now)
+            for key, st in self.rows.items()
+            if st.degraded != before.get(key, False)
+        ]
 
     def row(self, key: RowKey) -> RowState:
         found = self.rows.get(key)
@@ -109,32 +160,39 @@ class AlertPolicy:
     ) -> Thresholds:
         c = self.config
         simulated = c.alarm == "simulated"
-        p0 = np.full((k, len(groups)), c.accuracy_floor, dtype=np.float64)
-        ref_n, ref_c = np.zeros_like(p0), np.zeros_like(p0)
+        p_ref = np.full((k, len(groups)), c.accuracy_floor, dtype=np.float64)
+        ref_n, ref_c = np.zeros_like(p_ref), np.zeros_like(p_ref)
         if ref is not None:
             for ki in range(k):
                 for gi, group in enumerate(groups):
                     cell = ref.cell(class_name(ki, classes), group)
-                    if cell is not None:
-                        rate = cell.accuracy if simulated else cell.lower_bound(c.confidence)
-                        p0[ki, gi] = max(c.accuracy_floor, rate if cell.n else 0.0)
+                    if cell is not None and cell.n:
+                        p_ref[ki, gi] = (
+                            cell.accuracy if simulated else cell.lower_bound(c.confidence)
+                        )
                         ref_n[ki, gi], ref_c[ki, gi] = cell.n, cell.correct
-        p0 = np.clip(p0, 2 * sequential.P_MIN, sequential.P_MAX)
-        margin = max(c.margin, 0.01)
-        charts = np.stack(
-            [np.maximum(p0 - m * margin, sequential.P_MIN) for m in sequential.CHART_MULTIPLIERS]
-        )
+        lo, hi = 2 * sequential.P_MIN, sequential.P_MAX
+        p_ref = np.clip(p_ref, lo, hi)
+        floor = np.full_like(p_ref, float(np.clip(c.accuracy_floor, lo, hi)))
+        margin, step = max(c.margin, 0.01), floor_step(c)
+        ref_charts = [np.maximum(p_ref - m * margin, sequential.P_MIN) for m in _MULT]
+        floor_charts = [np.maximum(floor - m * step, sequential.P_MIN) for m in _MULT]
+        charts = np.stack(ref_charts + floor_charts)
+        nulls = np.stack([p_ref] * len(_MULT) + [floor] * len(_MULT))
+        p0 = np.maximum(p_ref, floor)
         if simulated and ref is not None and ref_n.sum() > 0:
             key = (id(ref), k, len(groups))
             if self._simulated is None or self._simulated[0] != key:
                 h = sequential.simulated_threshold(
-                    charts, p0, ref_n, ref_c, c.horizon_events, c.confidence
+                    charts, p0, ref_n, ref_c, c.horizon_events, c.confidence, nulls=nulls
                 )
                 self._simulated = (key, h)
                 log.info("model=%s: simulated alarm threshold h=%.2f", self.model, h)
-        p1 = charts[0]
-        p_up = np.minimum(p1 + max(c.recover_margin, 0.01), sequential.P_MAX)
-        return Thresholds(p0, p1, charts, p_up)
+        p1 = np.maximum(ref_charts[0], floor_charts[0])
+        recover = max(c.recover_margin, 0.01)
+        p_up = np.maximum(ref_charts[0] + recover, floor + step)
+        p_up = np.minimum(np.maximum(p_up, p1 + 0.01), sequential.P_MAX)
+        return Thresholds(p0, p1, charts, p_up, nulls)
 
     def observe(
         self, ev: LabeledEvents, th: Thresholds, classes: list[str], groups: list[str]
@@ -143,7 +201,12 @@ class AlertPolicy:
         if len(ev) == 0:
             return []
         correct = ev.pred == ev.label
-        down = np.stack([self._llr(correct, ev, th.p0, alt) for alt in th.charts])
+        down = np.stack(
+            [
+                self._llr(correct, ev, null, alt)
+                for null, alt in zip(th.nulls, th.charts, strict=True)
+            ]
+        )
         up = self._llr(correct, ev, th.p1, th.p_up)
         out: list[Transition] = []
         k = th.p0.shape[0]

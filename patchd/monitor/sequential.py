@@ -110,14 +110,17 @@ def simulated_threshold(
     confidence: float,
     replicates: int = SIM_REPLICATES,
     seed: int = SIM_SEED,
+    nulls: np.ndarray | None = None,
 ) -> float:
     """``h`` such that no row alarms within ``horizon_events`` in-control events, with
     probability ``confidence``, under the reference's own rates and their uncertainty.
 
     Charts ``[C, K, G]`` test every cell (events in their cell's row and their group's pooled
-    row) against ``p0 [K, G]``. Each of ``replicates`` stretches of ``m`` events (a whole
-    horizon, or :data:`SIM_MAX_EVENTS` / ``replicates`` when the horizon is longer) draws every
-    cell's true accuracy from the posterior of its reference counts,
+    row) against ``p0 [K, G]`` (or each chart against its own null, ``nulls [C, K, G]``;
+    ``p0`` is then the true rate of cells without reference counts). Each of ``replicates``
+    stretches of ``m`` events (a whole horizon, or :data:`SIM_MAX_EVENTS` / ``replicates`` when
+    the horizon is longer) draws every cell's true accuracy from the posterior of its reference
+    counts,
     ``Beta(correct + 1, n - correct + 1)`` (the reference rate with its own uncertainty), draws
     traffic from the reference's cell shares, and records the largest statistic of any row and
     chart. The maximum of a CUSUM over a long stretch is Gumbel (Poisson clumping of its rare
@@ -133,7 +136,11 @@ def simulated_threshold(
     m = min(horizon_events, SIM_MAX_EVENTS // replicates)
     rng = np.random.default_rng(seed)
     flat_p0, flat_n, flat_c = p0.reshape(-1), ref_n.reshape(-1), ref_c.reshape(-1)
-    weights = [llr_weights(flat_p0, alt.reshape(-1)) for alt in charts]
+    chart_nulls = np.broadcast_to(p0, charts.shape) if nulls is None else nulls
+    weights = [
+        llr_weights(null.reshape(-1), alt.reshape(-1))
+        for null, alt in zip(chart_nulls, charts, strict=True)
+    ]
     maxima = []
     for _ in range(replicates):
         p_true = np.where(flat_n > 0, rng.beta(flat_c + 1.0, flat_n - flat_c + 1.0), flat_p0)

@@ -29,11 +29,13 @@ from patchd.plugins import catalog as plugin_catalog
 from patchd.runs import jobqueue
 from patchd.runs.recipe import Recipe, apply_overrides, build_recipe
 from patchd.runs.records import (
+    NO_IMPROVEMENT,
     OPEN_STATES,
     TERMINAL_STATES,
     RunRecord,
     insert_run,
     new_run_id,
+    run_outcome,
     select_runs,
     update_run,
 )
@@ -150,7 +152,7 @@ class RunsComponent(Component):
             buckets=STAGE_BUCKETS,
             registry=None,
         )
-        for result in ("succeeded", "failed", "cancelled", "abandoned"):
+        for result in ("succeeded", NO_IMPROVEMENT, "failed", "cancelled", "abandoned"):
             self.runs_total.labels(result=result)
         self.fidelity = Gauge(
             "patchd_synthesis_fidelity_ratio",
@@ -318,6 +320,8 @@ class RunsComponent(Component):
             return self._reenqueue(rec)
         if prog.state in TERMINAL_STATES:
             result = "abandoned" if prog.abandoned else prog.state
+            if prog.state == "succeeded" and run_outcome(prog.result) == NO_IMPROVEMENT:
+                result = NO_IMPROVEMENT  # no candidate: the promotion component skips it
             return self._finish(
                 replace(rec, stage=prog.stage), prog.state, prog.error, prog.result, result
             )

@@ -2,6 +2,11 @@
 
 States: ``requested → queued → running → succeeded | failed | cancelled``. Only
 :class:`patchd.runs.component.RunsComponent` writes these rows.
+
+A succeeded run has an ``outcome``: ``candidate`` (its model goes to the gate) or
+``no_improvement`` (no fine-tuning epoch beat the incumbent on validation: no weights were
+written, no candidate is registered, the incumbent stays; ``outcome_message`` says what was
+found). Open, failed and cancelled runs have none.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from patchd.runs.recipe import Recipe
 
 OPEN_STATES = ("requested", "queued", "running")
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+NO_IMPROVEMENT = "no_improvement"  # the outcome of a succeeded run that kept the incumbent
 _COLUMNS = (
     "id, model, state, stage, reason, recipe, job_ids, stage_times, error, result, "
     "created_at, updated_at"
@@ -62,12 +68,42 @@ class RunRecord:
             u,
         )
 
+    @property
+    def outcome(self) -> str | None:
+        """``candidate`` | ``no_improvement`` for a succeeded run, else None."""
+        if self.state != "succeeded":
+            return None
+        return run_outcome(self.result) or "candidate"
+
+    @property
+    def outcome_message(self) -> str | None:
+        if self.outcome != NO_IMPROVEMENT:
+            return None
+        stage = (self.result or {}).get("result") or {}
+        return str(stage.get("message") or "no improvement found, incumbent kept")
+
+    @property
+    def disk_bytes(self) -> int | None:
+        """Bytes the run's artifacts took after its last finished stage (None before one)."""
+        stage = (self.result or {}).get("result")
+        value = stage.get("run_disk_bytes") if isinstance(stage, dict) else None
+        return int(value) if isinstance(value, int | float) else None
+
     def to_dict(self) -> dict[str, Any]:
-        """The API view: the recipe without the full config."""
+        """The API view: the recipe without the full config, plus the outcome."""
         body = asdict(self)
+        body["outcome"], body["outcome_message"] = self.outcome, self.outcome_message
+        body["disk_bytes"] = self.disk_bytes
         recipe = dict(self.recipe)
         body["recipe"] = Recipe(**recipe).summary() if "config" in recipe else recipe
         return body
+
+
+def run_outcome(job_result: dict[str, Any] | None) -> str | None:
+    """The ``outcome`` the last stage reported in its job result (None when it names none)."""
+    stage = (job_result or {}).get("result")
+    outcome = stage.get("outcome") if isinstance(stage, dict) else None
+    return str(outcome) if outcome else None
 
 
 def _row(rec: RunRecord) -> dict[str, Any]:

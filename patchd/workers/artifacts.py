@@ -9,7 +9,16 @@ stage directory or a complete one. A stage whose directory already exists and ve
 re-running it returns the manifest (idempotent re-run after a crash or a retry).
 
 ImageSets and Augmentations are stored as safetensors plus a JSON sidecar (names, ids, info):
-no pickle anywhere.
+no pickle anywhere. Compact encodings (the sidecar names them; files without one are read as
+before):
+
+- an ImageSet's images are stored as ``uint8`` when that is lossless (every value is ``k/255``,
+  as for images read from files); otherwise float32. Decoding gives the same float32 values.
+- an Augmentation's paired translations are stored as the rows that differ from the training
+  images (``paired.<name>.rows`` + ``paired.<name>.x``) in ``artifacts.augmentation_dtype``
+  (``uint8`` by default: a translated pixel moves by at most 1/510; ``float16``, or ``float32``
+  for exact values); the other rows are the training images themselves, restored bit for bit.
+  Extra samples use the same dtype.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ from patchd.digests import sha256_file
 from patchd.exceptions import IntegrityError
 
 if TYPE_CHECKING:
+    import torch
+
     from patchd.abc import Augmentation
     from patchd.ml.data import ImageSet
 
@@ -166,6 +177,38 @@ def publish(tmp: Path, final: Path, run_id: str, result: dict[str, Any]) -> Stag
     return manifest
 
 
+@dataclass(frozen=True)
+class DiskUse:
+    stage_bytes: int  # the stage being built
+    run_bytes: int  # everything under the run directory, that stage included
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes of the regular files under ``path`` (a file: its size; missing: 0)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def check_disk(run: Path, tmp: Path, max_run_mb: float | None) -> DiskUse:
+    """The disk use of the stage in ``tmp`` and of the whole run; StageError past the bound."""
+    from patchd.exceptions import StageError
+
+    use = DiskUse(tree_bytes(tmp), tree_bytes(run))
+    if max_run_mb is not None and use.run_bytes > max_run_mb * MB:
+        stage = tmp.name.removeprefix(TMP_PREFIX).rsplit("-", 1)[0]
+        raise StageError(
+            f"run {run.name} would take {use.run_bytes / MB:.1f} MB on disk with this stage's "
+            f"{use.stage_bytes / MB:.1f} MB ({stage}), over artifacts.max_run_disk_mb = "
+            f"{max_run_mb:g}; raise the bound, use less data (data.train.n_train, image_size) "
+            "or keep artifacts.augmentation_dtype at uint8"
+        )
+    return use
+
+
+MB = 1 << 20
+
+
 # --- tensors as safetensors + JSON sidecar -------------------------------------------------
 
 
@@ -173,17 +216,54 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
+ENCODINGS = ("uint8", "float16", "float32")
+
+
+def encode(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Images in [0, 1] as ``dtype`` (``uint8``: round(x * 255))."""
+    import torch
+
+    if dtype == "uint8":
+        return torch.round(x.float().clamp(0.0, 1.0) * 255.0).to(torch.uint8).contiguous()
+    if dtype == "float16":
+        return x.to(torch.float16).contiguous()
+    if dtype == "float32":
+        return x.to(torch.float32).contiguous()
+    raise ValueError(f"unknown image encoding {dtype!r}; use one of {ENCODINGS}")
+
+
+def decode(stored: torch.Tensor) -> torch.Tensor:
+    """float32 images from :func:`encode`'s output (uint8 / 255, or a float widened)."""
+    import torch
+
+    if stored.dtype == torch.uint8:
+        return stored.to(torch.float32) / 255.0
+    return stored.to(torch.float32)
+
+
+def lossless_encoding(x: torch.Tensor) -> str:
+    """``uint8`` when decoding it gives back exactly ``x`` (float32), else ``float32``."""
+    import torch
+
+    if x.dtype == torch.float32 and len(x) and torch.equal(decode(encode(x, "uint8")), x):
+        return "uint8"
+    return "float32"
+
+
 def save_imageset(data: ImageSet, path: Path) -> None:
     """``path`` is ``<dir>/<name>.safetensors``; the names and ids go to ``<name>.json``."""
     from safetensors.torch import save_file
 
-    tensors = {"x": data.x.contiguous(), "y": data.y.contiguous(), "g": data.g.contiguous()}
+    encoding = lossless_encoding(data.x)
+    x = encode(data.x, encoding) if encoding == "uint8" else data.x.contiguous()
+    tensors = {"x": x, "y": data.y.contiguous(), "g": data.g.contiguous()}
     save_file(tensors, str(path))
     meta = {
         "schema": SCHEMA,
         "class_names": list(data.class_names),
         "group_names": list(data.group_names),
         "ids": list(data.ids),
+        "x_encoding": encoding,
     }
     _write_json(path.with_suffix(".json"), meta)
 
@@ -196,7 +276,7 @@ def load_imageset(path: Path) -> ImageSet:
     tensors = load_file(str(path))
     meta = json.loads(path.with_suffix(".json").read_text())
     return ImageSet(
-        x=tensors["x"],
+        x=decode(tensors["x"]),
         y=tensors["y"],
         g=tensors["g"],
         class_names=tuple(meta["class_names"]),
@@ -205,22 +285,42 @@ def load_imageset(path: Path) -> ImageSet:
     )
 
 
-def save_augmentation(aug: Augmentation, path: Path) -> None:
-    """Paired tensors as ``paired.<name>``, extra samples as ``extra.{x,y,g}``; JSON sidecar."""
+def _changed_rows(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows of ``x`` that differ from ``base`` anywhere."""
+    return (x != base).reshape(len(x), -1).any(dim=1).nonzero(as_tuple=True)[0]
+
+
+def save_augmentation(
+    aug: Augmentation, path: Path, base: torch.Tensor | None = None, dtype: str = "float32"
+) -> None:
+    """Paired translations as the rows that differ from ``base`` (the training images they are
+    aligned with) in ``dtype``; without ``base``, whole. Extra samples as ``extra.{x,y,g}``."""
+    import torch
     from safetensors.torch import save_file
 
-    tensors = {f"paired.{k}": v.contiguous() for k, v in aug.paired.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    paired_meta: dict[str, dict[str, Any]] = {}
+    for key, value in aug.paired.items():
+        if base is not None and value.shape == base.shape:
+            rows = _changed_rows(value, base)
+            tensors[f"paired.{key}.rows"] = rows.to(torch.int64).contiguous()
+            tensors[f"paired.{key}.x"] = encode(value[rows], dtype)
+            paired_meta[key] = {"layout": "rows", "dtype": dtype, "n_rows": int(len(rows))}
+        else:
+            tensors[f"paired.{key}"] = encode(value, dtype)
+            paired_meta[key] = {"layout": "full", "dtype": dtype}
     meta: dict[str, Any] = {
         "schema": SCHEMA,
         "kind": aug.kind,
         "info": aug.info,
         "previews": [p.name for p in aug.previews],
         "extra": None,
+        "paired": paired_meta,
     }
     if aug.extra is not None:
         tensors.update(
             {
-                "extra.x": aug.extra.x.contiguous(),
+                "extra.x": encode(aug.extra.x, dtype),
                 "extra.y": aug.extra.y.contiguous(),
                 "extra.g": aug.extra.g.contiguous(),
             }
@@ -234,7 +334,34 @@ def save_augmentation(aug: Augmentation, path: Path) -> None:
     _write_json(path.with_suffix(".json"), meta)
 
 
-def load_augmentation(path: Path) -> Augmentation:
+def _paired(
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any], base: torch.Tensor | None, path: Path
+) -> dict[str, torch.Tensor]:
+    layouts = meta.get("paired")
+    if layouts is None:  # written before the compact layout: whole float tensors
+        return {k.removeprefix("paired."): v for k, v in tensors.items() if k.startswith("paired.")}
+    out = {}
+    for key, layout in layouts.items():
+        if layout["layout"] == "full":
+            out[key] = decode(tensors[f"paired.{key}"])
+            continue
+        if base is None:
+            raise IntegrityError(
+                f"{path}: paired {key!r} is stored as changed rows; pass the training images"
+            )
+        rows = tensors[f"paired.{key}.rows"]
+        if len(rows) and int(rows.max()) >= len(base):
+            raise IntegrityError(
+                f"{path}: paired {key!r} names row {int(rows.max())} of {len(base)} training images"
+            )
+        full = base.clone()
+        full[rows] = decode(tensors[f"paired.{key}.x"])
+        out[key] = full
+    return out
+
+
+def load_augmentation(path: Path, base: torch.Tensor | None = None) -> Augmentation:
+    """The augmentation at ``path``; ``base``: the training images its paired rows refer to."""
     from safetensors.torch import load_file
 
     from patchd.abc import Augmentation
@@ -242,12 +369,12 @@ def load_augmentation(path: Path) -> Augmentation:
 
     tensors = load_file(str(path))
     meta = json.loads(path.with_suffix(".json").read_text())
-    paired = {k.removeprefix("paired."): v for k, v in tensors.items() if k.startswith("paired.")}
+    paired = _paired(tensors, meta, base, path)
     extra = None
     if meta.get("extra") is not None:
         e = meta["extra"]
         extra = ImageSet(
-            tensors["extra.x"],
+            decode(tensors["extra.x"]),
             tensors["extra.y"],
             tensors["extra.g"],
             tuple(e["class_names"]),

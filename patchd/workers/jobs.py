@@ -6,6 +6,9 @@ stage manifest's summary). Contract of every stage:
 - **Idempotent**: when ``<artifacts>/runs/<run_id>/<stage>/`` exists and its manifest verifies,
   the stage returns it without recomputing, so a retry or a re-run never duplicates artifacts.
 - **Atomic output**: files are built in a temp dir and renamed into place (``workers.artifacts``).
+- **Bounded disk**: the stage's bytes and the run's bytes so far go into the result
+  (``disk_bytes``, ``run_disk_bytes``); a stage that takes the run past
+  ``artifacts.max_run_disk_mb`` fails (not retried) with an error naming the stage and sizes.
 - **Clear failures**: a :class:`PatchdError` (bad input, bad weights, bad plugin) is raised as a
   :class:`StageError` whose message is also put in ``job.meta["error"]`` for the run, and it is
   not retried (retrying cannot fix bad input). Other exceptions are retried up to
@@ -69,6 +72,8 @@ def run_stage(
         config = recipe.effective_config()
         with artifacts.building(final) as tmp:
             result = fn(run_id=run_id, run_dir=final.parent, out=tmp, recipe=recipe, config=config)
+            use = artifacts.check_disk(final.parent, tmp, config.artifacts.max_run_disk_mb)
+            result = {**result, "disk_bytes": use.stage_bytes, "run_disk_bytes": use.run_bytes}
             manifest = artifacts.publish(tmp, final, run_id, result)
     except PatchdError as err:
         message = f"{stage}: {err}"

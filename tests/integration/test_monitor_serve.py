@@ -191,3 +191,82 @@ def _assert_cli_status(served: ServeProcess) -> None:
 
     doc = json.loads(as_json.output)
     assert doc["status"]["model"] == "m" and doc["groups"]["model"] == "m"
+
+
+def _wait_states(client: httpx.Client, want_degraded: bool, timeout: float = 20) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    doc: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        doc = client.get("/v1/groups").json()
+        if bool(degraded_rows(doc)) == want_degraded:
+            return doc
+        time.sleep(0.2)
+    raise AssertionError(f"cells never became {'degraded' if want_degraded else 'ok'}: {doc}")
+
+
+def _with_floor(path: Path, floor: Any) -> None:
+    import yaml
+
+    cfg = yaml.safe_load(path.read_text())
+    cfg["monitor"]["accuracy_floor"] = floor
+    path.write_text(yaml.safe_dump(cfg))
+
+
+def test_floor_and_reload_by_sighup_and_by_the_admin_route(
+    tmp_path: Path, clean_redis: str
+) -> None:
+    import signal
+    import subprocess
+
+    reader = "reader-token-0123456789abcdef"
+    (tmp_path / "tokens").write_text(f"{reader} read,approve reader\n")
+    (tmp_path / "tokens").chmod(0o600)
+    overrides = {
+        "redis": {"url": clean_redis, "embedded": "never"},
+        "model": {"name": "m", "class_names": CLASSES},
+        "groups": {"attributes": ["site"], "values": {"site": ["A", "B"]}},
+        "monitor": {"interval_s": 0.2, "window": 50_000, "reference_window": 2000},
+        "trigger": {"enabled": False},
+        "api": {"token_file": str(tmp_path / "tokens")},
+    }
+    served = start_serve(tmp_path, overrides)
+    stream, client = Stream(seed=11), served.client()
+    try:
+        for _ in range(8):  # the reference: both sites at 93 %
+            post(client, *stream.batch(BATCH, 0.5, {"A": 0.93, "B": 0.93}))
+        for _ in range(16):  # 92.8 %: fine against the reference and the default floor 0.6
+            post(client, *stream.batch(BATCH, 0.5, {"A": 0.928, "B": 0.928}))
+        doc = wait_for_monitor(client, len(stream.sent))
+        assert doc["reference"] == "window" and degraded_rows(doc) == []
+
+        _with_floor(served.config_path, 0.97)  # a floor the cells are below: SIGHUP applies it
+        served.proc.send_signal(signal.SIGHUP)
+        doc = _wait_states(client, want_degraded=True)  # no new events were sent
+        assert ("*", "site=A") in degraded_rows(doc)
+        assert {c["threshold"] for c in doc["cells"] if c["n"]} == {0.97}
+        assert "config reloaded" in served.log() and served.proc.poll() is None
+
+        _with_floor(served.config_path, 2.0)  # invalid: refused, the running floor is kept
+        refused = client.post("/v1/config/reload")
+        assert refused.status_code == 400 and "accuracy_floor" in refused.text, refused.text
+        assert "running one is kept" in refused.text
+        assert degraded_rows(client.get("/v1/groups").json())
+        assert served.client(reader).post("/v1/config/reload").status_code == 403
+
+        _with_floor(served.config_path, 0.6)  # back: the CLI (the admin route) re-judges
+        env = {**served.env, "PATCHD_CONFIG": str(served.config_path)}
+        cli = subprocess.run(
+            [sys_patchd(), "config", "reload"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert cli.returncode == 0, cli.stderr
+        assert "applied: monitor.accuracy_floor: 2.0 -> 0.6" not in cli.stdout
+        assert "applied: monitor.accuracy_floor: 0.97 -> 0.6" in cli.stdout, cli.stdout
+        _wait_states(client, want_degraded=False)
+    finally:
+        served.stop()
+
+
+def sys_patchd() -> str:
+    from tests.procs import PATCHD
+
+    return PATCHD

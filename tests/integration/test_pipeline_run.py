@@ -220,3 +220,36 @@ def _wait_started(
         assert run["state"] not in ("succeeded", "failed", "cancelled"), run
         time.sleep(0.1)
     raise AssertionError(f"run {run_id} never started {stage}")
+
+
+def test_a_run_that_finds_no_improvement_keeps_the_incumbent(
+    tmp_path: Path, clean_redis: str, incumbent: Path
+) -> None:
+    # lr 1e-12: no fine-tuning step can change a prediction, so epoch 0 (the incumbent) is kept
+    overrides = ps.base_config(
+        tmp_path,
+        clean_redis,
+        incumbent,
+        trainer="gdro",  # keeps the best epoch on validation, epoch 0 being the incumbent
+        budget={"epochs": 1, "batch_size": 64, "lr": 1e-12},
+    )
+    config_path = write_config(tmp_path, overrides)
+    worker = ps.worker(config_path, tmp_path / "worker.log")
+    serve = start_serve(tmp_path, {}, config_path=config_path)
+    client = serve.client()
+    try:
+        _ingest(client, tmp_path, 60)
+        run = client.post("/v1/runs", json={"reason": "no improvement"}).json()
+        done = ps.wait_run(client, run["id"], ("succeeded",), timeout=120)
+        assert done["outcome"] == "no_improvement", done
+        assert "incumbent kept" in done["outcome_message"]
+        assert done["disk_bytes"] > 0
+        time.sleep(2)  # a candidate would be registered on the tick that saw the run finish
+        ids = [c["run_id"] for c in client.get("/v1/candidates").json()["candidates"]]
+        assert run["id"] not in ids
+        assert client.get(f"/v1/candidates/c-{run['id']}").status_code == 404
+        assert _metric(client, 'patchd_runs_total{result="no_improvement"}') == 1
+        assert _metric(client, 'patchd_runs_total{result="succeeded"}') == 0
+    finally:
+        ps.stop_worker(worker)
+        serve.stop()

@@ -199,3 +199,39 @@ def test_clip_embedder_with_tiny_local_checkpoint(trained, tmp_path: Path) -> No
     assert report["embedding"].startswith("clip:")
     assert len(report["classes"][0]["captions_hard"]) == 5
     assert result.modes[0].description.startswith("0-4: hard examples look like 'a photo of")
+
+
+def test_no_failure_side_claim_for_a_class_without_errors() -> None:
+    # 5,000 examples of one class, all predicted right; the direction (fit elsewhere) puts the
+    # bandage=no half on its failure side. That is no failure: nothing may be "over-represented".
+    from patchd.plugins.miners.directions import ClassDirection
+    from patchd.plugins.miners.svm import Scored, _class_report
+
+    n = 5000
+    g = torch.arange(n) % 2
+    data = ImageSet(
+        torch.zeros(n, 3, 2, 2),
+        torch.zeros(n, dtype=torch.int64),
+        g,
+        ("benign", "malignant"),
+        ("bandage=yes", "bandage=no"),
+        tuple(f"r{i}" for i in range(n)),
+    )
+    z = np.where(g.numpy()[:, None] == 1, -1.0, 1.0)  # bandage=no at z = -1: the hard side
+    direction = ClassDirection(0, np.array([1.0]), 0.0, 0.9, 1.0, n_wrong=12, n_total=400)
+    scored = Scored(data, z, np.zeros(n, dtype=np.int64), np.ones(n), direction.hardness(z))
+    report = _class_report(scored, scored, direction, None, tiles=4)
+    assert report.n_hard == n // 2 and report.lifts[0].group == "bandage=no"
+    assert (
+        report.description == "benign: no errors among 5000 examples; no failure mode to describe"
+    )
+
+
+def test_describe_names_a_group_only_with_enough_errors() -> None:
+    from patchd.plugins.miners.report import GroupLift, describe
+
+    lifts = (GroupLift("bandage=no", 1.0, 0.5, 2.0),)
+    assert "no errors among 5000" in describe("benign", 40, 5000, lifts, n_wrong=0)
+    assert "too few to say" in describe("benign", 40, 5000, lifts, n_wrong=3)
+    found = describe("benign", 40, 5000, lifts, n_wrong=60)
+    assert "bandage=no is over-represented" in found and "60/5000 wrong" in found

@@ -134,7 +134,8 @@ def test_run_stage_is_idempotent(tmp_path: Path) -> None:
     inode = (Path(first["dir"]) / "x.bin").stat().st_ino
     second = jobs.run_stage("mine", fn, "r1", str(tmp_path), recipe)
     assert len(calls) == 1 and not first["reused"] and second["reused"]
-    assert second["result"] == {"ok": True} and second["files"] == ["x.bin"]
+    assert second["result"] == {"ok": True, "disk_bytes": 7, "run_disk_bytes": 7}
+    assert second["files"] == ["x.bin"]
     assert (Path(second["dir"]) / "x.bin").stat().st_ino == inode
     assert sorted(p.name for p in Path(first["dir"]).parent.iterdir()) == ["mine"]
 
@@ -148,3 +149,72 @@ def test_run_stage_turns_patchd_errors_into_stage_errors(tmp_path: Path) -> None
         jobs.run_stage("train", fn, "r1", str(tmp_path), _recipe_json(tmp_path))
     assert not artifacts.run_dir(tmp_path, "r1").joinpath("train").exists()
     assert not list(artifacts.run_dir(tmp_path, "r1").glob(".tmp-*"))
+
+
+def _translated(n: int = 400) -> tuple[torch.Tensor, Augmentation]:
+    """Training images (8-bit values) and a CycleGAN-like pair: half the rows translated."""
+    torch.manual_seed(0)
+    base = torch.randint(0, 256, (n, 3, 28, 28)).float() / 255.0
+    f, g = base.clone(), base.clone()
+    f[: n // 2] = torch.rand(n // 2, 3, 28, 28)
+    g[n // 4 :] = torch.rand(n - n // 4, 3, 28, 28)
+    return base, Augmentation(kind="cyclegan", paired={"F": f, "G": g})
+
+
+def test_augmentation_stores_only_translated_rows_compactly(tmp_path: Path) -> None:
+    base, aug = _translated()
+    path = tmp_path / "augmentation.safetensors"
+    artifacts.save_augmentation(aug, path, base, "uint8")
+    full_float32 = 2 * base.numel() * 4
+    assert path.stat().st_size < full_float32 / 5  # uint8 rows only: 3/8 of the rows, 1/4 size
+    got = artifacts.load_augmentation(path, base)
+    for key in ("F", "G"):
+        same = (aug.paired[key] == base).reshape(len(base), -1).all(1)
+        assert torch.equal(got.paired[key][same], base[same])  # untranslated rows: bit for bit
+        assert (got.paired[key] - aug.paired[key]).abs().max() <= 0.5 / 255 + 1e-7
+    exact = tmp_path / "exact.safetensors"
+    artifacts.save_augmentation(aug, exact, base, "float32")
+    assert exact.stat().st_size < path.stat().st_size * 5
+    back = artifacts.load_augmentation(exact, base)
+    assert all(torch.equal(back.paired[k], aug.paired[k]) for k in ("F", "G"))
+    with pytest.raises(IntegrityError, match="pass the training images"):
+        artifacts.load_augmentation(path)
+
+
+def test_imageset_of_8bit_images_is_stored_as_uint8_losslessly(tmp_path: Path) -> None:
+    base, _ = _translated(200)
+    data = ImageSet(
+        base,
+        torch.zeros(200, dtype=torch.int64),
+        torch.zeros(200, dtype=torch.int64),
+        ("a", "b"),
+        ("g",),
+        tuple(f"i{i}" for i in range(200)),
+    )
+    artifacts.save_imageset(data, tmp_path / "train.safetensors")
+    assert (tmp_path / "train.safetensors").stat().st_size < base.numel() * 4 / 3
+    assert torch.equal(artifacts.load_imageset(tmp_path / "train.safetensors").x, base)
+    floats = _imageset()  # torch.rand: not 8-bit values, kept as float32
+    artifacts.save_imageset(floats, tmp_path / "f.safetensors")
+    assert torch.equal(artifacts.load_imageset(tmp_path / "f.safetensors").x, floats.x)
+
+
+def test_a_stage_past_the_run_disk_bound_fails_naming_stage_and_size(tmp_path: Path) -> None:
+    config = build_config({"state_dir": str(tmp_path), "artifacts": {"max_run_disk_mb": 0.5}})
+    recipe = build_recipe(
+        config, (tmp_path / "w.safetensors", "0" * 64, "config"), tmp_path / "slice.jsonl", 0
+    ).to_json()
+
+    def small(*, out: Path, **_: Any) -> dict[str, Any]:
+        (out / "a.bin").write_bytes(b"x" * 100_000)
+        return {}
+
+    def big(*, out: Path, **_: Any) -> dict[str, Any]:
+        (out / "b.bin").write_bytes(b"x" * 600_000)
+        return {}
+
+    done = jobs.run_stage("collect", small, "r1", str(tmp_path), recipe)
+    assert done["result"]["disk_bytes"] == 100_000 and done["result"]["run_disk_bytes"] >= 100_000
+    with pytest.raises(StageError, match=r"mine: run r1 would take 0\.7 MB .*0\.6 MB \(mine\)"):
+        jobs.run_stage("mine", big, "r1", str(tmp_path), recipe)
+    assert not (tmp_path / "runs" / "r1" / "mine").exists()

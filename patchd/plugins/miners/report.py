@@ -124,16 +124,36 @@ def lifts_for(
     return tuple(sorted(out, key=lambda lift: -lift.lift))
 
 
-def describe(name: str, n_hard: int, n_total: int, lifts: tuple[GroupLift, ...]) -> str:
-    """Attribute description: the group most over-represented on the hard side."""
+MIN_DESCRIBED_ERRORS = 5  # fewer wrong examples than this: no claim about a failing group
+
+
+def describe(
+    name: str, n_hard: int, n_total: int, lifts: tuple[GroupLift, ...], n_wrong: int
+) -> str:
+    """What was found for one class, claiming a failing group only where errors back it.
+
+    ``n_wrong`` counts the wrong predictions among the ``n_total`` examples the lifts were
+    measured on; with none (or fewer than :data:`MIN_DESCRIBED_ERRORS`) the description says so
+    instead of naming a group: a direction can still place correct examples on its far side.
+    """
+    if n_wrong == 0:
+        return f"{name}: no errors among {n_total} examples; no failure mode to describe"
+    if n_wrong < MIN_DESCRIBED_ERRORS:
+        return (
+            f"{name}: {n_wrong} error(s) among {n_total} examples, too few to say which group fails"
+        )
     if n_hard == 0:
-        return f"{name}: no examples on the failure side"
+        return f"{name}: {n_wrong}/{n_total} wrong, but no examples on the failure side"
     top = lifts[0] if lifts else None
     if top is None or top.lift <= 1.05:
-        return f"{name}: {n_hard}/{n_total} on the failure side; no group attribute stands out"
+        return (
+            f"{name}: {n_wrong}/{n_total} wrong, {n_hard} on the failure side; no group attribute "
+            "stands out"
+        )
     return (
         f"{name}: {top.group} is over-represented on the failure side "
-        f"({top.share_hard:.0%} of hard examples vs {top.share_class:.0%} of the class)"
+        f"({top.share_hard:.0%} of the {n_hard} examples there vs {top.share_class:.0%} of the "
+        f"class; {n_wrong}/{n_total} wrong)"
     )
 
 

@@ -245,7 +245,8 @@ def _class_report(
     elif cap and cap[0]:
         description = f"{name}: the failing subgroup looks like '{cap[0][0]}'"
     elif lifts:
-        description = describe(name, n_members, len(rows), lifts)
+        n_wrong = int((~scored.correct[rows]).sum())
+        description = describe(name, n_members, len(rows), lifts, n_wrong)
     else:
         description = (
             f"{name}: {n_members}/{len(rows)} in the failing subgroup; held-out error rate "

@@ -37,6 +37,7 @@ from patchd.plugins.miners.clusters import dp_clusters
 from patchd.plugins.miners.directions import C_GRID, ClassDirection, Preprocessor
 from patchd.plugins.miners.directions import fit_class_direction as fit_direction
 from patchd.plugins.miners.report import (
+    MIN_DESCRIBED_ERRORS,
     ClassReport,
     FailureCluster,
     FailureReport,
@@ -261,8 +262,9 @@ def _class_report(
         lifts = lifts_for(src.data.g.numpy()[rows], hard, src.data.group_names)
     fit_rows = np.flatnonzero(fit.data.y.numpy() == d.cls)
     order = fit_rows[np.argsort(-h_fit[fit_rows], kind="stable")]
-    description = describe(name, int(hard.sum()), len(rows), lifts)
-    if cap and cap[0]:
+    n_wrong = int((~src.correct[rows]).sum())
+    description = describe(name, int(hard.sum()), len(rows), lifts, n_wrong)
+    if cap and cap[0] and n_wrong >= MIN_DESCRIBED_ERRORS:
         description = f"{name}: hard examples look like '{cap[0][0]}'"
     return ClassReport(
         cls=d.cls,

@@ -68,6 +68,10 @@ class CandidateReport:
     failure_modes: tuple[dict[str, Any], ...]
     images: tuple[Image, ...] = ()
     fidelity: dict[str, Any] | None = None  # synthesize/fidelity.json (patchd.ml.fidelity)
+    regions: dict[str, Any] | None = None  # Defuse failure regions (see :func:`defuse_regions`)
+    region_images: tuple[Image, ...] = ()  # their sample grids and the VAE preview
+    disk_bytes: dict[str, int] = field(default_factory=dict)  # stage -> bytes on disk
+    production_slice: dict[str, Any] = field(default_factory=dict)  # collect's slice counts
     expires_at: float | None = None  # end of the approval window (awaiting_approval only)
     decided_by: str | None = None
     generated_at: float = field(default_factory=time.time)
@@ -77,6 +81,7 @@ class CandidateReport:
         out["schema"] = REPORT_SCHEMA
         out["decision"] = self.decision.to_dict()
         out["images"] = [{"name": i.name, "caption": i.caption} for i in self.images]
+        out["region_images"] = [{"name": i.name, "caption": i.caption} for i in self.region_images]
         return _finite(out)
 
     def to_json(self) -> bytes:
@@ -155,6 +160,74 @@ def synthesis_fidelity(run_dir: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+STAGES = ("collect", "mine", "synthesize", "train", "evaluate")
+
+
+def _stage_result(run_dir: Path, stage: str) -> dict[str, Any]:
+    data = _read_json(run_dir / stage / "manifest.json")
+    result = data.get("result") if isinstance(data, dict) else None
+    return result if isinstance(result, dict) else {}
+
+
+def stage_disk_bytes(run_dir: Path) -> dict[str, int]:
+    """Bytes each finished stage wrote (its manifest's ``disk_bytes``)."""
+    out = {}
+    for stage in STAGES:
+        value = _stage_result(run_dir, stage).get("disk_bytes")
+        if isinstance(value, int):
+            out[stage] = value
+    return out
+
+
+def production_slice(run_dir: Path) -> dict[str, Any]:
+    """What ``collect`` did with the labeled production events (counts, rule)."""
+    return {k: v for k, v in _stage_result(run_dir, "collect").items() if k.startswith("slice_")}
+
+
+MAX_REGIONS = 24
+
+
+def defuse_regions(run_dir: Path) -> tuple[dict[str, Any] | None, tuple[Image, ...]]:
+    """The ``vae`` augmenter's regions (``synthesize/regions.json``, schema 2) with each region's
+    label from ``regions/labels.json`` (``None``: unlabelled, never the source class), who
+    labelled them, the VAE's reconstruction error and realism; and the images: the VAE preview
+    and the sample grids of the :data:`MAX_REGIONS` heaviest regions."""
+    data = _read_json(run_dir / "synthesize" / "regions.json")
+    if not isinstance(data, dict) or not isinstance(data.get("regions"), list):
+        return None, ()
+    labels_file = _read_json(run_dir / "regions" / "labels.json")
+    labels = labels_file.get("labels", {}) if isinstance(labels_file, dict) else {}
+    by = labels_file.get("by") if isinstance(labels_file, dict) else None
+    regions = sorted(
+        (r for r in data["regions"] if isinstance(r, dict)),
+        key=lambda r: -float(r.get("weight", 0.0)),
+    )
+    rows = [{**r, "label": labels.get(str(r.get("region")))} for r in regions[:MAX_REGIONS]]
+    images = []
+    vae: dict[str, Any] = data["vae"] if isinstance(data.get("vae"), dict) else {}
+    if vae.get("preview"):
+        images.append(
+            _image(
+                run_dir / "synthesize" / str(vae["preview"]),
+                "VAE: real images, reconstructions, prior samples",
+            )
+        )
+    for r in rows:
+        images.append(
+            _image(run_dir / "synthesize" / str(r.get("preview")), f"region {r['region']}")
+        )
+    body = {
+        "vae": vae,
+        "realism": data.get("realism", {}),
+        "flips": data.get("flips"),
+        "n_regions": len(regions),
+        "labelled_by": by if labels else None,
+        "n_labelled": sum(1 for r in regions if str(r.get("region")) in labels),
+        "regions": rows,
+    }
+    return body, tuple(i for i in images if i is not None)
+
+
 def run_images(run_dir: Path) -> tuple[Image, ...]:
     """Failure examples first, then up to :data:`MAX_PREVIEWS` synthesized samples."""
     found = [_image(run_dir / "mine" / "failure_report.png", "Failure directions: examples")]
@@ -179,6 +252,7 @@ def build_report(
     expires_at: float | None = None,
     decided_by: str | None = None,
 ) -> CandidateReport:
+    regions, region_images = defuse_regions(run_dir) if run_dir else (None, ())
     return CandidateReport(
         candidate_id=candidate_id,
         model=model,
@@ -193,6 +267,10 @@ def build_report(
         failure_modes=failure_modes(run_dir) if run_dir else (),
         images=run_images(run_dir) if run_dir else (),
         fidelity=synthesis_fidelity(run_dir) if run_dir else None,
+        regions=regions,
+        region_images=region_images,
+        disk_bytes=stage_disk_bytes(run_dir) if run_dir else {},
+        production_slice=production_slice(run_dir) if run_dir else {},
         expires_at=expires_at,
         decided_by=decided_by,
     )

@@ -12,6 +12,7 @@ import datetime as dt
 import json
 from collections.abc import Iterable
 from html import escape
+from typing import Any
 
 from patchd.promotion.report.candidate import CandidateReport, CellRow, Image
 
@@ -247,11 +248,87 @@ def _gallery(images: Iterable[Image], kind: str) -> str:
 
 
 def _samples_section(report: CandidateReport) -> str:
+    if report.regions is not None:  # Defuse: the regions section shows every sample grid
+        return _regions_section(report)
     samples = [i for i in report.images if i.caption.startswith("Synthesized")]
     empty = '<p class="muted">No synthesized samples (augmenter "none").</p>'
     body = _gallery(samples, "samples") or empty
     fidelity = _fidelity_table(report)
     return f"<section><h2>Synthesized training samples</h2>{fidelity}{body}</section>"
+
+
+def _ratio(a: object, b: object) -> str:
+    if isinstance(a, int | float) and isinstance(b, int | float) and b > 0:
+        return f"{a / b:.2f}"
+    return "n/a"
+
+
+def _region_row(r: dict[str, Any], grid: Image | None) -> str:
+    label = r.get("label")
+    shown = (
+        '<span class="warn">unlabelled</span>'
+        if label is None
+        else f'<span class="bad">{escape(str(label))}</span>'
+        if label == "invalid"
+        else escape(str(label))
+    )
+    mix = r.get("prediction_mix") or {}
+    preds = ", ".join(
+        f"{escape(str(k))} ×{v}" for k, v in sorted(mix.items(), key=lambda kv: -kv[1])
+    )
+    img = (
+        f'<img src="{grid.data_uri()}" alt="{escape(grid.caption)}" style="height:64px">'
+        if grid
+        else ""
+    )
+    return (
+        f"<tr><td>{escape(str(r.get('region')))}</td><td>{img}</td>"
+        f'<td class="num">{_num(r.get("weight"))}</td><td>{escape(str(r.get("source_name")))}</td>'
+        f"<td>{preds}</td><td>{shown}</td>"
+        f'<td class="num">{_ratio(r.get("spread"), r.get("real_spread"))}</td>'
+        f'<td class="num">{_num(r.get("novelty"))}</td>'
+        f'<td class="num">{_num(r.get("fd"))}</td></tr>'
+    )
+
+
+def _regions_section(report: CandidateReport) -> str:
+    """Defuse's failure regions: grids, the model's predictions, labels, spread, novelty,
+    realism, and whether a person labelled them."""
+    data = report.regions or {}
+    grids = {i.caption: i for i in report.region_images}
+    if data.get("labelled_by"):
+        who = (
+            f"{data['n_labelled']} of {data['n_regions']} regions labelled by "
+            f"{escape(str(data['labelled_by']))}; the rest are unlabelled."
+        )
+    else:
+        who = (
+            '<b class="warn">Unlabelled:</b> no one labelled these regions; the correction used '
+            "each region's source class, which no person confirmed."
+        )
+    vae, real = data.get("vae") or {}, data.get("realism") or {}
+    facts = (
+        f'<p>{who}</p><p class="muted">VAE reconstruction MSE {_num(vae.get("recon_mse"))} '
+        f"per pixel; realism: Fréchet distance of region samples to real images "
+        f"{_num(real.get('regions_fd'))} (two real sets: {_num(real.get('real_fd'))}), in the "
+        "incumbent's features. Spread: mean pairwise distance of a region's samples over that of "
+        "real images of its source class. Novelty: distance to the nearest misclassified real "
+        "image over the real-to-real nearest-neighbour distance (above 1: not near a known "
+        "mistake).</p>"
+    )
+    rows = "".join(
+        _region_row(r, grids.get(f"region {r.get('region')}")) for r in data.get("regions", [])
+    )
+    head = (
+        "<tr><th>region</th><th>samples</th><th>weight</th><th>source class</th>"
+        "<th>model predicts</th><th>label</th><th>spread / real</th><th>novelty</th>"
+        "<th>FD</th></tr>"
+    )
+    vae_img = [i for i in report.region_images if i.caption.startswith("VAE")]
+    return (
+        f"<section><h2>Failure regions (Defuse)</h2>{facts}{_gallery(vae_img, 'samples')}"
+        f"<table>{head}{rows}</table></section>"
+    )
 
 
 def _fidelity_table(report: CandidateReport) -> str:
@@ -293,15 +370,41 @@ def _kv(rows: Iterable[tuple[str, str]], empty: str = "") -> str:
     return f'<table class="kv">{body}</table>'
 
 
+def _mb(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MB"
+
+
+def _slice_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """The production slice's counts: used, where they went, replayed dataset inputs."""
+    if "slice_used" not in info:
+        return []
+    text = (
+        f"{info['slice_used']} used: {info.get('slice_to_train', 0)} to train, "
+        f"{info.get('slice_to_heldout', 0)} to held-out"
+    )
+    overlap = info.get("slice_overlap") or {}
+    if overlap or info.get("slice_duplicates"):
+        parts = ", ".join(f"{n} in {split}" for split, n in sorted(overlap.items()))
+        text += f"; already in the dataset: {parts or 'none'}"
+        text += f"; repeated inputs: {info.get('slice_duplicates', 0)}"
+    return [("production slice", escape(text))]
+
+
 def _recipe_section(report: CandidateReport) -> str:
     recipe = [
         (k, f"<code>{escape(v if isinstance(v, str) else json.dumps(v, sort_keys=True))}</code>")
         for k, v in sorted(report.recipe.items())
     ]
     total = sum(report.stage_seconds.values())
-    stages = [(f"stage {s}", f"{sec:.1f} s") for s, sec in report.stage_seconds.items()]
+    disk = report.disk_bytes
+    stages = [
+        (f"stage {s}", f"{sec:.1f} s" + (f", {_mb(disk[s])}" if s in disk else ""))
+        for s, sec in report.stage_seconds.items()
+    ]
     if stages:
-        stages.append(("total", f"<b>{total:.1f} s</b>"))
+        on_disk = f", {_mb(sum(disk.values()))} on disk" if disk else ""
+        stages.append(("total", f"<b>{total:.1f} s</b>{on_disk}"))
+    stages += _slice_rows(report.production_slice)
     made = _when(report.generated_at)
     prov = [
         ("candidate digest (sha256)", f"<code>{escape(report.digest)}</code>"),

@@ -14,6 +14,13 @@ Rules (documented for users in the run's manifest ``result``):
   inside ``sources.allowed_roots`` is loaded, converted to the training images' channels and
   resized to their size. A stable hash of the event id sends 70 % of the usable events to
   train and 30 % to held-out, so the candidate is judged on production data it never saw.
+- Replayed inputs: an event whose input is already a row of the dataset (the same file, for
+  ``image-csv`` / ``wilds-metadata``, or the same 8-bit pixels at the training size, for any
+  dataset) follows that row's split instead of the hash: a train or held-out image is not added
+  again (it is already there; a copy on the other side would leak it), a val image goes to
+  held-out only (val picks the epoch; it never trains the candidate). Two events with the same
+  input count once. The counts are in the stage result (``slice_overlap``,
+  ``slice_duplicates``, ``slice_to_train``, ``slice_to_heldout``).
 - The incumbent (factory + weights) is loaded first so a broken model fails the run at once.
 - An empty slice (no usable labeled events) is an error when ``data.use_production_slice`` is
   true: patching without production data would only re-fit the training set. Set it to false to
@@ -52,6 +59,7 @@ class SliceRows:
     labels: list[int] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)
+    paths: list[Path] = field(default_factory=list)  # each event's resolved input file
     skipped: Counter[str] = field(default_factory=Counter)
 
 
@@ -128,6 +136,7 @@ def _add_event(
     rows.labels.append(int(label))
     rows.groups.append(_group_key(event))
     rows.ids.append(f"prod:{event.get('id')}")
+    rows.paths.append(real)
 
 
 def slice_imageset(rows: SliceRows, like: ImageSet) -> ImageSet:
@@ -195,13 +204,21 @@ def _load_splits(spec: Any, what: str) -> Any:
 def run(*, run_id: str, run_dir: Path, out: Path, recipe: Recipe, config: Config) -> dict[str, Any]:
     runtime.load_incumbent(recipe, config)  # fail fast: factory and weights must fit
     base = _load_splits(config.data.train, "data.train")
-    heldout = base.test
+    heldout, held_spec = base.test, config.data.train
     if config.data.heldout is not None:
-        heldout = _load_splits(config.data.heldout, "data.heldout").test
+        heldout, held_spec = (
+            _load_splits(config.data.heldout, "data.heldout").test,
+            config.data.heldout,
+        )
     train, val = base.train, base.val
-    info: dict[str, Any] = {"slice_used": 0, "slice_skipped": {}, "slice_rule": "70/30 by id"}
+    info: dict[str, Any] = {"slice_used": 0, "slice_skipped": {}, "slice_rule": SLICE_RULE}
     if config.data.use_production_slice:
-        train, heldout, info = _with_slice(run_dir / "slice.jsonl", config, train, heldout)
+        known = KnownInputs.of(
+            (train, config.data.train, "train"),
+            (val, config.data.train, "val"),
+            (heldout, held_spec, "heldout"),
+        )
+        train, heldout, info = _with_slice(run_dir / "slice.jsonl", config, train, heldout, known)
     for name, data in (("train", train), ("val", val), ("heldout", heldout)):
         artifacts.save_imageset(data, out / f"{name}.safetensors")
     info.update(
@@ -217,16 +234,87 @@ def run(*, run_id: str, run_dir: Path, out: Path, recipe: Recipe, config: Config
     return info
 
 
+SLICE_RULE = "70/30 by id; inputs already in the dataset follow their split"
+FILE_KINDS = ("image-csv", "wilds-metadata")  # datasets whose ids are ``<split>:<relative path>``
+
+
+def pixel_digest(image: torch.Tensor) -> str:
+    """sha256 of one image's 8-bit pixels (what a PNG of it holds), for finding replayed inputs."""
+    import torch
+
+    quantized = torch.round(image.float().clamp(0, 1) * 255).to(torch.uint8).contiguous()
+    return hashlib.sha256(quantized.numpy().tobytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class KnownInputs:
+    """Which split each dataset input lies in, by pixel digest and (file datasets) by path."""
+
+    by_digest: dict[str, str]
+    by_path: dict[Path, str]
+
+    @classmethod
+    def of(cls, *parts: tuple[ImageSet, Any, str]) -> KnownInputs:
+        by_digest: dict[str, str] = {}
+        by_path: dict[Path, str] = {}
+        for data, spec, split in parts:
+            for i in range(len(data)):
+                by_digest.setdefault(pixel_digest(data.x[i]), split)
+            if spec.kind in FILE_KINDS and spec.root is not None:
+                root = Path(spec.root)
+                for ident in data.ids:
+                    by_path.setdefault((root / ident.partition(":")[2]).resolve(), split)
+        return cls(by_digest, by_path)
+
+    def split_of(self, path: Path, digest: str) -> str | None:
+        return self.by_path.get(path) or self.by_digest.get(digest)
+
+
+@dataclass(frozen=True)
+class SliceRouting:
+    """Where each production row goes: ``True`` train, ``False`` held-out, ``None`` nowhere."""
+
+    to_train: tuple[bool | None, ...]
+    overlap: dict[str, int]  # dataset split -> events whose input is a row of it
+    duplicates: int  # events whose input an earlier event already brought
+
+
+def route_slice(rows: SliceRows, known: KnownInputs) -> SliceRouting:
+    """The 70/30 hash split, except for inputs the dataset (or an earlier event) already has."""
+    seen: set[str] = set()
+    overlap: Counter[str] = Counter()
+    out: list[bool | None] = []
+    duplicates = 0
+    for image, ident, path in zip(rows.images, rows.ids, rows.paths, strict=True):
+        digest = pixel_digest(image)
+        split = known.split_of(path, digest)
+        if digest in seen:
+            duplicates += 1
+            out.append(None)
+            continue
+        seen.add(digest)
+        if split is not None:
+            overlap[split] += 1
+        out.append(_destination(split, ident))
+    return SliceRouting(tuple(out), dict(overlap), duplicates)
+
+
+def _destination(split: str | None, ident: str) -> bool | None:
+    if split is None:
+        return _bucket(ident) < TRAIN_SHARE
+    return False if split == "val" else None  # train / held-out rows are there already
+
+
 def _with_slice(
-    path: Path, config: Config, train: ImageSet, heldout: ImageSet
+    path: Path, config: Config, train: ImageSet, heldout: ImageSet, known: KnownInputs
 ) -> tuple[ImageSet, ImageSet, dict[str, Any]]:
     import torch
 
     rows = read_slice(path, config, train)
-    info = {
+    info: dict[str, Any] = {
         "slice_used": len(rows.ids),
         "slice_skipped": dict(rows.skipped),
-        "slice_rule": "70/30 by id",
+        "slice_rule": SLICE_RULE,
     }
     if not rows.ids:
         raise StageError(
@@ -235,12 +323,38 @@ def _with_slice(
             "whose inputs are files inside sources.allowed_roots, or set "
             "data.use_production_slice: false to patch from data.train alone"
         )
+    routing = route_slice(rows, known)
+    to_train = torch.tensor([d is True for d in routing.to_train], dtype=torch.bool)
+    to_held = torch.tensor([d is False for d in routing.to_train], dtype=torch.bool)
+    info.update(
+        {
+            "slice_overlap": routing.overlap,
+            "slice_duplicates": routing.duplicates,
+            "slice_to_train": int(to_train.sum()),
+            "slice_to_heldout": int(to_held.sum()),
+        }
+    )
+    if not bool((to_train | to_held).any()):
+        raise StageError(
+            f"the production slice {path} brings no new data: all {len(rows.ids)} usable events "
+            f"replay inputs the dataset already has (by split: {routing.overlap}, repeated "
+            f"inputs: {routing.duplicates}); label new production inputs, or set "
+            "data.use_production_slice: false to patch from data.train alone"
+        )
+    if routing.overlap or routing.duplicates:
+        log.warning(
+            "production slice %s: %d events replay dataset inputs %s and %d repeat an input; "
+            "they follow the dataset's split (not added twice)",
+            path,
+            sum(routing.overlap.values()),
+            routing.overlap,
+            routing.duplicates,
+        )
     prod = slice_imageset(rows, train)
-    to_train = torch.tensor([_bucket(i) < TRAIN_SHARE for i in prod.ids], dtype=torch.bool)
     merged_train = concat(_regroup(train, train.group_names), prod.subset(to_train))
     held_names = _union(heldout.group_names, prod.group_names)
     merged_held = concat(
-        _regroup(heldout, heldout.group_names), _remap(prod.subset(~to_train), held_names)
+        _regroup(heldout, heldout.group_names), _remap(prod.subset(to_held), held_names)
     )
     return merged_train, merged_held, info
 

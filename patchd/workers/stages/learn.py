@@ -19,6 +19,8 @@ from patchd.plugins.catalog import load_plugin
 from patchd.workers import artifacts, runtime
 
 if TYPE_CHECKING:
+    import torch
+
     from patchd.abc import Augmentation, MiningResult, StageContext
     from patchd.config import Config
     from patchd.ml.data import ImageSet
@@ -147,7 +149,9 @@ def synthesize(
     )
     aug = _with_local_previews(aug, out / "previews")
     aug, fidelity = _judged(aug, train, run_dir, out, config, ctx)
-    artifacts.save_augmentation(aug, out / "augmentation.safetensors")
+    artifacts.save_augmentation(
+        aug, out / "augmentation.safetensors", train.x, config.artifacts.augmentation_dtype
+    )
     return {
         "kind": aug.kind,
         "paired": sorted(aug.paired),
@@ -229,28 +233,67 @@ def _with_local_previews(aug: Augmentation, folder: Path) -> Augmentation:
 # --- train -----------------------------------------------------------------------------------
 
 
+NO_IMPROVEMENT = "no_improvement"  # the train/evaluate result ``outcome`` when nothing beat it
+
+
 def train(
     *, run_id: str, run_dir: Path, out: Path, recipe: Recipe, config: Config
 ) -> dict[str, Any]:
+    """Fine-tune; when the kept model is the incumbent itself (no epoch beat it on validation),
+    no weights are written and the result's ``outcome`` is :data:`NO_IMPROVEMENT`."""
     from patchd.ml.models import save_weights
 
     data = grouped_train(run_dir)
     val = artifacts.load_imageset(stage_input(run_dir, "collect") / "val.safetensors")
     aug = artifacts.load_augmentation(
-        stage_input(run_dir, "synthesize") / "augmentation.safetensors"
+        stage_input(run_dir, "synthesize") / "augmentation.safetensors", data.x
     )
     model = runtime.load_incumbent(recipe, config)
     ctx = runtime.make_context(recipe, config, "train", out, run_id)
     runtime.seed_everything(ctx.seed)
     result = load_plugin("trainer", recipe.trainer).train(ctx, model.to(ctx.device), data, val, aug)
-    sha = save_weights(result.model.to("cpu"), out / "model.safetensors")
     (out / "history.json").write_text(json.dumps(list(result.history), indent=2))
-    return {
-        "sha256": sha,
+    summary: dict[str, Any] = {
         "epochs": result.epochs,
         "seconds": round(result.seconds, 3),
         "trainer": recipe.trainer,
     }
+    if same_weights(result.model, model):
+        ctx.log.warning("run %s: %s", run_id, no_improvement_message(result.history))
+        return {
+            **summary,
+            "sha256": None,
+            "outcome": NO_IMPROVEMENT,
+            "message": no_improvement_message(result.history),
+        }
+    sha = save_weights(result.model.to("cpu"), out / "model.safetensors")
+    return {**summary, "sha256": sha, "outcome": "candidate"}
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """True when both modules hold bit-identical tensors under the same names."""
+    import torch
+
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa
+    )
+
+
+def no_improvement_message(history: tuple[dict[str, float], ...] | list[dict[str, float]]) -> str:
+    """What the run found, from the trainer's per-epoch validation history."""
+    base = "no fine-tuning epoch beat the incumbent on validation; incumbent kept"
+    if not history or "val_worst" not in history[0]:
+        return base
+    start = history[0]
+    tried = [h for h in history[1:] if "val_worst" in h]
+    best = max(tried, key=lambda h: (h["val_worst"], h.get("val_avg", 0.0)), default=None)
+    found = f"incumbent val worst-group {start['val_worst']:.3f}"
+    if best is not None:
+        found += (
+            f", best of {len(tried)} epoch(s) {best['val_worst']:.3f} (epoch {int(best['epoch'])})"
+        )
+    return f"{base} ({found})"
 
 
 # --- evaluate --------------------------------------------------------------------------------
@@ -262,9 +305,16 @@ def evaluate(
     from patchd.ml.evaluate import evaluate_pair
 
     collected = stage_input(run_dir, "collect")
+    trained = artifacts.verify(stage_input(run_dir, "train"))
+    if trained.result.get("outcome") == NO_IMPROVEMENT:
+        return {
+            "outcome": NO_IMPROVEMENT,
+            "message": trained.result.get("message", "incumbent kept"),
+            "candidate_sha256": None,
+            "incumbent_sha256": recipe.incumbent_sha256,
+        }
     heldout = artifacts.load_imageset(collected / "heldout.safetensors")
     train_set = artifacts.load_imageset(collected / "train.safetensors")
-    trained = artifacts.verify(stage_input(run_dir, "train"))
     incumbent = runtime.load_incumbent(recipe, config)
     candidate = runtime.build_model(config)
     runtime.load_weights(
@@ -280,6 +330,7 @@ def evaluate(
     )
     (out / "evaluation.json").write_text(report.to_json())
     return {
+        "outcome": "candidate",
         "candidate_sha256": trained.result.get("sha256"),
         "incumbent_sha256": recipe.incumbent_sha256,
         "n_heldout": len(heldout),
