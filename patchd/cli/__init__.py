@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "serve": "patchd.cli.serve:serve",
     "ingest": "patchd.cli.serve:ingest",
     "config": "patchd.cli.config_cmd:config",
+    "init": "patchd.cli.init_cmd:init",
     "status": "patchd.cli.monitor:status",
     "worker": "patchd.cli.runs:worker",
     "runs": "patchd.cli.runs:runs",

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from patchd.cli.options import config_option
+from patchd.cli.options import config_option, config_path_option, store_group_config
 from patchd.cli.safe import cells, printable
 
 if TYPE_CHECKING:
@@ -84,38 +84,90 @@ def candidates(config: Config, model: str | None, state: str | None, as_json: bo
     Console().print(table)
 
 
+def _person(by: str | None) -> str | None:
+    """Who is deciding: ``--by``, else the OS user; serve records it beside the token's name."""
+    if by:
+        return by
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name (a container without a passwd entry)
+        return None
+
+
+def _check_person(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    import re
+
+    from patchd.promotion.audit import PERSON_PATTERN
+
+    if value is not None and not re.fullmatch(PERSON_PATTERN, value.strip()):
+        raise click.BadParameter("must be 1-64 printable characters", param_hint="--by")
+    return value.strip() if value is not None else None
+
+
+by_option = click.option(
+    "--by",
+    default=None,
+    metavar="NAME",
+    callback=_check_person,
+    help="Who decides (default: the OS user); recorded with the token's name in the audit log.",
+)
+yes_option = click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+
+
+def _awaiting(config: Config, candidate_id: str, digest: str | None, verb: str) -> dict[str, Any]:
+    """The candidate, shown; a ClickException (before any question) unless it awaits approval."""
+    cand = _request(config, "GET", f"/v1/candidates/{candidate_id}")
+    shown = digest or cand["digest"]
+    click.echo(
+        f"{candidate_id}: {cand['state']}, verdict {cand.get('verdict')}, digest {shown[:16]}"
+    )
+    for reason in (cand.get("gate") or {}).get("reasons", []):
+        click.echo(f"  - {printable(reason)}")
+    if cand["state"] != "awaiting_approval":
+        decided = f" by {printable(cand['decided_by'])}" if cand.get("decided_by") else ""
+        raise click.ClickException(
+            f"{candidate_id} is {cand['state']}{decided}, not awaiting_approval: only a candidate "
+            f"that passed the gate and is waiting can be {verb}"
+        )
+    return cand
+
+
 @click.command()
 @config_option
 @click.argument("candidate_id")
 @click.option("--digest", default=None, help="Pin the digest you reviewed (default: fetch it).")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-def approve(config: Config, candidate_id: str, digest: str | None, yes: bool) -> None:
+@yes_option
+@by_option
+def approve(
+    config: Config, candidate_id: str, digest: str | None, yes: bool, by: str | None
+) -> None:
     """Promote a candidate that passed the gate (its digest is sent with the approval)."""
-    cand = _request(config, "GET", f"/v1/candidates/{candidate_id}")
+    cand = _awaiting(config, candidate_id, digest, "approved")
     digest = digest or cand["digest"]
-    gate = cand.get("gate") or {}
-    click.echo(
-        f"{candidate_id}: {cand['state']}, verdict {cand.get('verdict')}, digest {digest[:16]}"
-    )
-    for reason in gate.get("reasons", []):
-        click.echo(f"  - {printable(reason)}")
     if not yes:
         click.confirm(f"promote {cand['model']}@{digest[:12]} to production?", abort=True)
-    done = _request(
-        config, "POST", f"/v1/candidates/{candidate_id}/approve", json={"digest": digest}
+    body = {"digest": digest, "by": _person(by)}
+    done = _request(config, "POST", f"/v1/candidates/{candidate_id}/approve", json=body)
+    click.secho(
+        f"promoted {done['model']}@{done['digest'][:12]} ({done['id']}), "
+        f"recorded as {printable(done.get('decided_by'))}",
+        fg="green",
     )
-    click.secho(f"promoted {done['model']}@{done['digest'][:12]} ({done['id']})", fg="green")
 
 
 @click.command()
 @config_option
 @click.argument("candidate_id")
 @click.option("--reason", default="", help="Why (goes to the audit log).")
-def reject(config: Config, candidate_id: str, reason: str) -> None:
-    """Reject a candidate awaiting approval."""
-    done = _request(
-        config, "POST", f"/v1/candidates/{candidate_id}/reject", json={"reason": reason}
-    )
+@yes_option
+@by_option
+def reject(config: Config, candidate_id: str, reason: str, yes: bool, by: str | None) -> None:
+    """Reject a candidate awaiting approval (final: it can never be promoted afterwards)."""
+    cand = _awaiting(config, candidate_id, None, "rejected")
+    if not yes:
+        click.confirm(f"reject {cand['model']}@{cand['digest'][:12]} for good?", abort=True)
+    body = {"reason": reason, "by": _person(by)}
+    done = _request(config, "POST", f"/v1/candidates/{candidate_id}/reject", json=body)
     click.echo(f"rejected {done['id']} ({done['model']}@{done['digest'][:12]})")
 
 
@@ -123,9 +175,27 @@ def reject(config: Config, candidate_id: str, reason: str) -> None:
 @config_option
 @click.option("--model", default=None, help="Model to roll back (default: model.name).")
 @click.option("--digest", default=None, help="Only if this digest is production now.")
-def rollback(config: Config, model: str | None, digest: str | None) -> None:
+@yes_option
+@by_option
+def rollback(
+    config: Config, model: str | None, digest: str | None, yes: bool, by: str | None
+) -> None:
     """Roll production back one step (to the previous pointer)."""
-    body = {"model": model or config.model.name, "digest": digest}
+    name = model or config.model.name
+    pointer = _request(config, "GET", "/v1/production")["production"].get(name)
+    if not pointer:
+        raise click.ClickException(f"model {name!r} has no production version to roll back")
+    if not pointer.get("previous"):
+        raise click.ClickException(
+            f"{name}@{pointer['sha256'][:12]} has no previous version to roll back to"
+        )
+    click.echo(
+        f"{name}: production {pointer['sha256'][:12]} (approved by "
+        f"{printable(pointer.get('approved_by'))}) -> previous {pointer['previous'][:12]}"
+    )
+    if not yes:
+        click.confirm(f"roll {name} back to {pointer['previous'][:12]}?", abort=True)
+    body = {"model": name, "digest": digest or pointer["sha256"], "by": _person(by)}
     done = _request(config, "POST", "/v1/rollback", json=body)
     click.secho(
         f"rolled back {done['model']}: production is now {done['production'][:12]}", fg="yellow"
@@ -159,8 +229,11 @@ def report(config: Config, candidate_id: str, open_browser: bool, as_json: bool)
 
 
 @click.group()
-def registry() -> None:
-    """Work on the model registry directory directly (offline)."""
+@config_path_option
+@click.pass_context
+def registry(ctx: click.Context, config_path: Path | None) -> None:
+    """Work on the model registry directory directly (offline; -c before or after the verb)."""
+    store_group_config(ctx, config_path)
 
 
 @registry.command("import")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from patchd.config import Config, load_config
 
@@ -23,13 +25,35 @@ config_path_option = click.option(
 )
 
 
+@dataclass(frozen=True)
+class GroupConfigPath:
+    """The ``-c`` a command group was given, kept in ``ctx.obj`` for its subcommands, so that
+    ``patchd runs -c FILE show RUN`` and ``patchd runs show RUN -c FILE`` mean the same."""
+
+    path: Path | None
+
+
+def store_group_config(ctx: click.Context, config_path: Path | None) -> None:
+    """Called by a group that takes ``-c``: its subcommands fall back to this path."""
+    ctx.obj = GroupConfigPath(config_path)
+
+
+def resolved_config_path(config_path: Path | None) -> Path | None:
+    """The subcommand's own ``-c`` when typed, else its group's, else ``PATCHD_CONFIG``."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or ctx.get_parameter_source("config_path") == ParameterSource.COMMANDLINE:
+        return config_path
+    group = ctx.find_object(GroupConfigPath)
+    return group.path if group is not None and group.path is not None else config_path
+
+
 def config_option(func: Callable[..., Any]) -> Callable[..., Any]:
     """Adds ``-c/--config`` and passes a validated :class:`Config` as ``config``."""
 
     @config_path_option
     @functools.wraps(func)
     def wrapper(*args: Any, config_path: Path | None, **kwargs: Any) -> Any:
-        config = load_config(config_path, os.environ)
+        config = load_config(resolved_config_path(config_path), os.environ)
         return func(*args, config=config, **kwargs)
 
     return wrapper

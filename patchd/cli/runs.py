@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from patchd.cli.options import config_option
+from patchd.cli.options import config_option, config_path_option, store_group_config
 from patchd.cli.safe import cells
+from patchd.config import load_config
 
 if TYPE_CHECKING:
     from patchd.config import Config
@@ -39,40 +42,60 @@ def worker(config: Config, queues: tuple[str, ...], burst: bool) -> None:
     run_worker(config, list(queues) or None, burst=burst)
 
 
-def _row(run: dict[str, Any]) -> tuple[str, ...]:
+WIDE = 110  # terminal columns from which the table adds the model and creation time
+
+
+def _elapsed(run: dict[str, Any], now: float) -> str:
+    """Wall time of the run: since it was created while open, until its last update once over."""
+    end = run.get("updated_at", now) if run["state"] in TERMINAL else now
+    return f"{max(0.0, end - run['created_at']):.0f}s"
+
+
+def _row(run: dict[str, Any], now: float, wide: bool) -> tuple[str, ...]:
+    reason = run.get("error") or run.get("reason") or ""
+    head = (run["id"], run["state"], run.get("stage") or "-", _elapsed(run, now))
+    if not wide:
+        return (*head, reason)
     created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(run["created_at"]))
-    total = sum(run.get("stage_times", {}).values())
-    return (
-        run["id"],
-        run["model"],
-        run["state"],
-        run.get("stage") or "-",
-        created,
-        f"{total:.0f}s",
-        (run.get("error") or run.get("reason") or "")[:60],
-    )
+    return (*head, run["model"], created, reason)
 
 
-def print_runs(runs: list[dict[str, Any]]) -> None:
+def print_runs(runs: list[dict[str, Any]], now: float | None = None) -> None:
+    """The runs table. Run ids are never cut or wrapped (they are copied into other commands);
+    the reason is cut to the width left (``patchd runs show RUN`` has it whole); from
+    :data:`WIDE` columns on, the model and the creation time are shown too."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("run", "model", "state", "stage", "created (UTC)", "time", "error / reason")
-    for run in runs:
-        table.add_row(*cells(_row(run)))
-    Console().print(table)
+    now = time.time() if now is None else now
+    console = Console()
+    wide = console.width >= WIDE
+    names = ["run", "state", "stage", "elapsed", *(["model", "created (UTC)"] if wide else [])]
+    rows = [cells(_row(run, now, wide)) for run in runs]
+    table = Table(show_edge=False)
+    used = 0
+    for i, name in enumerate(names):  # as wide as their longest value: never cut
+        width = max([len(name), *(len(row[i]) for row in rows)])
+        table.add_column(name, no_wrap=True, min_width=width)
+        used += width + 3  # the cell's padding and the column rule
+    left = max(8, console.width - used - 2)
+    table.add_column("error / reason", no_wrap=True, overflow="ellipsis", max_width=left)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
 
 
 @click.group(invoke_without_command=True)
-@config_option
+@config_path_option
 @click.option("--model", default=None, help="Only runs of this model.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_context
-def runs(ctx: click.Context, config: Config, model: str | None, as_json: bool) -> None:
-    """List patch runs (subcommands: show, cancel)."""
-    ctx.obj = config
+def runs(ctx: click.Context, config_path: Path | None, model: str | None, as_json: bool) -> None:
+    """List patch runs (subcommands: show, cancel; -c works before or after them)."""
+    store_group_config(ctx, config_path)
     if ctx.invoked_subcommand is not None:
         return
+    config = load_config(config_path, os.environ)
     params = {"model": model} if model else {}
     body = _request(config, "GET", "/v1/runs", params=params)
     if as_json:
@@ -85,7 +108,7 @@ def runs(ctx: click.Context, config: Config, model: str | None, as_json: bool) -
 
 @runs.command("show")
 @click.argument("run_id")
-@click.pass_obj
+@config_option
 def show(config: Config, run_id: str) -> None:
     """Show one run as JSON."""
     import json
@@ -95,7 +118,7 @@ def show(config: Config, run_id: str) -> None:
 
 @runs.command("cancel")
 @click.argument("run_id")
-@click.pass_obj
+@config_option
 def cancel(config: Config, run_id: str) -> None:
     """Cancel a run: queued stages are cancelled, the running one is stopped."""
     body = _request(config, "POST", f"/v1/runs/{run_id}/cancel")

@@ -3,7 +3,8 @@
 The architecture always comes from code (a ``module:callable`` factory); weights come from
 safetensors files only, so loading a model never unpickles anything from outside.
 
-- :func:`build_model` builds the configured architecture (``config.model``).
+- :func:`build_model` builds the configured architecture (``config.model``), with the
+  configured input normalization as a forward pre-hook.
 - :func:`save_weights` / :func:`load_weights`: atomic safetensors write, strict checked load.
 - :func:`features`: penultimate features of any classifier (input of its last ``nn.Linear``).
 - :func:`predict`: class probabilities.
@@ -90,8 +91,36 @@ def resolve_callable(path: str) -> Callable[..., Any]:
 
 
 def build_model(model_config: ModelConfig) -> nn.Module:
-    """Build the configured architecture from ``factory`` + ``factory_kwargs`` (no weights)."""
-    return build_from_factory(model_config.factory, model_config.factory_kwargs)
+    """Build the configured architecture from ``factory`` + ``factory_kwargs`` (no weights).
+
+    With ``model.input_normalization`` the model gets a :class:`InputNormalizer` forward
+    pre-hook: every caller keeps handing it RGB in [0, 1] and the module sees normalized inputs,
+    while its state dict (the safetensors weights) is unchanged.
+    """
+    model = build_from_factory(model_config.factory, model_config.factory_kwargs)
+    norm = model_config.input_normalization
+    if norm is not None:
+        model.register_forward_pre_hook(InputNormalizer(norm.mean, norm.std))
+    return model
+
+
+class InputNormalizer:
+    """Forward pre-hook ``x -> (x - mean) / std`` per channel on a model's first input."""
+
+    def __init__(self, mean: list[float], std: list[float]) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __call__(self, _module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0]
+        channels = self.mean.shape[1]
+        if x.ndim != 4 or channels not in (1, x.shape[1]):
+            raise StageError(
+                f"model.input_normalization has {channels} channel values but the model input "
+                f"has shape {tuple(x.shape)}; give one mean/std per channel of [N, C, H, W]"
+            )
+        mean, std = self.mean.to(x.device, x.dtype), self.std.to(x.device, x.dtype)
+        return ((x - mean) / std, *args[1:])
 
 
 def build_from_factory(factory: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:

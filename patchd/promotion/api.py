@@ -5,20 +5,23 @@ Reads (``read`` scope): ``GET /v1/candidates``, ``/v1/candidates/{id}``,
 ``GET /v1/production`` (the pointer of every model).
 Actions (``approve`` scope): ``POST /v1/candidates/{id}/approve`` with ``{"digest": ...}``,
 ``/v1/candidates/{id}/reject``, ``POST /v1/rollback``, and ``POST /v1/candidates`` to (re-)gate a
-finished run by id. Errors: 404 unknown candidate, 409 wrong state / stale digest / expired.
+finished run by id. A decision's optional ``by`` names the person; the audit log and the
+candidate record then say ``"<by> (token <token name>)"``. Errors: 404 unknown candidate, 409
+wrong state / stale digest / expired.
 Handlers are plain ``def``: they block on the decision lock and fsync, in the thread pool.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field
 
 from patchd.api.auth import Principal, require_scope
+from patchd.promotion.audit import PERSON_PATTERN, actor_name
 from patchd.promotion.record import Candidate
 from patchd.promotion.registry import Registry
 from patchd.promotion.report.candidate import CandidateReport
@@ -48,18 +51,25 @@ class CandidatesService(Protocol):
     def rollback(self, model: str, actor: str, digest: str | None = None) -> str: ...
 
 
+# the person deciding (``patchd approve --by``); recorded with the token's name
+Person = Annotated[str, Field(pattern=PERSON_PATTERN)]
+
+
 class ApproveBody(BaseModel):
     digest: str = Field(..., min_length=1, max_length=128)
     comment: str = Field("", max_length=1000)
+    by: Person | None = None
 
 
 class RejectBody(BaseModel):
     reason: str = Field("", max_length=1000)
+    by: Person | None = None
 
 
 class RollbackBody(BaseModel):
     model: str | None = None  # default: the configured model
     digest: str | None = Field(None, max_length=128)  # must be the current production when given
+    by: Person | None = None
 
 
 class EvaluateBody(BaseModel):
@@ -99,19 +109,22 @@ def build_router(component: CandidatesService, default_model: str) -> APIRouter:
     def approve_candidate(
         candidate_id: str, body: ApproveBody, who: Principal = Depends(approve)
     ) -> dict[str, Any]:
-        return component.approve(candidate_id, body.digest, who.name, body.comment).to_dict()
+        actor = actor_name(who.name, body.by)
+        return component.approve(candidate_id, body.digest, actor, body.comment).to_dict()
 
     @router.post("/candidates/{candidate_id}/reject")
     def reject_candidate(
         candidate_id: str, body: RejectBody | None = None, who: Principal = Depends(approve)
     ) -> dict[str, Any]:
         reason = body.reason if body else ""
-        return component.reject(candidate_id, who.name, reason).to_dict()
+        actor = actor_name(who.name, body.by if body else None)
+        return component.reject(candidate_id, actor, reason).to_dict()
 
     @router.post("/rollback")
     def rollback(body: RollbackBody | None = None, who: Principal = Depends(approve)) -> dict:
         model = (body.model if body else None) or default_model
-        digest = component.rollback(model, who.name, body.digest if body else None)
+        actor = actor_name(who.name, body.by if body else None)
+        digest = component.rollback(model, actor, body.digest if body else None)
         return {"model": model, "production": digest}
 
     @router.get("/production", dependencies=[read])

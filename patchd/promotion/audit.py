@@ -20,11 +20,19 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 AUDIT_SCHEMA = 1
+# A person's name given with a decision (``--by``, the UI's name field): printable, 1-64 chars.
+PERSON_PATTERN = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]{1,64}$"
+
+
+def actor_name(token_name: str, person: str | None) -> str:
+    """Who decided: ``"alice (token admin)"`` when a person is named, else the token's name."""
+    person = (person or "").strip()
+    return f"{person} (token {token_name})" if person else token_name
 
 
 @dataclass(frozen=True)
 class AuditEntry:
-    actor: str  # principal name, "gate" for automatic decisions
+    actor: str  # token name, "alice (token admin)" with a named person; "gate" when automatic
     action: str  # evaluated|approved|rejected|expired|promoted|rolled_back|imported|auto_promoted
     model: str
     digest: str | None = None

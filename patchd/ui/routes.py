@@ -9,6 +9,7 @@ excepted), no framing, forms posting only here, and ``Cache-Control: no-store``.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -20,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from patchd.api.auth import TokenStore
 from patchd.exceptions import ConflictError, NotFoundError, PatchdError
+from patchd.promotion.audit import PERSON_PATTERN
 from patchd.ui import views
 from patchd.ui.session import (
     COOKIE_PATH,
@@ -185,21 +187,20 @@ def build_router(ui: UiBackend) -> APIRouter:
             return refused(request, err)
         tokens: TokenStore = request.app.state.tokens
         principal = tokens.authenticate(form.get("token", "").strip())
+        person = form.get("name", "").strip()
+        error = None
         if principal is None or not principal.scopes & {"read", "approve"}:
             why = "unknown token" if principal is None else "a token without read/approve scope"
             log.warning("ui: login refused from %s: %s", _client(request), why)
+            error = "That token is not valid for these pages."
+        elif person and not re.fullmatch(PERSON_PATTERN, person):
+            error = "Your name must be 1-64 printable characters."
+        if error is not None or principal is None:
             token = new_login_token()
-            again = page(
-                request,
-                "login.html",
-                401,
-                login_csrf=token,
-                error="That token is not valid for these pages.",
-                session=None,
-            )
+            again = page(request, "login.html", 401, login_csrf=token, error=error, session=None)
             _cookie(again, LOGIN_COOKIE, token, LOGIN_TTL_S, ui.settings.secure_cookie)
             return again
-        session_id, session = ui.sessions.create(principal)
+        session_id, session = ui.sessions.create(principal, person=person)
         log.info("ui: %s logged in (scopes %s)", principal.name, ",".join(sorted(principal.scopes)))
         response = redirect("/ui/candidates")
         _cookie(
@@ -339,7 +340,7 @@ def build_router(ui: UiBackend) -> APIRouter:
     @router.post("/candidates/{candidate_id}/approve", response_model=None)
     async def approve(request: Request, candidate_id: str) -> Response:
         def run(session: Session, form: dict[str, str]) -> None:
-            ui.candidates().approve(candidate_id, form.get("digest", ""), session.principal.name)
+            ui.candidates().approve(candidate_id, form.get("digest", ""), session.actor)
 
         return await decide(request, candidate_id, "approved", run)
 
@@ -347,7 +348,7 @@ def build_router(ui: UiBackend) -> APIRouter:
     async def reject(request: Request, candidate_id: str) -> Response:
         def run(session: Session, form: dict[str, str]) -> None:
             reason = form.get("reason", "")[:1000]
-            ui.candidates().reject(candidate_id, session.principal.name, reason)
+            ui.candidates().reject(candidate_id, session.actor, reason)
 
         return await decide(request, candidate_id, "rejected", run)
 
@@ -359,7 +360,7 @@ def build_router(ui: UiBackend) -> APIRouter:
             return refused(request, err)
         digest = form.get("digest") or None
         try:
-            await run_in_threadpool(ui.candidates().rollback, model, session.principal.name, digest)
+            await run_in_threadpool(ui.candidates().rollback, model, session.actor, digest)
         except (ConflictError, NotFoundError) as err:
             return page(request, "error.html", 409, session=session, message=str(err))
         return redirect("/ui/production?msg=rolled_back")

@@ -1,7 +1,8 @@
 """Login sessions and CSRF protection of the approval pages.
 
 A person logs in by pasting a token with the ``read`` or ``approve`` scope into the login form
-(a POST body: a token never appears in a URL). Serve answers with a random session id in an
+(a POST body: a token never appears in a URL), with their name (optional; their decisions are
+recorded as ``"<name> (token <token name>)"``). Serve answers with a random session id in an
 ``HttpOnly``, ``SameSite=Strict`` cookie scoped to ``/ui`` (``Secure`` with ``ui.secure_cookie``);
 sessions live in serve's memory only, so a restart logs everyone out. Only the sha256 of a session
 id is kept.
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from patchd.api.auth import Principal
+from patchd.promotion.audit import actor_name
 
 SESSION_COOKIE = "patchd_session"
 LOGIN_COOKIE = "patchd_login"
@@ -37,10 +39,16 @@ class Session:
     principal: Principal
     csrf: str
     expires_at: float
+    person: str = ""  # the name given at login; decisions record it beside the token's name
 
     @property
     def can_approve(self) -> bool:
         return "approve" in self.principal.scopes
+
+    @property
+    def actor(self) -> str:
+        """Who decides, as the audit log records it (``"alice (token admin)"``)."""
+        return actor_name(self.principal.name, self.person)
 
 
 def _key(session_id: str) -> str:
@@ -58,11 +66,13 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def create(self, principal: Principal, now: float | None = None) -> tuple[str, Session]:
-        """A new session for ``principal``: (the cookie value, the session)."""
+    def create(
+        self, principal: Principal, now: float | None = None, person: str = ""
+    ) -> tuple[str, Session]:
+        """A new session for ``principal`` (and the person who logged in): (cookie, session)."""
         now = time.time() if now is None else now
         session_id = secrets.token_urlsafe(32)
-        session = Session(principal, secrets.token_urlsafe(32), now + self.ttl_s)
+        session = Session(principal, secrets.token_urlsafe(32), now + self.ttl_s, person)
         with self._lock:
             if len(self._sessions) >= MAX_SESSIONS:
                 self._sweep(now)
