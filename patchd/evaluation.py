@@ -3,7 +3,9 @@
 A *cell* is a (class, subgroup) pair with id ``cls * n_groups + group`` (the same numbering as
 :meth:`patchd.ml.data.ImageSet.cell_index`). For one model, :class:`ModelEvaluation` holds per-cell
 accuracy with Wilson intervals, the worst cell, and the average accuracy pooled over examples and
-reweighted to the training mix (each cell weighted by its share of the training data).
+reweighted to the training mix (each cell weighted by its share of the training data). An example
+whose group is unknown has cell id ``UNKNOWN_CELL`` (-1): it counts in the pooled average and ``n``
+and in no cell, so it never moves a group's accuracy.
 
 :class:`PairedEvaluation` holds the incumbent and the candidate evaluated on the SAME examples, and
 the per-example arrays (``cell``, ``incumbent_correct``, ``candidate_correct``) so the gate can run
@@ -24,6 +26,7 @@ from patchd.exceptions import ValidationError
 from patchd.stats import wilson_interval
 
 SCHEMA = 1
+UNKNOWN_CELL = -1  # cell id of an example whose group is unknown (patchd.ml.data.UNKNOWN_GROUP)
 
 
 @dataclass(frozen=True)
@@ -112,10 +115,12 @@ def _group_labels(group_names: Sequence[str]) -> tuple[str, ...]:
 
 
 def cell_mix(cell: np.ndarray, n_cells: int) -> np.ndarray:
-    """Share of each cell id in ``cell`` (the training mix); uniform when ``cell`` is empty."""
-    counts = np.bincount(np.asarray(cell, dtype=np.int64), minlength=n_cells)[:n_cells].astype(
-        float
-    )
+    """Share of each cell id in ``cell`` (the training mix); uniform when no row has a cell.
+
+    Rows of unknown group (``UNKNOWN_CELL``) are in no cell and do not count.
+    """
+    known = np.asarray(cell, dtype=np.int64)
+    counts = np.bincount(known[known >= 0], minlength=n_cells)[:n_cells].astype(float)
     total = counts.sum()
     return counts / total if total > 0 else np.full(n_cells, 1.0 / max(1, n_cells))
 
@@ -135,8 +140,13 @@ def evaluate_correct(
     correct = np.asarray(correct, dtype=bool)
     cell = np.asarray(cell, dtype=np.int64)
     _check_cells(correct, cell, n_cells)
-    n = np.bincount(cell, minlength=n_cells)
-    k = np.bincount(cell, weights=correct.astype(float), minlength=n_cells).round().astype(np.int64)
+    known = cell >= 0  # rows of unknown group count in the average, in no cell
+    n = np.bincount(cell[known], minlength=n_cells)
+    k = (
+        np.bincount(cell[known], weights=correct[known].astype(float), minlength=n_cells)
+        .round()
+        .astype(np.int64)
+    )
     cells = tuple(
         _cell_result(i, len(groups), class_names, groups, int(n[i]), int(k[i]), confidence)
         for i in range(n_cells)
@@ -162,9 +172,11 @@ def _check_cells(correct: np.ndarray, cell: np.ndarray, n_cells: int) -> None:
             "shape",
             f"correct {correct.shape} and cell {cell.shape} must be equal-length 1-d arrays",
         )
-    if len(cell) and (cell.min() < 0 or cell.max() >= n_cells):
+    if len(cell) and (cell.min() < UNKNOWN_CELL or cell.max() >= n_cells):
         raise ValidationError(
-            "cell_range", f"cell ids must lie in [0, {n_cells}), got [{cell.min()}, {cell.max()}]"
+            "cell_range",
+            f"cell ids must lie in [0, {n_cells}) or be {UNKNOWN_CELL} (unknown group), "
+            f"got [{cell.min()}, {cell.max()}]",
         )
 
 

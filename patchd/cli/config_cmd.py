@@ -10,14 +10,17 @@ import click
 import yaml
 
 from patchd.cli.config_reload import reload as reload_command
-from patchd.cli.options import config_path_option
+from patchd.cli.options import config_path_option, resolved_config_path, store_group_config
 from patchd.config import Config, load_config
 from patchd.exceptions import ConfigError
 
 
 @click.group()
-def config() -> None:
-    """Inspect the configuration."""
+@config_path_option
+@click.pass_context
+def config(ctx: click.Context, config_path: Path | None) -> None:
+    """Inspect the configuration (-c works before or after the subcommand)."""
+    store_group_config(ctx, config_path)
 
 
 config.add_command(reload_command)
@@ -28,7 +31,7 @@ config.add_command(reload_command)
 def check(config_path: Path | None) -> None:
     """Validate the file + PATCHD_* environment; print the result as YAML (exit 1 on errors)."""
     try:
-        resolved = load_config(config_path, os.environ)
+        resolved = load_config(resolved_config_path(config_path), os.environ)
         problems = semantic_errors(resolved)
     except ConfigError as err:
         click.secho(str(err), fg="red", err=True)

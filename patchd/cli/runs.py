@@ -51,9 +51,18 @@ def _elapsed(run: dict[str, Any], now: float) -> str:
     return f"{max(0.0, end - run['created_at']):.0f}s"
 
 
+def _outcome(run: dict[str, Any]) -> str | None:
+    """ "no improvement found, incumbent kept: …" for a run that registered no candidate."""
+    from patchd.runs.records import outcome_text
+
+    return outcome_text(run.get("outcome"), run.get("outcome_message"))
+
+
 def _row(run: dict[str, Any], now: float, wide: bool) -> tuple[str, ...]:
-    reason = run.get("error") or run.get("reason") or ""
-    head = (run["id"], run["state"], run.get("stage") or "-", _elapsed(run, now))
+    kept = _outcome(run)
+    reason = kept or run.get("error") or run.get("reason") or ""
+    state = "no improvement" if kept else run["state"]
+    head = (run["id"], state, run.get("stage") or "-", _elapsed(run, now))
     if not wide:
         return (*head, reason)
     created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(run["created_at"]))
@@ -63,7 +72,8 @@ def _row(run: dict[str, Any], now: float, wide: bool) -> tuple[str, ...]:
 def print_runs(runs: list[dict[str, Any]], now: float | None = None) -> None:
     """The runs table. Run ids are never cut or wrapped (they are copied into other commands);
     the reason is cut to the width left (``patchd runs show RUN`` has it whole); from
-    :data:`WIDE` columns on, the model and the creation time are shown too."""
+    :data:`WIDE` columns on, the model and the creation time are shown too. A succeeded run
+    that kept the incumbent reads ``no improvement`` with the outcome as its reason."""
     from rich.console import Console
     from rich.table import Table
 
@@ -110,10 +120,14 @@ def runs(ctx: click.Context, config_path: Path | None, model: str | None, as_jso
 @click.argument("run_id")
 @config_option
 def show(config: Config, run_id: str) -> None:
-    """Show one run as JSON."""
+    """Show one run as JSON (a run that kept the incumbent says so first, on stderr)."""
     import json
 
-    click.echo(json.dumps(_request(config, "GET", f"/v1/runs/{run_id}"), indent=2))
+    body = _request(config, "GET", f"/v1/runs/{run_id}")
+    kept = _outcome(body)
+    if kept:
+        click.echo(f"run {body['id']}: {kept}", err=True)
+    click.echo(json.dumps(body, indent=2))
 
 
 @runs.command("cancel")
@@ -171,4 +185,8 @@ def _follow(config: Config, run: dict[str, Any]) -> None:
             last = shown
     if run["state"] != "succeeded":
         raise click.ClickException(f"run {run['id']} {run['state']}: {run.get('error')}")
+    kept = _outcome(run)
+    if kept:
+        click.echo(f"run {run['id']} succeeded: {kept}; no candidate was registered")
+        return
     click.echo(f"run {run['id']} succeeded: {run.get('result')}")

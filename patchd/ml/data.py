@@ -7,11 +7,22 @@ metrics are taken over cells.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import torch
 
 UNKNOWN_GROUP = -1
+
+
+def group_name(attributes: Mapping[str, object]) -> str | None:
+    """The canonical subgroup name of attribute values: ``a=x,b=y``, attributes sorted by name.
+
+    Every place that names a subgroup (a dataset's group columns, a production event's
+    ``groups``) uses this one order, so the same attribute values are always the same cell.
+    None when there are no attributes (the group is unknown).
+    """
+    return ",".join(f"{k}={attributes[k]}" for k in sorted(attributes)) or None
 
 
 @dataclass(frozen=True)
@@ -59,8 +70,15 @@ class ImageSet:
         return replace(self, g=g.to(torch.int64), group_names=group_names)
 
     def cell_index(self) -> torch.Tensor:
-        """Cell id per example: class * len(group_names) + group."""
-        return self.y * max(1, len(self.group_names)) + self.g.clamp(min=0)
+        """Cell id per example: class * len(group_names) + group.
+
+        Without group names every example is in its class's one cell. With group names an
+        example whose group is unknown has cell id ``UNKNOWN_GROUP``: it is no group's cell.
+        """
+        if not self.group_names:
+            return self.y.clone()
+        cells = self.y * len(self.group_names) + self.g
+        return torch.where(self.g < 0, UNKNOWN_GROUP, cells)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,9 @@ The test (numpy only, runs in serve):
     margin -> inconclusive.
   * average: ok if the lower bound of ``d_avg`` >= ``-avg_tolerance``; **fail** if the point
     estimate is below ``-avg_tolerance``; otherwise (straddles the tolerance) inconclusive.
+- An example whose group is unknown (cell id ``UNKNOWN_CELL``, -1: a group-less held-out row next
+  to grouped production events) is in no cell: it counts in the average (resampled as a stratum
+  of its own) and never in a group's accuracy.
 - Any cell with fewer than ``gate.n_min`` examples makes the worst-group comparison unreliable:
   inconclusive (a clear average drop still fails).
 
@@ -38,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from patchd.config import GateConfig
+from patchd.evaluation import UNKNOWN_CELL
 from patchd.exceptions import ValidationError
 
 if TYPE_CHECKING:
@@ -74,8 +78,15 @@ class GateInput:
             )
         if n == 0:
             raise ValidationError("bad_evaluation", "the evaluation has no held-out examples")
-        if int(np.max(self.cell)) >= len(self.cell_names) or int(np.min(self.cell)) < 0:
+        if int(np.max(self.cell)) >= len(self.cell_names) or int(np.min(self.cell)) < UNKNOWN_CELL:
             raise ValidationError("bad_evaluation", "cell index outside cell_names")
+        if not bool((np.asarray(self.cell) >= 0).any()):
+            raise ValidationError(
+                "bad_evaluation",
+                f"none of the {n} held-out examples has a known group, so no group can be "
+                "judged; give the held-out data groups (data.heldout with group columns) or "
+                "label production events that carry them",
+            )
 
 
 @dataclass(frozen=True)
@@ -145,14 +156,26 @@ def gate_input(evaluation: PairedEvaluation) -> GateInput:
     )
 
 
-def _cell_counts(data: GateInput) -> np.ndarray:
-    """[cells, 4] counts of (both right, only incumbent, only candidate, both wrong)."""
+def _outcomes(data: GateInput) -> np.ndarray:
+    """Per example: 0 both right, 1 only incumbent, 2 only candidate, 3 both wrong."""
     inc = np.asarray(data.incumbent_correct, dtype=bool)
     cand = np.asarray(data.candidate_correct, dtype=bool)
-    outcome = np.where(inc, np.where(cand, 0, 1), np.where(cand, 2, 3))
+    return np.where(inc, np.where(cand, 0, 1), np.where(cand, 2, 3))
+
+
+def _cell_counts(data: GateInput) -> np.ndarray:
+    """[cells, 4] outcome counts per cell (examples of unknown group are in none)."""
+    cell = np.asarray(data.cell, dtype=np.int64)
+    known = cell >= 0
     counts = np.zeros((len(data.cell_names), 4), dtype=np.int64)
-    np.add.at(counts, (np.asarray(data.cell, dtype=np.int64), outcome), 1)
+    np.add.at(counts, (cell[known], _outcomes(data)[known]), 1)
     return counts
+
+
+def _unknown_counts(data: GateInput) -> np.ndarray:
+    """[4] outcome counts of the examples whose group is unknown."""
+    unknown = np.asarray(data.cell, dtype=np.int64) == UNKNOWN_CELL
+    return np.bincount(_outcomes(data)[unknown], minlength=4).astype(np.int64)
 
 
 def _accuracies(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -163,8 +186,14 @@ def _accuracies(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return inc, cand
 
 
-def bootstrap_deltas(counts: np.ndarray, n_boot: int, seed: int = SEED) -> tuple[np.ndarray, ...]:
-    """Replicates of (worst-group delta, pooled average delta), stratified by cell."""
+def bootstrap_deltas(
+    counts: np.ndarray, n_boot: int, seed: int = SEED, unknown: np.ndarray | None = None
+) -> tuple[np.ndarray, ...]:
+    """Replicates of (worst-group delta, pooled average delta), stratified by cell.
+
+    ``unknown`` (the [4] outcome counts of examples of unknown group) is one more stratum of
+    the average only.
+    """
     rng = np.random.default_rng(seed)
     present = counts[counts.sum(axis=1) > 0]
     reps = np.stack(
@@ -172,8 +201,10 @@ def bootstrap_deltas(counts: np.ndarray, n_boot: int, seed: int = SEED) -> tuple
     )  # [B, cells, 4]
     inc, cand = _accuracies(reps)
     d_wg = cand.min(axis=1) - inc.min(axis=1)
-    total = reps.sum(axis=(1, 2))
-    d_avg = (reps[..., 2].sum(axis=1) - reps[..., 1].sum(axis=1)) / total
+    pooled = reps.sum(axis=1)  # [B, 4]
+    if unknown is not None and unknown.sum() > 0:
+        pooled = pooled + rng.multinomial(int(unknown.sum()), unknown / unknown.sum(), n_boot)
+    d_avg = (pooled[:, 2] - pooled[:, 1]) / pooled.sum(axis=1)
     return d_wg, d_avg
 
 
@@ -183,11 +214,12 @@ def decide(data: GateInput, config: GateConfig) -> GateDecision:
     present = counts.sum(axis=1) > 0
     names = [n for n, p in zip(data.cell_names, present, strict=True) if p]
     inc, cand = _accuracies(counts[present])
-    d_wg_boot, d_avg_boot = bootstrap_deltas(counts, config.n_bootstrap)
+    unknown = _unknown_counts(data)
+    d_wg_boot, d_avg_boot = bootstrap_deltas(counts, config.n_bootstrap, unknown=unknown)
     alpha = 1.0 - config.confidence
     wg_iv = (float(np.quantile(d_wg_boot, alpha)), float(np.quantile(d_wg_boot, 1 - alpha)))
     avg_iv = (float(np.quantile(d_avg_boot, alpha)), float(np.quantile(d_avg_boot, 1 - alpha)))
-    totals = counts[present].sum(axis=0)
+    totals = counts[present].sum(axis=0) + unknown
     inc_avg = float((totals[0] + totals[1]) / totals.sum())
     cand_avg = float((totals[0] + totals[2]) / totals.sum())
     cells = tuple(

@@ -25,6 +25,7 @@ from patchd.runs.recipe import Recipe
 OPEN_STATES = ("requested", "queued", "running")
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 NO_IMPROVEMENT = "no_improvement"  # the outcome of a succeeded run that kept the incumbent
+NO_IMPROVEMENT_TEXT = "no improvement found, incumbent kept"
 _COLUMNS = (
     "id, model, state, stage, reason, recipe, job_ids, stage_times, error, result, "
     "created_at, updated_at"
@@ -80,7 +81,12 @@ class RunRecord:
         if self.outcome != NO_IMPROVEMENT:
             return None
         stage = (self.result or {}).get("result") or {}
-        return str(stage.get("message") or "no improvement found, incumbent kept")
+        return str(stage.get("message") or NO_IMPROVEMENT_TEXT)
+
+    @property
+    def outcome_text(self) -> str | None:
+        """The line the CLI and the UI show for a run that kept the incumbent (else None)."""
+        return outcome_text(self.outcome, self.outcome_message)
 
     @property
     def disk_bytes(self) -> int | None:
@@ -97,6 +103,18 @@ class RunRecord:
         recipe = dict(self.recipe)
         body["recipe"] = Recipe(**recipe).summary() if "config" in recipe else recipe
         return body
+
+
+def outcome_text(outcome: object, message: object) -> str | None:
+    """``no improvement found, incumbent kept: <message>`` for a no-improvement run, else None.
+
+    Takes the ``outcome`` / ``outcome_message`` of a record or of its API view.
+    """
+    if outcome != NO_IMPROVEMENT:
+        return None
+    if not message or message == NO_IMPROVEMENT_TEXT:
+        return NO_IMPROVEMENT_TEXT
+    return f"{NO_IMPROVEMENT_TEXT}: {message}"
 
 
 def run_outcome(job_result: dict[str, Any] | None) -> str | None:

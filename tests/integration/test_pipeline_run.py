@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from rq import Queue
 from patchd.runs import jobqueue
 from patchd.workers import artifacts
 from tests.integration import pipeline_support as ps
-from tests.procs import ServeProcess, start_serve, write_config
+from tests.procs import PATCHD, TOKEN, ServeProcess, start_serve, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -222,6 +223,13 @@ def _wait_started(
     raise AssertionError(f"run {run_id} never started {stage}")
 
 
+def _cli(config_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``patchd ARGS -c CONFIG`` as a person types it (80 columns)."""
+    env = {**os.environ, "PATCHD_TOKEN": TOKEN, "COLUMNS": "80"}
+    argv = [PATCHD, *args, "-c", str(config_path)]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
+
+
 def test_a_run_that_finds_no_improvement_keeps_the_incumbent(
     tmp_path: Path, clean_redis: str, incumbent: Path
 ) -> None:
@@ -239,11 +247,22 @@ def test_a_run_that_finds_no_improvement_keeps_the_incumbent(
     client = serve.client()
     try:
         _ingest(client, tmp_path, 60)
-        run = client.post("/v1/runs", json={"reason": "no improvement"}).json()
-        done = ps.wait_run(client, run["id"], ("succeeded",), timeout=120)
+        waited = _cli(config_path, "patch", "--wait", "--reason", "no improvement")
+        assert waited.returncode == 0, (waited.stdout, waited.stderr)
+        run = client.get("/v1/runs").json()["runs"][0]
+        done = ps.wait_run(client, run["id"], ("succeeded",), timeout=5)
         assert done["outcome"] == "no_improvement", done
         assert "incumbent kept" in done["outcome_message"]
         assert done["disk_bytes"] > 0
+        said = f"run {run['id']} succeeded: no improvement found, incumbent kept: "
+        assert said + done["outcome_message"] in waited.stdout, waited.stdout
+        assert "no candidate was registered" in waited.stdout
+        table = _cli(config_path, "runs")
+        row = next(line for line in table.stdout.splitlines() if run["id"] in line)
+        assert "no improvement" in row and "succeeded" not in row, table.stdout
+        shown = _cli(config_path, "runs", "show", run["id"])
+        assert f"run {run['id']}: no improvement found, incumbent kept: " in shown.stderr
+        assert json.loads(shown.stdout)["outcome"] == "no_improvement"
         time.sleep(2)  # a candidate would be registered on the tick that saw the run finish
         ids = [c["run_id"] for c in client.get("/v1/candidates").json()["candidates"]]
         assert run["id"] not in ids

@@ -118,4 +118,4 @@ def test_default_mix_is_the_evaluation_data_own_mix() -> None:
     assert pe.incumbent.average_reweighted == pytest.approx(pe.incumbent.average_pooled)
     assert sum(pe.train_mix) == pytest.approx(1.0) and pe.train_mix[3] == 0.0
     with pytest.raises(ValidationError, match="cell ids"):
-        paired(inc[:1], cand[:1], np.array([-1]), CLASSES, GROUPS)
+        paired(inc[:1], cand[:1], np.array([-2]), CLASSES, GROUPS)  # -1 is "unknown group"

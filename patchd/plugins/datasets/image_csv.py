@@ -7,8 +7,9 @@
   integer labels 0..K-1 or the sorted distinct strings. An unknown label names the row.
 - ``split``: ``train`` / ``val`` (``valid``, ``validation``) / ``test`` or 0 / 1 / 2.
 - ``spec.group_columns``: attributes defining subgroups; the group name joins ``col=value`` with
-  commas (``place=water``). Without group columns the groups are unknown (-1) and the miner
-  forms pseudo-subgroups.
+  commas, columns sorted by name whatever their order in the config (``place=water,sex=f``:
+  :func:`patchd.ml.data.group_name`, the naming production events get too). Without group
+  columns the groups are unknown (-1) and the miner forms pseudo-subgroups.
 Images are converted to RGB and resized to ``image_size`` (default 64) squares.
 """
 
@@ -24,7 +25,7 @@ import torch
 
 from patchd.config import DatasetSpec
 from patchd.exceptions import ConfigError, DatasetError
-from patchd.ml.data import UNKNOWN_GROUP, ImageSet, Splits
+from patchd.ml.data import UNKNOWN_GROUP, ImageSet, Splits, group_name
 from patchd.ml.datasets import image_size
 
 SPLIT_NAMES = {"train": 0, "val": 1, "valid": 1, "validation": 1, "test": 2, "0": 0, "1": 1, "2": 2}
@@ -83,7 +84,7 @@ def _row(
             f"{csv_path} line {line}: split {rec.get(columns.split)!r} is not one of "
             "train/val/test or 0/1/2"
         )
-    group = ",".join(f"{c}={(rec.get(c) or '').strip()}" for c in group_columns) or None
+    group = group_name({c: (rec.get(c) or "").strip() for c in group_columns})
     return Row(
         line=line,
         path=(rec.get(columns.path) or "").strip(),

@@ -57,7 +57,7 @@ TRAIN_SHARE = 7  # of 10 hash buckets
 class SliceRows:
     images: list[torch.Tensor] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
-    groups: list[str] = field(default_factory=list)
+    groups: list[str | None] = field(default_factory=list)  # None: the event names no group
     ids: list[str] = field(default_factory=list)
     paths: list[Path] = field(default_factory=list)  # each event's resolved input file
     skipped: Counter[str] = field(default_factory=Counter)
@@ -83,11 +83,22 @@ def contained(path: Path, roots: list[Path]) -> Path | None:
     return None
 
 
-def _group_key(event: dict[str, Any]) -> str:
-    groups = event.get("groups") or {}
-    if event.get("group_key"):
-        return str(event["group_key"])
-    return ",".join(f"{k}={groups[k]}" for k in sorted(groups)) or "all"
+def _group_key(event: dict[str, Any]) -> str | None:
+    """The event's subgroup in the dataset's canonical naming (None: unknown group).
+
+    ``groups`` (attribute → value) wins; a bare ``group_key`` (``"a=x,b=y"``) is re-ordered the
+    same way. ``"all"`` (serve's key when no group attributes are configured) is unknown.
+    """
+    from patchd.ingest.records import NO_GROUPS_KEY
+    from patchd.ml.data import group_name
+
+    groups = event.get("groups")
+    if isinstance(groups, dict) and groups:
+        return group_name(groups)
+    key = str(event.get("group_key") or "")
+    if not key or key == NO_GROUPS_KEY:
+        return None
+    return group_name(dict(part.partition("=")[::2] for part in key.split(",")))
 
 
 def _load_image(path: Path, channels: int, size: tuple[int, int]) -> torch.Tensor:
@@ -143,13 +154,14 @@ def slice_imageset(rows: SliceRows, like: ImageSet) -> ImageSet:
     """The slice as an ImageSet sharing ``like``'s class and (extended) group names."""
     import torch
 
-    from patchd.ml.data import ImageSet
+    from patchd.ml.data import UNKNOWN_GROUP, ImageSet
 
     names = list(like.group_names)
     for key in rows.groups:
-        if key not in names:
+        if key is not None and key not in names:
             names.append(key)
-    g = torch.tensor([names.index(k) for k in rows.groups], dtype=torch.int64)
+    index = [UNKNOWN_GROUP if k is None else names.index(k) for k in rows.groups]
+    g = torch.tensor(index, dtype=torch.int64)
     return ImageSet(
         torch.stack(rows.images),
         torch.tensor(rows.labels, dtype=torch.int64),
