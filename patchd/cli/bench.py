@@ -16,6 +16,7 @@ BENCHES: dict[str, str] = {
     "client": "patchd.bench.client:client",
     "quality": "patchd.bench.quality:quality",
     "mining": "patchd.bench.mining:mining",
+    "defuse": "patchd.bench.defuse:defuse",
 }
 
 

@@ -46,11 +46,11 @@ def test_vae_finds_flips_and_regions_then_cli_labels_feed_defuse(
     ctx = StageContext(run_id="r-1", stage="synthesize", out_dir=out, params=params)
     aug = VAEAugmenter().synthesize(ctx, model, splits.train)
     assert aug.info["flips"] >= 1 and aug.info["regions"] >= 1
-    regions = json.loads((out / "regions.json").read_text())
+    regions = json.loads((out / "regions.json").read_text())["regions"]
     assert len(regions) == aug.info["regions"] and len(aug.previews) == len(regions)
     assert all((out / r["preview"]).is_file() for r in regions)
     assert aug.extra is not None and len(aug.extra) == 8 * len(regions)
-    # the model disagrees with the default label on most region samples: they are failures
+    # the model disagrees with the source class on most region samples: they are failures
     from patchd.plugins.trainers.base import predict
 
     assert float((predict(model, aug.extra.x) != aug.extra.y).float().mean()) > 0.5

@@ -168,8 +168,10 @@ def run_epochs(
     steps_per_epoch: int,
     budget: Budget,
     optimizer: torch.optim.Optimizer,
+    keep_best: bool = True,
 ) -> TrainResult:
-    """The shared loop: ``step()`` returns (loss, metrics); keeps the best epoch on ``val``."""
+    """The shared loop: ``step()`` returns (loss, metrics); keeps the best epoch on ``val``
+    (the last epoch when ``keep_best`` is False)."""
     start = time.monotonic()
     best = group_scores(model, val)
     best_state = copy.deepcopy(model.state_dict())
@@ -192,7 +194,7 @@ def run_epochs(
         history.append(
             {"epoch": float(epoch), "val_worst": score.worst, "val_avg": score.average, **sums}
         )
-        if (score.worst, score.average) > (best.worst, best.average):
+        if not keep_best or (score.worst, score.average) > (best.worst, best.average):
             best, best_state = score, copy.deepcopy(model.state_dict())
         ctx.progress(epoch / budget.epochs, f"epoch {epoch}: val worst {score.worst:.3f}")
         ctx.log.info(

@@ -12,7 +12,10 @@ dropped.
 Hyperparameters (``patch.params.defuse``): ``lambda`` 1.0 (the reference code hard-codes 0.01
 with far more region samples than training rows; here the region set is small, so its mean loss
 gets a larger weight), ``weight_decay`` 5e-4, ``optimizer`` adam|sgd, ``epochs``/``batch_size``/
-``lr`` overriding the run budget, ``labels_file`` (path) overriding the default labels location.
+``lr`` overriding the run budget, ``labels_file`` (path) overriding the default labels location,
+``select`` best (default: the epoch best on val plus the labelled region samples, as one more
+group ``defuse-regions``; the held-out region samples stay unseen) or last. Unlabelled regions
+train with their source class and the trainer logs that no person confirmed it.
 """
 
 from __future__ import annotations
@@ -23,10 +26,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from patchd.abc import Augmentation, StageContext
+from patchd.abc import Augmentation, StageContext, TrainResult
 from patchd.exceptions import StageError
 from patchd.ml.data import ImageSet
-from patchd.plugins.trainers.base import EpochTrainer, Job, Start, StepFn, StepOut, step_out
+from patchd.plugins.trainers.base import (
+    EpochTrainer,
+    Job,
+    Start,
+    StepFn,
+    StepOut,
+    make_optimizer,
+    run_epochs,
+    step_out,
+)
 
 
 def region_samples(augmentation: Augmentation | None) -> ImageSet:
@@ -48,7 +60,34 @@ def region_set(
     path = (
         Path(params["labels_file"]) if "labels_file" in params else labels_path(ctx.out_dir.parent)
     )
-    return apply_region_labels(region_samples(augmentation), path)
+    from patchd.plugins.augmenters.vae import read_labels
+
+    samples = region_samples(augmentation)
+    labelled = set(read_labels(path))
+    unlabelled = sorted(int(r) for r in set(samples.g.tolist()) - labelled)
+    if unlabelled:
+        ctx.log.warning(
+            "run %s defuse: regions %s are unlabelled (no entry in %s); training them with "
+            "their source class, which no person confirmed",
+            ctx.run_id,
+            unlabelled,
+            path,
+        )
+    return apply_region_labels(samples, path)
+
+
+def selection_set(val: ImageSet, regions: ImageSet) -> ImageSet:
+    """``val`` plus the labelled region samples as one more group, ``defuse-regions``: the best
+    epoch is picked on both (the held-out region samples stay unseen)."""
+    names = (*val.group_names, "defuse-regions")
+    return ImageSet(
+        x=torch.cat([val.x, regions.x]),
+        y=torch.cat([val.y, regions.y]),
+        g=torch.cat([val.g, torch.full((len(regions),), len(names) - 1, dtype=torch.int64)]),
+        class_names=val.class_names,
+        group_names=names,
+        ids=val.ids + regions.ids,
+    )
 
 
 class DefuseTrainer(EpochTrainer):
@@ -56,6 +95,21 @@ class DefuseTrainer(EpochTrainer):
 
     def check(self, job: Job) -> None:
         region_samples(job.augmentation)
+
+    def fit(self, job: Job, run: Start) -> TrainResult:
+        """The epoch loop, with the best epoch picked on val + the labelled region samples
+        (``select: last`` keeps the last epoch instead)."""
+        select = str(run.params.get("select", "best"))
+        if select not in ("best", "last"):
+            raise StageError(f"patch.params.defuse.select must be best or last, got {select!r}")
+        regions = region_set(job.ctx, job.augmentation, run.params)
+        val = selection_set(job.val, regions)
+        step = self.prepare(job, run)
+        steps = max(1, len(job.train) // run.budget.batch_size)
+        optimizer = make_optimizer(run.net, run.params, run.budget.lr)
+        return run_epochs(
+            job.ctx, run.net, val, step, steps, run.budget, optimizer, keep_best=select == "best"
+        )
 
     def prepare(self, job: Job, run: Start) -> StepFn:
         train, regions = job.train, region_set(job.ctx, job.augmentation, run.params)

@@ -263,6 +263,10 @@ def _ratio(a: object, b: object) -> str:
     return "n/a"
 
 
+def _mse(value: object) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else "n/a"
+
+
 def _region_row(r: dict[str, Any], grid: Image | None) -> str:
     label = r.get("label")
     shown = (
@@ -296,19 +300,21 @@ def _regions_section(report: CandidateReport) -> str:
     realism, and whether a person labelled them."""
     data = report.regions or {}
     grids = {i.caption: i for i in report.region_images}
+    n, done = data.get("n_regions", 0), data.get("n_labelled", 0)
     if data.get("labelled_by"):
-        who = (
-            f"{data['n_labelled']} of {data['n_regions']} regions labelled by "
-            f"{escape(str(data['labelled_by']))}; the rest are unlabelled."
-        )
+        rest = "" if done >= n else " The rest are unlabelled."
+        who = f"{done} of {n} regions labelled by {escape(str(data['labelled_by']))}.{rest}"
     else:
         who = (
             '<b class="warn">Unlabelled:</b> no one labelled these regions; the correction used '
             "each region's source class, which no person confirmed."
         )
+    shown = len(data.get("regions", []))
+    if shown < n:
+        who += f" The {shown} heaviest of {n} regions are shown."
     vae, real = data.get("vae") or {}, data.get("realism") or {}
     facts = (
-        f'<p>{who}</p><p class="muted">VAE reconstruction MSE {_num(vae.get("recon_mse"))} '
+        f'<p>{who}</p><p class="muted">VAE reconstruction MSE {_mse(vae.get("recon_mse"))} '
         f"per pixel; realism: Fréchet distance of region samples to real images "
         f"{_num(real.get('regions_fd'))} (two real sets: {_num(real.get('real_fd'))}), in the "
         "incumbent's features. Spread: mean pairwise distance of a region's samples over that of "
