@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from patchd.config import PatchConfig
     from patchd.ml.data import ImageSet
+    from patchd.monitor.mined import MinedGroups
 
 
 @dataclass
@@ -72,6 +73,10 @@ class MiningResult:
     # per training example: probability of belonging to its class's failing subgroup (None when
     # the miner has no calibrated membership, e.g. ``svm``)
     membership: torch.Tensor | None = None
+    # the per-class membership models in the incumbent's embedding space, for the monitor's
+    # ``mined`` pseudo-groups (None when the miner has none, or embedded with another encoder);
+    # model, run id and incumbent digest are filled in by the mine stage
+    pseudo_groups: MinedGroups | None = None
 
 
 @dataclass(frozen=True)

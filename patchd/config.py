@@ -246,6 +246,11 @@ class SourcesConfig(Section):
     seldon: SeldonSourceConfig = Field(default_factory=SeldonSourceConfig)
 
 
+def _mined_groups(value: Any, info: ValidationInfo) -> Any:
+    """``latest`` | ``off`` | a file path (rebased on the config file's directory)."""
+    return value if value in ("latest", "off") else _config_glob(value, info)
+
+
 class MonitorConfig(Section):
     interval_s: float = Field(10.0, gt=0)
     window: int = Field(5000, ge=10)  # labeled events per model in the sliding window
@@ -269,6 +274,10 @@ class MonitorConfig(Section):
     # "simulated" (the reference's point estimate, h from simulated horizons of the reference's
     # own rates drawn from their posterior: the budget of "0 false alarms over the horizon")
     alarm: Literal["guaranteed", "simulated"] = "guaranteed"
+    # pseudo-groups from mined failure directions (patchd.monitor.mined): "latest" (the newest
+    # succeeded run of the production model that wrote mine/mined_groups.json), "off", or the
+    # path of such a file
+    mined_groups: Annotated[str, BeforeValidator(_mined_groups)] = Field("latest", min_length=1)
 
 
 # "estimated": the label-free "estimated degraded" state (patchd.monitor.estimate) opens a run

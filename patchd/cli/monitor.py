@@ -119,7 +119,24 @@ def status_view(doc: dict[str, Any]) -> RenderableType:
             + (f", last: {requests[-1]['reason']}" if requests else "")
         )
     )
-    return Group(head, groups_table(doc["groups"]), tail)
+    return Group(head, groups_table(doc["groups"]), *mined_lines(doc["groups"]), tail)
+
+
+def mined_lines(groups: dict[str, Any]) -> list[Any]:
+    """The mined pseudo-groups (``mined=member``): where from, and each class's description."""
+    from rich.text import Text
+
+    mined = groups.get("mined_groups")
+    if not mined:
+        return []
+    if not mined["active"]:
+        return [Text(printable(f"mined groups: {mined['note']}"))]
+    skipped = ", ".join(f"{k} {v}" for k, v in mined["skipped"].items() if v) or "none"
+    head = (
+        f"mined groups ({mined['attribute']}=member|rest|unknown) from {mined['note']}, "
+        f"embedding dim {mined['embedding_dim']}; labeled events left unknown: {skipped}"
+    )
+    return [Text(printable(line)) for line in (head, *(f"  {d}" for d in mined["descriptions"]))]
 
 
 @click.command()

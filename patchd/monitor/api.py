@@ -12,6 +12,7 @@ from patchd.api.auth import require_scope
 from patchd.monitor.engine import CellReport, MonitorSnapshot
 from patchd.monitor.estimate import Estimate
 from patchd.monitor.groups import ALL
+from patchd.monitor.mined import ATTRIBUTE, MinedStatus
 
 LABEL_FREE_NOTE = (
     "drift scores are label-free signals (inputs or model behaviour moved); they are never "
@@ -94,6 +95,7 @@ def snapshot_json(snap: MonitorSnapshot | None, model: str) -> dict[str, Any]:
             "worst_cell": None,
             "estimator": "none",
             "estimates": [],
+            "mined_groups": None,
         }
     degraded = snap.estimated_degraded
     pooled = {e.group: e for e in snap.estimates if e.cls == ALL}
@@ -123,6 +125,7 @@ def snapshot_json(snap: MonitorSnapshot | None, model: str) -> dict[str, Any]:
         ],
         "estimator": snap.estimator,
         "estimates": [estimate_json(e, (e.cls, e.group) in degraded) for e in snap.estimates],
+        "mined_groups": mined_json(snap.mined),
         "drift": [
             {
                 "group": d.group,
@@ -137,6 +140,23 @@ def snapshot_json(snap: MonitorSnapshot | None, model: str) -> dict[str, Any]:
             for d in snap.drift
         ],
         "note": LABEL_FREE_NOTE,
+    }
+
+
+def mined_json(status: MinedStatus | None) -> dict[str, Any] | None:
+    """The mined pseudo-groups in use (``mined=member|rest|unknown``), None when off."""
+    if status is None:
+        return None
+    return {
+        "active": status.active,
+        "attribute": ATTRIBUTE,
+        "note": status.note,
+        "source": status.source,
+        "run_id": status.run_id,
+        "incumbent_sha256": status.incumbent_sha256,
+        "embedding_dim": status.embedding_dim,
+        "descriptions": list(status.descriptions),
+        "skipped": dict(status.skipped),
     }
 
 

@@ -30,9 +30,12 @@ from patchd.domain import (
     GroupWarning,
     ModelPromoted,
     ModelRolledBack,
+    RunFinished,
 )
 from patchd.monitor import reference as refmod
 from patchd.monitor.engine import ModelMonitor, MonitorSnapshot
+from patchd.monitor.mined import MinedGroups
+from patchd.monitor.mined_source import resolve
 from patchd.monitor.trigger import patch_requests, request_patch
 from patchd.services import Component, Services
 
@@ -57,6 +60,7 @@ class MonitorComponent(Component):
         self.model = services.config.model.name
         self.engine = ModelMonitor(services.config, self.model)
         self._promoted: ModelPromoted | ModelRolledBack | None = None
+        self._mined_stale = True  # (re)resolve monitor.mined_groups on the next tick
         self._lock = threading.Lock()
 
     @property
@@ -87,6 +91,7 @@ class MonitorComponent(Component):
             bus.subscribe(GroupEstimatedDegraded, self._on_degraded)
         bus.subscribe(ModelPromoted, self._on_promoted)
         bus.subscribe(ModelRolledBack, self._on_promoted)
+        bus.subscribe(RunFinished, self._on_run_finished)
         monitor = self.services.config.monitor
         self._every(self.tick, JOB_ID, monitor.interval_s, dt.timedelta(0))
         self._every(
@@ -115,6 +120,7 @@ class MonitorComponent(Component):
     def tick(self) -> MonitorSnapshot:
         """One monitor pass (the scheduler job; tests may call it directly)."""
         with self._lock:
+            self._apply_mined()  # first: a promotion's evaluation reference must fit its groups
             self._apply_promotion()
             snap, events = self.engine.tick(self.services.store)
         self._publish(events)
@@ -177,13 +183,45 @@ class MonitorComponent(Component):
     def _on_promoted(self, event: ModelPromoted | ModelRolledBack) -> None:
         if event.model == self.model:
             self._promoted = event  # applied by the next tick, in the tick's thread
+            self._mined_stale = True  # the old directions live in the old model's space
+
+    def _on_run_finished(self, event: RunFinished) -> None:
+        if event.model == self.model and event.result in ("succeeded", "no_improvement"):
+            self._mined_stale = True  # a new run's directions may have arrived
+
+    def _apply_mined(self) -> None:
+        """Switch to the pseudo-groups ``monitor.mined_groups`` now selects (when they changed,
+        the cells restart: :meth:`ModelMonitor.use_mined`)."""
+        if not self._mined_stale:
+            return
+        self._mined_stale = False
+        config = self.services.config
+        with self.services.store.read() as conn:
+            found = resolve(
+                config.monitor.mined_groups,
+                conn,
+                config.artifacts_root,
+                self.model,
+                list(config.model.class_names),
+                _production_digest(self.services, self.model),
+            )
+        current = self.engine.groups.mined
+        if found.mined is not None and current is not None and _same(found.mined, current):
+            self.engine.mined_note = found.note
+            return
+        if found.mined is not None or current is not None:
+            log.info("model=%s: mined pseudo-groups: %s", self.model, found.note)
+        self.engine.use_mined(found.mined, found.note, self.services.store)
 
     def _apply_promotion(self) -> None:
         event, self._promoted = self._promoted, None
         if event is None:
             return
         evaluation = _production_evaluation(self.services, self.model)
-        ref = refmod.from_evaluation(self.model, evaluation, event.ts) if evaluation else None
+        ref = None
+        if evaluation:  # the evaluation's group names in the monitor's attribute order
+            ordered = self.engine.groups.space.ordered
+            ref = refmod.from_evaluation(self.model, evaluation, event.ts, ordered)
         self.engine.set_reference(ref or refmod.Learning(self.model, event.ts), self.services.store)
         log.info(
             "model=%s: %s to %s resets the monitor reference (%s)",
@@ -196,6 +234,22 @@ class MonitorComponent(Component):
     def _requests(self) -> list[dict[str, Any]]:
         with self.services.store.read() as conn:
             return [r for r in patch_requests(conn) if r["model"] == self.model]
+
+
+def _same(a: MinedGroups, b: MinedGroups) -> bool:
+    return (a.source, a.run_id, a.incumbent_sha256) == (b.source, b.run_id, b.incumbent_sha256)
+
+
+def _production_digest(services: Services, model: str) -> str | None:
+    """The registry's production digest (None: no promoted version, or an unreadable registry)."""
+    try:
+        from patchd.promotion.registry import Registry
+
+        version = Registry(services.config.registry_root).production(model, verify=False)
+    except Exception as err:  # a broken registry must not stop the monitor
+        log.warning("model=%s: cannot read the registry for the mined groups: %s", model, err)
+        return None
+    return version.sha256 if version is not None else None
 
 
 def _production_evaluation(services: Services, model: str) -> dict[str, Any] | None:

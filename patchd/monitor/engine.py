@@ -22,6 +22,7 @@ import numpy as np
 from patchd.config import Config
 from patchd.domain import DomainEvent, DriftDetected, GroupEstimatedDegraded
 from patchd.monitor import estimate as estmod
+from patchd.monitor import mined as minedmod
 from patchd.monitor import reference as refmod
 from patchd.monitor.cells import CellStats, WindowStats, class_count, group_shares, window_stats
 from patchd.monitor.drift import DriftResult, all_drift
@@ -74,6 +75,7 @@ class MonitorSnapshot:
     estimates: tuple[estmod.Estimate, ...] = ()
     estimated_degraded: frozenset[tuple[str, str]] = frozenset()
     estimator: str = "none"  # "none" (no reference yet) | "confidence" | "confidence+embedding"
+    mined: minedmod.MinedStatus | None = None  # the mined pseudo-groups in use (None: off)
 
 
 @dataclass
@@ -92,6 +94,7 @@ class ModelMonitor:
     snapshot: MonitorSnapshot | None = None
     estimator: estmod.Estimator | None = None  # calibrated on the reference's labeled events
     estimated: set[tuple[str, str]] = field(default_factory=set)  # rows "estimated degraded"
+    mined_note: str = "off"  # why mined pseudo-groups are (not) in use, shown in the status
 
     def __post_init__(self) -> None:
         m = self.config.monitor
@@ -117,6 +120,8 @@ class ModelMonitor:
                 self.reference = refmod.load(conn, self.model) or Learning(
                     self.model, float("-inf")
                 )
+                if not self._reference_fits():  # learned with(out) the mined attribute
+                    self.reference = Learning(self.model, self.reference.epoch_ts)
                 self._register_reference_groups()
             if self.cursor is None:
                 self.cursor = newest_cursor_before(conn, self.model, self.config.monitor.window)
@@ -190,7 +195,52 @@ class ModelMonitor:
             estimates=estimates,
             estimated_degraded=frozenset(self.estimated),
             estimator=kind,
+            mined=self._mined_status(),
         ), events
+
+    def use_mined(
+        self, mined: minedmod.MinedGroups | None, note: str, store: Store | None = None
+    ) -> None:
+        """Adopt a new set of mined pseudo-groups (or none). The cells' definitions change, so
+        every row's test restarts, the window is re-read from the store under the new groups
+        and a reference whose cells do not fit them (learned with or without the ``mined``
+        attribute) is re-learned from the labeled events that follow."""
+        self.mined_note = note
+        if mined is self.groups.mined:
+            return
+        self.groups = GroupIndex(GroupSpace.from_config(self.config.groups), mined=mined)
+        m = self.config.monitor
+        self.window = Window(m.window, m.window_seconds)
+        self.cursor = None  # the next tick re-reads the newest window with the new groups
+        self.traffic = None
+        self.estimator = None  # re-calibrated with the new groups
+        self.estimated.clear()
+        self.policy.reset()  # every row's test restarts over the re-read window
+        # mined cells of another direction set are other slices: re-learned as well
+        if self.reference is not None and (mined is not None or not self._reference_fits()):
+            self.set_reference(Learning(self.model, self.reference.epoch_ts), store)
+        else:
+            self._register_reference_groups()
+
+    def _mined_status(self) -> minedmod.MinedStatus | None:
+        mined = self.groups.mined
+        if mined is None:
+            return (
+                None if self.mined_note == "off" else minedmod.MinedStatus.inactive(self.mined_note)
+            )
+        return minedmod.MinedStatus.of(mined, self.mined_note, self.groups.skipped)
+
+    def _reference_fits(self) -> bool:
+        """Whether the loaded reference's groups carry the mined attribute exactly when the
+        monitor uses mined groups."""
+        if not isinstance(self.reference, Reference):
+            return True
+        mark = f"{minedmod.ATTRIBUTE}="
+        want = self.groups.mined is not None
+        return all(
+            any(part.startswith(mark) for part in c.group.split(",")) == want
+            for c in self.reference.cells
+        )
 
     def reconfigure(self, config: Config, now: float | None = None) -> list[DomainEvent]:
         """Adopt a reloaded configuration's monitor thresholds and re-judge every cell over the
@@ -290,8 +340,11 @@ class ModelMonitor:
             )
 
     def set_reference(self, state: Reference | Learning, store: Store | None) -> None:
-        """Freeze a new reference (or start learning one); every row's test restarts."""
+        """Freeze a new reference (or start learning one); every row's test restarts. A reference
+        whose cells do not fit the groups in use (with or without ``mined``) is learned instead."""
         self.reference = state
+        if not self._reference_fits():
+            self.reference = state = Learning(self.model, state.epoch_ts)
         self.learned = LabeledEvents.empty()
         self.estimator = None  # re-calibrated on the new reference's labeled events
         self.estimated.clear()

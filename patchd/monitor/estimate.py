@@ -130,7 +130,7 @@ class Estimator:
         conf = np.clip(np.nan_to_num(confidence, nan=0.5), CONF_EPS, 1 - CONF_EPS)
         cols = [np.log(conf / (1 - conf))[:, None]]
         if self.basis is not None and self.center is not None:
-            if embedding is None:
+            if embedding is None or embedding.shape[1] != len(self.center):  # other width
                 proj = np.zeros((len(conf), self.basis.shape[1]))
             else:
                 proj = np.nan_to_num((embedding - self.center) @ self.basis)  # missing rows: 0

@@ -58,6 +58,14 @@ class GroupSpace:
             out.append(f"{attr}={value}")
         return ",".join(out)
 
+    def ordered(self, name: str) -> str:
+        """An evaluation's group name (attributes sorted by name: ``patchd.ml.data.group_name``)
+        in this space's attribute order, when it names exactly these attributes; else as is."""
+        parsed = dict(part.split("=", 1) for part in name.split(",") if "=" in part)
+        if not self.attributes or set(parsed) != set(self.attributes):
+            return name
+        return ",".join(f"{a}={parsed[a]}" for a in self.attributes)
+
     def canonical_array(self, keys: np.ndarray) -> np.ndarray:
         """Vectorised :meth:`canonical` over an object array (maps each distinct key once)."""
         if len(keys) == 0:

@@ -11,6 +11,10 @@ The label-free estimate is its own family, per (predicted class, subgroup) and p
 ``..._upper_ratio`` (NaN while unreliable or not calibrated: no confident number is exported),
 ``patchd_estimate_reliable`` (1/0) and ``patchd_estimated_degraded`` (1 in that state). Never
 accuracy: the alert rules on ``patchd_group_accuracy_ratio`` do not read it.
+
+Mined pseudo-groups (:mod:`patchd.monitor.mined`): ``patchd_mined_groups_active`` (1 while the
+``mined`` attribute is in use) and ``patchd_mined_unknown_events_total{reason}``, the labeled
+events left ``mined=unknown`` since the current directions were adopted (reset on a switch).
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from patchd.monitor.drift import FEATURES
 from patchd.monitor.engine import MonitorSnapshot
 from patchd.monitor.groups import ALL
 from patchd.monitor.policy import OK, STATES
+from patchd.monitor.window import SKIP_REASONS
 
 
 class MonitorCollector(Collector):
@@ -58,6 +63,7 @@ class MonitorCollector(Collector):
         yield self._drift(snap)
         yield self._shares(snap)
         yield from self._estimates(snap)
+        yield from self._mined(snap)
 
     def _estimates(self, snap: MonitorSnapshot | None) -> Iterator[Metric]:
         labels = ["model", "class", "group"]
@@ -152,3 +158,22 @@ class MonitorCollector(Collector):
         for group, share in shares.items():
             fam.add_metric([self.model, group], share)
         return fam
+
+    def _mined(self, snap: MonitorSnapshot | None) -> Iterator[Metric]:
+        mined = snap.mined if snap is not None else None
+        active = GaugeMetricFamily(
+            "patchd_mined_groups_active",
+            "1 while the monitor tracks the mined pseudo-groups (attribute 'mined')",
+            labels=["model"],
+        )
+        active.add_metric([self.model], 1.0 if mined is not None and mined.active else 0.0)
+        yield active
+        unknown = CounterMetricFamily(
+            "patchd_mined_unknown_events",
+            "Labeled events left mined=unknown since the current directions were adopted",
+            labels=["model", "reason"],
+        )
+        counts = dict(mined.skipped) if mined is not None else {}
+        for reason in SKIP_REASONS:
+            unknown.add_metric([self.model, reason], float(counts.get(reason, 0)))
+        yield unknown

@@ -13,6 +13,7 @@ import json
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -194,15 +195,26 @@ def _embedding_mean(traffic: Traffic, code: int) -> tuple[float, ...] | None:
     return tuple(float(x) for x in rows.mean(axis=0)) if len(rows) else None
 
 
-def from_evaluation(model: str, evaluation: dict[str, Any], epoch_ts: float) -> Reference | None:
-    """A reference from a held-out evaluation (``patchd.evaluation`` cells), or None if unusable."""
+def from_evaluation(
+    model: str,
+    evaluation: dict[str, Any],
+    epoch_ts: float,
+    name_group: Callable[[str], str] = str,
+) -> Reference | None:
+    """A reference from a held-out evaluation (``patchd.evaluation`` cells), or None if unusable.
+
+    ``name_group`` maps the evaluation's group names onto the monitor's (their attribute order).
+    """
     cells_data = evaluation.get("cells")
     if not isinstance(cells_data, list) or not cells_data:
         return None
     try:
         cells = tuple(
             CellReference(
-                str(c["class_name"]), str(c["group_name"]), int(c["n"]), int(c["correct"])
+                str(c["class_name"]),
+                name_group(str(c["group_name"])),
+                int(c["n"]),
+                int(c["correct"]),
             )
             for c in cells_data
             if int(c["n"]) > 0

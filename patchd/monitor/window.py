@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from patchd.monitor.groups import GroupSpace
+from patchd.monitor import mined as minedmod
+from patchd.monitor.groups import NO_GROUP, GroupSpace
 
 
 @dataclass(frozen=True)
@@ -66,18 +67,29 @@ class LabeledEvents:
 _FIELDS = ("ts", "labeled_at", "pred", "label", "confidence", "group")
 
 
+SKIP_REASONS = ("no_embedding", "other_width", "class_not_mined")
+
+
 @dataclass
 class GroupIndex:
     """Group name <-> integer code, bounded by the :class:`GroupSpace` it maps through."""
 
     space: GroupSpace
+    mined: minedmod.MinedGroups | None = None  # adds the ``mined`` pseudo-group attribute
     names: list[str] = field(default_factory=list)
     _codes: dict[str, int] = field(default_factory=dict)
     _raw: dict[str, int] = field(default_factory=dict)  # raw ingest key -> code
+    _canonical: dict[str, str] = field(default_factory=dict)  # raw ingest key -> canonical
+    # labeled events left out of the mined attribute (``unknown``), by reason
+    skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
 
     def __post_init__(self) -> None:
         for name in self.space.known():
-            self.code(name)
+            if self.mined is None:
+                self.code(name)
+            else:
+                for value in minedmod.VALUES:
+                    self.code(with_mined(name, value))
 
     def code(self, canonical: str) -> int:
         found = self._codes.get(canonical)
@@ -94,6 +106,52 @@ class GroupIndex:
         for key in set(raw_keys) - memo.keys():
             memo[key] = self.code(self.space.canonical(str(key)))
         return np.fromiter((memo[k] for k in raw_keys), dtype=np.int64, count=len(raw_keys))
+
+    def encode_events(
+        self, raw_keys: tuple[str, ...], cls: np.ndarray, blobs: tuple, count: bool = False
+    ) -> np.ndarray:
+        """Codes of events: :meth:`encode`, plus the ``mined`` value from each event's embedding
+        and class when mined groups are in use (``count``: add the skipped ones to ``skipped``)."""
+        if self.mined is None:
+            return self.encode(raw_keys)
+        values = self._mined_values(np.asarray(cls, np.int64), blobs, count)
+        memo = self._canonical
+        if len(memo) > 100_000:
+            memo.clear()
+        for key in set(raw_keys) - memo.keys():
+            memo[key] = self.space.canonical(str(key))
+        pairs: dict[tuple[str, str], int] = {}
+        out = np.empty(len(raw_keys), np.int64)
+        for i, (key, value) in enumerate(zip(raw_keys, values, strict=True)):
+            pair = (memo[key], value)
+            code = pairs.get(pair)
+            if code is None:
+                code = pairs[pair] = self.code(with_mined(*pair))
+            out[i] = code
+        return out
+
+    def _mined_values(self, cls: np.ndarray, blobs: tuple, count: bool) -> np.ndarray:
+        mined = self.mined
+        assert mined is not None
+        width = mined.dim * 4
+        out = np.full(len(blobs), minedmod.UNKNOWN, dtype=object)
+        rows = np.asarray([i for i, b in enumerate(blobs) if b and len(b) == width], np.int64)
+        if len(rows):
+            x = np.frombuffer(b"".join(blobs[i] for i in rows), np.float32).reshape(-1, mined.dim)
+            out[rows] = mined.assign(x, cls[rows])
+        if count:
+            missing = sum(1 for b in blobs if not b)
+            self.skipped["no_embedding"] += missing
+            self.skipped["other_width"] += len(blobs) - missing - len(rows)
+            unplaced = (out[rows] == minedmod.UNKNOWN).sum() if len(rows) else 0
+            self.skipped["class_not_mined"] += int(unplaced)
+        return out
+
+
+def with_mined(canonical: str, value: str) -> str:
+    """A canonical group key with the ``mined`` attribute appended (alone when no attributes)."""
+    part = f"{minedmod.ATTRIBUTE}={value}"
+    return part if canonical == NO_GROUP else f"{canonical},{part}"
 
 
 @dataclass
@@ -119,7 +177,7 @@ class Window:
 
 
 _NEW_SQL = """
-SELECT id, ts, labeled_at, pred, label, confidence, group_key FROM predictions
+SELECT id, ts, labeled_at, pred, label, confidence, group_key, {embedding} FROM predictions
 WHERE model = ? AND label IS NOT NULL AND labeled_at >= ? AND (labeled_at > ? OR id > ?)
 ORDER BY labeled_at, id LIMIT ?
 """
@@ -130,7 +188,9 @@ def fetch_labeled(
 ) -> tuple[LabeledEvents, Cursor]:
     """Events labeled after ``cursor`` (oldest first, at most ``limit``) and the new cursor."""
     start = cursor.labeled_at if np.isfinite(cursor.labeled_at) else -1e300
-    rows = conn.execute(_NEW_SQL, (model, start, start, cursor.id, limit)).fetchall()
+    # the embedding is read only when the mined pseudo-groups need it
+    sql = _NEW_SQL.format(embedding="embedding" if groups.mined is not None else "NULL")
+    rows = conn.execute(sql, (model, start, start, cursor.id, limit)).fetchall()
     if not rows:
         return LabeledEvents.empty(), cursor
     return _columns(rows, groups), Cursor(float(rows[-1][2]), str(rows[-1][0]))
@@ -147,14 +207,15 @@ def newest_cursor_before(conn: sqlite3.Connection, model: str, limit: int) -> Cu
 
 
 def _columns(rows: list[tuple], groups: GroupIndex) -> LabeledEvents:
-    _, ts, labeled_at, pred, label, conf, keys = zip(*rows, strict=True)
+    _, ts, labeled_at, pred, label, conf, keys, emb = zip(*rows, strict=True)
+    truth = np.asarray(label, np.int64)  # the accuracy cells' class: the true one
     return LabeledEvents(
         ts=np.asarray(ts, np.float64),
         labeled_at=np.asarray(labeled_at, np.float64),
         pred=np.asarray(pred, np.int64),
         label=np.asarray(label, np.int64),
         confidence=np.asarray(conf, np.float64),  # None -> nan
-        group=groups.encode(keys),
+        group=groups.encode_events(keys, truth, emb, count=True),
     )
 
 
@@ -194,7 +255,7 @@ def fetch_traffic(
         z = np.zeros(0, np.int64)
         return Traffic(z, np.zeros(0), z, None, None, z, None)
     pred, conf, keys, emb, label = zip(*rows, strict=True)
-    codes = groups.encode(keys)
+    codes = groups.encode_events(keys, np.asarray(pred, np.int64), emb)
     matrix, keep = _embeddings(emb)
     return Traffic(
         np.asarray(pred, np.int64),
@@ -232,7 +293,7 @@ def fetch_reference(
         np.asarray(pred, np.int64),
         np.asarray(label, np.int64),
         np.asarray(conf, np.float64),
-        groups.encode(keys),
+        groups.encode_events(keys, np.asarray(pred, np.int64), emb),
     )
     matrix, keep = _embeddings(emb)
     if matrix is None or keep is None:
@@ -243,11 +304,15 @@ def fetch_reference(
 
 
 def _embeddings(blobs: tuple) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(float32 matrix of the rows that carry an embedding of the common width, their rows)."""
+    """(float32 matrix of the rows that carry an embedding of the common width, their rows).
+
+    The common width is the most frequent one (not the first row's: one odd event must not
+    decide the width of every other)."""
     keep = [i for i, b in enumerate(blobs) if b]
     if not keep:
         return None, None
-    dim = len(blobs[keep[0]]) // 4
+    widths, counts = np.unique([len(blobs[i]) for i in keep], return_counts=True)
+    dim = int(widths[np.argmax(counts)]) // 4
     keep = [i for i in keep if len(blobs[i]) == dim * 4]  # ignore rows of another width
     matrix = np.frombuffer(b"".join(blobs[i] for i in keep), dtype=np.float32).reshape(-1, dim)
     return matrix, np.asarray(keep, np.int64)

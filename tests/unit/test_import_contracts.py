@@ -20,7 +20,7 @@ PUBLIC = {
     "api": {"auth", "client"},
     "ingest": {"records", "pipeline", "tailer"},
     "store": {"db", "predictions"},
-    "monitor": {"engine", "window", "component", "estimate", "sequential"},
+    "monitor": {"engine", "window", "component", "estimate", "sequential", "mined"},
     "runs": {"component", "jobqueue", "recipe", "records"},
     "promotion": {"audit", "component", "registry"},
     "notify": {"component"},

@@ -186,3 +186,32 @@ def test_mine_stage_fits_on_val_and_production_events() -> None:
     held = mining_fit_set(with_prod, val)
     assert len(held) == 40 and held.ids[:30] == val.ids
     assert all(i.startswith("prod:") for i in held.ids[30:])
+
+
+def test_pseudo_groups_for_the_monitor_find_the_minority_in_raw_production_embeddings(
+    tmp_path: Path,
+) -> None:
+    """The membership file the mine stage writes, applied to raw embeddings as ``serve`` does
+    (preprocessing folded in, each event by its class), recovers the failing minority of a
+    production stream with another minority share than the held-out fit."""
+    from patchd.ml.models import features
+    from patchd.monitor import mined as minedmod
+
+    model = Shortcut()
+    val, _ = synthetic(2000, 0.5, seed=1)
+    train, _ = synthetic(3000, 0.03, seed=2)
+    result = SubgroupMiner().mine(_ctx(tmp_path), model, train, fit_data=val)
+    from patchd.runs.recipe import Recipe
+    from patchd.workers.stages.learn import _write_pseudo_groups
+
+    recipe = Recipe("m", "subgroup", "none", "erm", "w.safetensors", "d" * 64, "config", "", 0, {})
+    assert _write_pseudo_groups(result, tmp_path, "run-9", recipe) == 2  # what the stage writes
+    mined = minedmod.read(tmp_path / minedmod.FILE, ["a", "b"])
+    assert (mined.model, mined.run_id, mined.incumbent_sha256) == ("m", "run-9", "d" * 64)
+    assert [d.cls for d in mined.directions] == [0, 1] and mined.dim == 4
+    assert all(0.8 <= d.confidence <= 1.0 and d.description for d in mined.directions)
+    prod, minor = synthetic(3000, 0.2, seed=3)
+    raw = features(model, prod.x).numpy().astype(np.float32)
+    member = mined.assign(raw, prod.y.numpy()) == minedmod.MEMBER
+    precision, recall = minor[member].mean(), member[minor].mean()
+    assert precision >= 0.9 and recall >= 0.9, (precision, recall)

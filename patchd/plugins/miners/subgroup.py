@@ -34,6 +34,7 @@ import torch
 from patchd.abc import FailureMode, Miner, MiningResult, StageContext
 from patchd.exceptions import ConfigError, StageError
 from patchd.ml.data import ImageSet
+from patchd.monitor.mined import MinedDirection, MinedGroups
 from patchd.plugins.miners import captions
 from patchd.plugins.miners.directions import ClassDirection, Preprocessor
 from patchd.plugins.miners.membership import (
@@ -164,7 +165,37 @@ class SubgroupMiner(Miner):
             report_json=report.write(ctx.out_dir / "failure_report.json"),
             report_png=_png(ctx, scored, assigned, report, params.tiles),
             membership=torch.as_tensor(assigned.probability, dtype=torch.float32),
+            pseudo_groups=_pseudo_groups(pre, models, classes, name),
         )
+
+
+def _pseudo_groups(
+    pre: Preprocessor, models: list[ClassMembership], classes: tuple[ClassReport, ...], name: str
+) -> MinedGroups | None:
+    """The mined classes' membership models for the monitor, when they live in the classifier's
+    own feature space (the embeddings production events carry). A member is an event whose
+    calibrated log-odds exceed the log-odds of the held-out share of the subgroup (where the
+    prior-corrected posterior is 0.5 at that share)."""
+    if name != "classifier-features":
+        return None
+    directions = []
+    for m, r in zip(models, classes, strict=True):
+        if not m.mined:
+            continue
+        share = min(max(m.n_members_fit / max(m.n_fit, 1), 1e-6), 1 - 1e-6)
+        directions.append(
+            MinedDirection(
+                cls=m.cls,
+                name=r.name,
+                coef=np.asarray(m.coef, np.float64),
+                intercept=float(m.intercept),
+                threshold=float(np.log((1 - share) / share)),
+                confidence=float(min(max(m.confidence, 0.0), 1.0)),
+                description=r.description,
+            )
+        )
+    mean, std = np.asarray(pre.mean, np.float64), np.asarray(pre.std, np.float64)
+    return MinedGroups("", "", "", name, mean, std, tuple(directions))
 
 
 def _as_svm(params: SubgroupParams) -> Any:

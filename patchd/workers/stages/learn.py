@@ -125,13 +125,36 @@ def mine(
         "fit_on": "val + labeled production events in train",
     }
     (out / "mining.json").write_text(json.dumps(body, indent=2))
+    pseudo = _write_pseudo_groups(result, out, run_id, recipe)
     return {
         "modes": len(result.modes),
         "mined": result.mined,
         "report_png": png,
         "group_names": list(result.group_names),
         "strength": [round(m.strength, 4) for m in result.modes],
+        "pseudo_groups": pseudo,
     }
+
+
+def _write_pseudo_groups(
+    result: MiningResult, out: Path, run_id: str, recipe: Recipe
+) -> int | None:
+    """``mined_groups.json`` (the monitor's ``mined`` pseudo-groups) when the miner has
+    membership models; the number of mined classes it holds, None when not written."""
+    from dataclasses import replace
+
+    from patchd.monitor.mined import FILE
+
+    if result.pseudo_groups is None:
+        return None
+    mined = replace(
+        result.pseudo_groups,
+        model=recipe.model,
+        run_id=run_id,
+        incumbent_sha256=recipe.incumbent_sha256,
+    )
+    mined.write(out / FILE)
+    return len(mined.directions)
 
 
 # --- synthesize ------------------------------------------------------------------------------
