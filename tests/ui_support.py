@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from tests.gate_support import write_weights
+from tests.gate_support import png_bytes, write_weights
 from tests.procs import PATCHD, TOKEN, ServeProcess, start_serve, write_config
 
 APPROVER_TOKEN = "alice-approve-token-0123456789abcdef"
@@ -103,6 +103,38 @@ def start_ui_serve(tmp_path: Path, redis_url: str, **ui: Any) -> Iterator[UiServ
     finally:
         serve.stop()
         receiver.shutdown()
+
+
+def write_regions(
+    artifacts: Path, run_id: str, sources: tuple[str, ...] = ("top", "other")
+) -> Path:
+    """A run with the ``vae`` augmenter's ``synthesize/regions.json`` (schema 2): one region per
+    source class (ids 0, 1, ...), each with a real PNG sample grid. Returns the run folder."""
+    run = artifacts / "runs" / run_id
+    (run / "synthesize" / "previews").mkdir(parents=True, exist_ok=True)
+    regions = []
+    for i, source in enumerate(sources):
+        other = sources[(i + 1) % len(sources)]
+        (run / "synthesize" / "previews" / f"region_{i}.png").write_bytes(png_bytes(60 + i, 40))
+        regions.append(
+            {
+                "region": i,
+                "weight": 0.6 - 0.2 * i,
+                "n_codes": 30 - i,
+                "source_label": i,
+                "source_name": source,
+                "predicted": other,
+                "prediction_mix": {other: 12, source: 4},
+                "preview": f"previews/region_{i}.png",
+                "spread": 4.0 + i,
+                "real_spread": 8.0,
+                "novelty": 1.25 + i,
+                "fd": 40.0,
+            }
+        )
+    body = {"schema": 2, "regions": regions, "realism": {}, "vae": {}}
+    (run / "synthesize" / "regions.json").write_text(json.dumps(body))
+    return run
 
 
 def csrf_of(html: str) -> str:

@@ -300,10 +300,10 @@ def scores(model: nn.Module, held: ImageSet, test: ImageSet) -> dict[str, Any]:
 
 
 def run_seed(dataset: str, seed: int, s: Settings, keep_dir: Path | None) -> dict[str, Any]:
-    from patchd.cli.regions import write_labels
     from patchd.ml.models import small_cnn
     from patchd.ml.training import fit, seed_everything
     from patchd.plugins.augmenters.vae import VAEAugmenter, apply_region_labels
+    from patchd.runs.regions import write_labels
 
     splits, annot_data = load_fmnist(seed, s.n_train) if dataset == "fmnist" else load_digits(seed)
     if dataset == "digits":

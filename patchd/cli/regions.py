@@ -5,17 +5,15 @@ Lists each region: id, mixture weight, its label (or ``unlabelled``: the source 
 search started from is shown as such, never as a label), the model's predictions on its samples,
 their spread against real images of the source class, their novelty, and the PNG grid of its
 samples. ``--label REGION=CLASS`` (repeatable) assigns a class name to a region, or ``invalid`` to
-drop it; labels are stored in ``<artifacts>/runs/<run>/regions/labels.json`` with who gave them
-(``--by``, default ``person``), written atomically, and read by the defuse trainer. Unlabelled
-regions train with their source class (Defuse's premise); the run report says they were
-unlabelled. Torch-free.
+drop it; labels are stored in ``<artifacts>/runs/<run>/regions/labels.json`` with who gave each
+(``--by``, default ``person``) by :func:`patchd.runs.regions.set_labels`, the same writer the
+approval pages use, and read by the defuse trainer (refused once its train stage has started).
+Unlabelled regions train with their source class (Defuse's premise); the run report says they
+were unlabelled. Torch-free.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,60 +21,21 @@ import click
 
 from patchd.cli.options import config_option
 from patchd.config import Config
-from patchd.exceptions import NotFoundError, ValidationError
-
-INVALID = "invalid"
+from patchd.exceptions import ValidationError
+from patchd.runs import regions as store
+from patchd.runs.regions import load_regions
 
 
 def run_dir(config: Config, run_id: str) -> Path:
-    if not run_id or "/" in run_id or run_id.startswith("."):
-        raise ValidationError("bad_run_id", f"run id {run_id!r} is not a plain run id")
-    path = config.artifacts_root / "runs" / run_id
-    if not path.is_dir():
-        raise NotFoundError("run", run_id)
-    return path
+    return store.run_dir(config.artifacts_root, run_id)
 
 
-def load_regions(path: Path) -> list[dict[str, Any]]:
-    regions_file = path / "synthesize" / "regions.json"
-    if not regions_file.is_file():
-        raise NotFoundError("regions of run (run it with patch.augmenter: vae)", path.name)
-    body = json.loads(regions_file.read_text())
-    found = body.get("regions", []) if isinstance(body, dict) else body  # schema 2 / schema 1
-    return [source_named(r) for r in found]
-
-
-def source_named(region: dict[str, Any]) -> dict[str, Any]:
-    """A region dict with ``source_name`` (schema-1 files called it ``label_name``)."""
-    if "source_name" not in region and "label_name" in region:
-        return {**region, "source_name": region["label_name"]}
-    return region
-
-
-def parse_label(text: str, regions: list[dict[str, Any]], classes: set[str]) -> tuple[int, str]:
+def parse_label(text: str) -> tuple[str, str]:
+    """``REGION=CLASS`` as its two parts (checked by :func:`patchd.runs.regions.set_labels`)."""
     region, sep, name = text.partition("=")
-    known = {int(r["region"]) for r in regions}
-    if not sep or not region.strip().isdigit() or int(region) not in known:
-        raise ValidationError(
-            "bad_label", f"{text!r} must be REGION=CLASS with REGION in {sorted(known)}"
-        )
-    name = name.strip()
-    if name != INVALID and name not in classes:
-        raise ValidationError(
-            "bad_label", f"class {name!r} is unknown; use one of {sorted(classes)} or 'invalid'"
-        )
-    return int(region), name
-
-
-def write_labels(path: Path, labels: dict[int, str], by: str = "person") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".labels.", suffix=".tmp")
-    body = {"schema": 1, "by": by, "labels": {str(k): v for k, v in sorted(labels.items())}}
-    with os.fdopen(fd, "w") as fh:
-        json.dump(body, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    if not sep or not region.strip() or not name.strip():
+        raise ValidationError("bad_label", f"{text!r} must be REGION=CLASS (or REGION=invalid)")
+    return region.strip(), name.strip()
 
 
 @click.command()
@@ -94,26 +53,13 @@ def regions(run_id: str, labels: tuple[str, ...], by: str, config: Config) -> No
     """List a run's failure regions and their sample PNGs; label them with --label."""
     path = run_dir(config, run_id)
     found = load_regions(path)
-    labels_file = path / "regions" / "labels.json"
-    current = (
-        {int(k): v for k, v in json.loads(labels_file.read_text()).get("labels", {}).items()}
-        if labels_file.is_file()
-        else {}
-    )
-    classes = (
-        {str(r["source_name"]) for r in found}
-        | {str(r["predicted"]) for r in found}
-        | set(config.model.class_names or [])
-    )
-    for text in labels:
-        region, name = parse_label(text, found, classes)
-        current[region] = name
+    given = dict(parse_label(text) for text in labels)
+    current = store.set_labels(path, given, by, config.model.class_names or [])
     if labels:
-        write_labels(labels_file, current, by=by)
-        click.echo(f"saved {len(labels)} label(s) to {labels_file}")
+        click.echo(f"saved {len(labels)} label(s) to {store.labels_path(path)}")
     for line in region_table(found, current, path / "synthesize"):
         click.echo(line)
-    missing = [str(r["region"]) for r in found if int(r["region"]) not in current]
+    missing = [str(r["region"]) for r in found if int(r["region"]) not in current.labels]
     if missing:
         click.echo(
             f"unlabelled regions: {', '.join(missing)} (the defuse trainer uses their source "
@@ -122,27 +68,27 @@ def regions(run_id: str, labels: tuple[str, ...], by: str, config: Config) -> No
 
 
 def _mix(region: dict[str, Any]) -> str:
-    mix = region.get("prediction_mix") or {region.get("predicted", "?"): None}
-    items = sorted(mix.items(), key=lambda kv: -(kv[1] or 0))
+    items = store.prediction_mix(region)
     return ", ".join(k if v is None else f"{k} ×{v}" for k, v in items)
 
 
 def _ratio(region: dict[str, Any]) -> str:
-    spread, real = region.get("spread"), region.get("real_spread")
-    if not isinstance(spread, int | float) or not isinstance(real, int | float) or real <= 0:
-        return "n/a"
-    return f"{spread / real:.2f}"
+    ratio = store.spread_ratio(region)
+    return "n/a" if ratio is None else f"{ratio:.2f}"
 
 
-def region_table(found: list[dict[str, Any]], labels: dict[int, str], stage: Path) -> list[str]:
-    """Markdown lines: one row per region with its label or ``unlabelled``."""
+def region_table(found: list[dict[str, Any]], labels: store.RegionLabels, stage: Path) -> list[str]:
+    """Markdown lines: one row per region with its label and who gave it, or ``unlabelled``."""
     out = [
         "| region | weight | label | source class | model predicts | spread / real | novelty "
         "| samples |",
         "|---:|---:|---|---|---|---:|---:|---|",
     ]
     for r in found:
-        label = labels.get(int(r["region"]), "unlabelled")
+        region = int(r["region"])
+        label = labels.labels.get(region, "unlabelled")
+        if region in labels.labels and labels.by(region):
+            label = f"{label} (by {labels.by(region)})"
         novelty = r.get("novelty")
         nov = f"{novelty:.2f}" if isinstance(novelty, int | float) else "n/a"
         out.append(

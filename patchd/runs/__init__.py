@@ -8,7 +8,8 @@ Modules, one concept each:
 - :mod:`~patchd.runs.redis_embedded`: a private ``redis-server`` when none answers.
 - :mod:`~patchd.runs.component`: the serve component (create, poll, cancel; metrics).
 - :mod:`~patchd.runs.api`: ``/v1/runs``.
+- :mod:`~patchd.runs.regions`: a run's Defuse failure regions and their labels file (torch-free).
 
-Other subsystems import only ``component``, ``records``, ``recipe`` and ``jobqueue`` (the worker
-side reads the last two).
+Other subsystems import only ``component``, ``records``, ``recipe``, ``jobqueue`` (the worker
+side reads these two) and ``regions``.
 """

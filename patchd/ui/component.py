@@ -49,6 +49,8 @@ class UiComponent(Component):
         self.settings = config.ui
         self.model_name = config.model.name
         self.monitor_config = config.monitor
+        self.artifacts_root = config.artifacts_root
+        self.class_names = tuple(config.model.class_names or ())
         self.sessions = SessionStore(config.ui.session_ttl_s)
         self.allowed_origins = origin_of(config.ui.public_url)
 

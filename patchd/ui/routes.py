@@ -1,4 +1,5 @@
-"""The ``/ui`` routes: login, models, runs, candidates (approve / reject), production (rollback).
+"""The ``/ui`` routes: login, models, runs, candidates (approve / reject), production (rollback),
+and a run's Defuse failure regions (their sample grids, and a label or ``invalid`` per region).
 
 Pages are server-rendered (Jinja2, autoescaped); forms POST ``application/x-www-form-urlencoded``
 bodies with the session's CSRF token (:mod:`patchd.ui.session`) and answer with a 303 redirect.
@@ -13,15 +14,16 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from patchd.api.auth import TokenStore
-from patchd.exceptions import ConflictError, NotFoundError, PatchdError
+from patchd.exceptions import ConflictError, NotFoundError, PatchdError, ValidationError
 from patchd.promotion.audit import PERSON_PATTERN
+from patchd.runs import regions as region_store
 from patchd.ui import views
 from patchd.ui.session import (
     COOKIE_PATH,
@@ -66,6 +68,7 @@ FLASH = {
     "rejected": "Rejected: the candidate will not be promoted.",
     "rolled_back": "Rolled back: production is the previous version again.",
     "logged_out": "Logged out.",
+    "labelled": "Label saved: the defuse trainer reads it when this run's train stage starts.",
 }
 
 
@@ -77,6 +80,8 @@ class UiBackend(Protocol):
     allowed_origins: frozenset[str]
     model_name: str
     monitor_config: MonitorConfig
+    artifacts_root: Path
+    class_names: tuple[str, ...]
 
     def templates(self) -> Environment: ...
 
@@ -150,6 +155,34 @@ def build_router(ui: UiBackend) -> APIRouter:
         if not session.can_approve:
             raise FormError(403, f"{session.principal.name!r} may read but not approve")
         return session, form
+
+    async def submit(
+        request: Request,
+        what: str,
+        run: Callable[[Session, dict[str, str]], Any],
+        failed: Callable[[Session, PatchdError, int], Response],
+        done: str,
+    ) -> Response:
+        """A state-changing form: :func:`action`'s checks, then ``run``; a refusal of ``run``
+        (conflict 409, not found 404, bad input 400) is answered by ``failed``, success by a 303
+        to ``done``."""
+        try:
+            session, form = await action(request)
+        except FormError as err:
+            return refused(request, err)
+        try:
+            await run_in_threadpool(run, session, form)
+        except (ConflictError, NotFoundError, ValidationError) as err:
+            log.info("ui: %s by %s refused: %s", what, session.principal.name, err)
+            status = (
+                404
+                if isinstance(err, NotFoundError)
+                else 400
+                if isinstance(err, ValidationError)
+                else 409
+            )
+            return failed(session, err, status)
+        return redirect(done)
 
     def refused(request: Request, err: FormError) -> HTMLResponse:
         log.warning("ui: %s %s refused (%d): %s", request.method, request.url.path, err.status, err)
@@ -257,7 +290,10 @@ def build_router(ui: UiBackend) -> APIRouter:
         component = ui.runs()
         records = component.list(limit=50) if component is not None else []
         shown = [views.run_view(r) for r in records]
-        return page(request, "runs.html", session=who, runs=shown, v=views)
+        with_regions = {r.record.id for r in shown if _has_regions(r.record.id)}
+        return page(
+            request, "runs.html", session=who, runs=shown, with_regions=with_regions, v=views
+        )
 
     @router.get("/candidates", response_model=None)
     def candidates(request: Request) -> Response:
@@ -300,8 +336,50 @@ def build_router(ui: UiBackend) -> APIRouter:
             c=cand,
             report=report,
             error=error,
+            regions=_has_regions(cand.run_id),
             v=views,
         )
+
+    def _has_regions(run_id: str) -> bool:
+        try:
+            return region_store.has_regions(region_store.run_dir(ui.artifacts_root, run_id))
+        except (NotFoundError, ValidationError):
+            return False
+
+    @router.get("/runs/{run_id}/regions", response_model=None)
+    def regions(request: Request, run_id: str) -> Response:
+        who = viewer(request)
+        if isinstance(who, RedirectResponse):
+            return who
+        return _regions_page(request, run_id, who)
+
+    def _regions_page(
+        request: Request,
+        run_id: str,
+        who: Session | None,
+        error: str | None = None,
+        status: int = 200,
+    ) -> HTMLResponse:
+        try:
+            run = region_store.run_dir(ui.artifacts_root, run_id)
+            shown = views.regions_page(run, ui.class_names)
+        except (NotFoundError, ValidationError) as err:
+            code = 404 if isinstance(err, NotFoundError) else 400
+            return page(request, "error.html", code, session=who, message=str(err))
+        return page(request, "regions.html", status, session=who, p=shown, error=error, v=views)
+
+    @router.get("/runs/{run_id}/regions/{region}/grid.png", response_model=None)
+    def region_grid(request: Request, run_id: str, region: int) -> Response:
+        """The region's sample grid: only the PNG its run's ``regions.json`` names, inside the
+        run's ``synthesize/`` folder; no path is taken from the request."""
+        who = viewer(request)
+        if isinstance(who, RedirectResponse):
+            return who
+        try:
+            data = region_store.read_grid(region_store.run_dir(ui.artifacts_root, run_id), region)
+        except (NotFoundError, ValidationError) as err:
+            return Response(str(err), status_code=404, media_type="text/plain", headers=HEADERS)
+        return Response(data, media_type="image/png", headers=HEADERS)
 
     @router.get("/production", response_model=None)
     def production(request: Request) -> Response:
@@ -323,19 +401,11 @@ def build_router(ui: UiBackend) -> APIRouter:
         verb: str,
         run: Callable[[Session, dict[str, str]], Any],
     ) -> Response:
-        try:
-            session, form = await action(request)
-        except FormError as err:
-            return refused(request, err)
-        try:
-            await run_in_threadpool(run, session, form)
-        except (ConflictError, NotFoundError) as err:
-            log.info(
-                "ui: %s of %s by %s refused: %s", verb, candidate_id, session.principal.name, err
-            )
-            status = 404 if isinstance(err, NotFoundError) else 409
+        def failed(session: Session, err: PatchdError, status: int) -> Response:
             return _candidate_page(request, candidate_id, session, str(err), status)
-        return redirect(f"/ui/candidates/{candidate_id}?msg={verb}")
+
+        done = f"/ui/candidates/{candidate_id}?msg={verb}"
+        return await submit(request, f"{verb} of {candidate_id}", run, failed, done)
 
     @router.post("/candidates/{candidate_id}/approve", response_model=None)
     async def approve(request: Request, candidate_id: str) -> Response:
@@ -351,6 +421,24 @@ def build_router(ui: UiBackend) -> APIRouter:
             ui.candidates().reject(candidate_id, session.actor, reason)
 
         return await decide(request, candidate_id, "rejected", run)
+
+    @router.post("/runs/{run_id}/regions/{region}/label", response_model=None)
+    async def label_region(request: Request, run_id: str, region: str) -> Response:
+        """One region's label (a class or ``invalid``), recorded as the session's actor, as
+        ``patchd regions RUN --label REGION=CLASS --by NAME`` does."""
+
+        def run(session: Session, form: dict[str, str]) -> None:
+            path = region_store.run_dir(ui.artifacts_root, run_id)
+            label = form.get("label", "")
+            region_store.set_labels(path, {region: label}, session.actor, ui.class_names)
+            log.info("ui: %s labelled run %r region %s %r", session.actor, run_id, region, label)
+
+        def failed(session: Session, err: PatchdError, status: int) -> Response:
+            return _regions_page(request, run_id, session, str(err), status)
+
+        done = f"/ui/runs/{quote(run_id, safe='')}/regions?msg=labelled#region-{quote(region)}"
+        what = f"label of run {run_id!r} region {region!r}"
+        return await submit(request, what, run, failed, done)
 
     @router.post("/production/{model}/rollback", response_model=None)
     async def rollback(request: Request, model: str) -> Response:

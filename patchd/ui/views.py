@@ -9,11 +9,13 @@ from __future__ import annotations
 import datetime as dt
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from patchd.config import MonitorConfig
 from patchd.monitor.engine import MonitorSnapshot
 from patchd.promotion.audit import AuditEntry
 from patchd.promotion.registry import Pointer
+from patchd.runs import regions as region_store
 from patchd.runs.jobqueue import STAGES
 from patchd.runs.records import RunRecord
 
@@ -78,6 +80,69 @@ class ModelView:
     def status(self) -> str:
         states = {c.state for c in self.cells}
         return next((s for s in ("degraded", "warning") if s in states), "ok")
+
+
+@dataclass(frozen=True)
+class RegionView:
+    region: int
+    weight: float | None
+    n_codes: int | None
+    source: str
+    mix: tuple[tuple[str, int | None], ...]  # the model's predictions on the samples
+    spread_ratio: float | None
+    novelty: float | None
+    label: str | None  # None: unlabelled (the source class is never shown as a label)
+    by: str | None
+
+
+@dataclass(frozen=True)
+class RegionsPage:
+    run_id: str
+    regions: tuple[RegionView, ...]
+    classes: tuple[str, ...]  # what a region may be labelled with (besides "invalid")
+    closed: str | None  # why labels are no longer taken, None while they are
+
+    @property
+    def n_labelled(self) -> int:
+        return sum(r.label is not None for r in self.regions)
+
+    @property
+    def people(self) -> str | None:
+        names = sorted({r.by for r in self.regions if r.label is not None and r.by})
+        return ", ".join(names) if names else None
+
+
+def _number(x: object) -> float | None:
+    return float(x) if isinstance(x, int | float) and math.isfinite(x) else None
+
+
+def regions_page(run: Path, class_names: tuple[str, ...]) -> RegionsPage:
+    """A run's Defuse regions, heaviest first, with their labels (NotFoundError: no regions)."""
+    found = region_store.load_regions(run)
+    labels = region_store.read_labels(region_store.labels_path(run))
+    shown = []
+    for r in sorted(found, key=lambda r: -(_number(r.get("weight")) or 0.0)):
+        region = int(r["region"])
+        n_codes = r.get("n_codes")
+        shown.append(
+            RegionView(
+                region=region,
+                weight=_number(r.get("weight")),
+                n_codes=n_codes if isinstance(n_codes, int) else None,
+                source=str(r.get("source_name", "?")),
+                mix=tuple(region_store.prediction_mix(r)),
+                spread_ratio=region_store.spread_ratio(r),
+                novelty=_number(r.get("novelty")),
+                label=labels.labels.get(region),
+                by=labels.by(region),
+            )
+        )
+    return RegionsPage(
+        run_id=run.name,
+        regions=tuple(shown),
+        classes=tuple(region_store.class_choices(found, class_names)),
+        closed=region_store.labelling_closed(run),
+    )
 
 
 def run_view(rec: RunRecord) -> RunView:
@@ -168,6 +233,10 @@ def when(ts: float | None) -> str:
     if ts is None:
         return "-"
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def num(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def pct(x: float | None) -> str:

@@ -3,10 +3,13 @@ the pending candidate, approve it (answering the confirm dialog), see production
 audit line; reject another; a forged form from another origin is refused; no token leaks into a
 URL, a cookie readable by scripts, or serve's log. Screenshots of the candidate and models pages
 are kept when ``KEEP_UI_SCREENSHOTS`` names a folder (docs/ for the README; not a
-``PATCHD_*`` name: serve reads those as configuration)."""
+``PATCHD_*`` name: serve reads those as configuration). A Defuse run's regions are labelled in
+the page; ``KEEP_UI_REGIONS_FROM`` may name a real run folder whose six heaviest regions (and
+their sample grids) are shown instead of the generated ones, for the README's screenshot."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -23,7 +26,14 @@ from patchd.promotion.registry import Registry
 from tests.cdp import CHROMIUM, Browser
 from tests.gate_support import fake_run, passing, png_bytes
 from tests.procs import TOKEN
-from tests.ui_support import APPROVER_TOKEN, READER_TOKEN, UiServe, start_ui_serve, traffic
+from tests.ui_support import (
+    APPROVER_TOKEN,
+    READER_TOKEN,
+    UiServe,
+    start_ui_serve,
+    traffic,
+    write_regions,
+)
 
 pytestmark = [
     pytest.mark.integration,
@@ -191,3 +201,49 @@ def test_approve_reject_and_a_forged_form_in_chromium(
         assert token not in log
     assert incumbent != digests["r1"]
     assert httpx.get(f"{base}/ui/static/ui.js").status_code == 200
+
+
+def _regions_run(ui: UiServe) -> Path:
+    """A synthesized, untrained run ``r-d``: generated regions, or a real run's six heaviest."""
+    source = os.environ.get("KEEP_UI_REGIONS_FROM")
+    if not source:
+        return write_regions(ui.artifacts, "r-d")
+    run = ui.artifacts / "runs" / "r-d"
+    shutil.copytree(Path(source) / "synthesize", run / "synthesize")
+    regions = run / "synthesize" / "regions.json"
+    body = json.loads(regions.read_text())
+    body["regions"] = sorted(body["regions"], key=lambda r: -r["weight"])[:6]
+    regions.write_text(json.dumps(body))
+    return run
+
+
+def test_label_a_defuse_region_in_chromium(ui: UiServe, browser: Browser, tmp_path: Path) -> None:
+    base = ui.serve.url
+    run = _regions_run(ui)
+    first = json.loads((run / "synthesize" / "regions.json").read_text())["regions"][0]
+    region = int(first["region"])
+    browser.goto(f"{base}/ui/login")
+    browser.js(f"document.querySelector('#token').value = {APPROVER_TOKEN!r}")
+    browser.js("document.querySelector('form[action=\"/ui/login\"] button').click()")
+    browser.settle()
+    browser.goto(f"{base}/ui/runs/r-d/regions")
+    assert "unlabelled" in browser.text()
+    # every grid loads under the page's CSP (img-src 'self'), at its own aspect
+    loaded = browser.js(
+        "[...document.querySelectorAll('table.regions img')].map(i => i.complete && i.naturalWidth)"
+    )
+    assert loaded and all(loaded), loaded
+    select = f"#label-{region}"
+    choice = browser.js(f"[...document.querySelector({select!r}).options].pop().value")
+    assert choice == "invalid"
+    browser.js(f"document.querySelector({select!r}).value = {choice!r}")
+    browser.js(f"document.querySelector('#region-{region} form button').click()")
+    browser.settle()
+    assert "Label saved" in browser.text() and "by alice" in browser.text()
+    stored = json.loads((run / "regions" / "labels.json").read_text())
+    assert stored["labels"] == {str(region): choice} and stored["given_by"][str(region)] == "alice"
+    browser.js("window.scrollTo(0, 0)")
+    shot = tmp_path / "regions.png"
+    browser.screenshot(shot)
+    _png_ok(shot)
+    _keep(shot, "ui_regions.png")

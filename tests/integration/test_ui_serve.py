@@ -1,9 +1,13 @@
 """The approval pages over real HTTP against a real ``patchd serve``: login, sessions, CSRF and
 same-origin refusals, approve / reject / rollback from forms landing in the audit log with the
-person's name, read-only tokens, no token in URLs or logs, and the candidate webhooks."""
+person's name, labelling a run's Defuse regions (what ``patchd regions RUN`` then shows),
+read-only tokens, no token in URLs or logs, and the candidate webhooks."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +18,7 @@ import pytest
 from patchd.promotion.audit import AuditLog
 from patchd.promotion.registry import Registry
 from tests.gate_support import failing, fake_run, passing, png_bytes
-from tests.procs import TOKEN
+from tests.procs import PATCHD, TOKEN
 from tests.ui_support import (
     APPROVER_TOKEN,
     READER_TOKEN,
@@ -23,6 +27,7 @@ from tests.ui_support import (
     csrf_of,
     login,
     start_ui_serve,
+    write_regions,
 )
 
 pytestmark = pytest.mark.integration
@@ -158,6 +163,88 @@ def test_login_approve_reject_rollback_over_http(ui: UiServe) -> None:
     assert "ui: alice logged in" in log
 
 
+def test_label_defuse_regions_over_http(ui: UiServe) -> None:
+    _candidate(ui, "r1", 1.0)
+    write_regions(ui.artifacts, "r1")  # trained already: past labelling
+    run = write_regions(ui.artifacts, "r-d")  # synthesized, not trained yet
+    (ui.artifacts / "runs" / "r-bare").mkdir()
+    with _browser(ui) as browser:
+        for url in ("/ui/runs/r-d/regions", "/ui/runs/r-d/regions/0/grid.png"):
+            page = browser.get(url)
+            assert page.status_code == 303 and page.headers["location"] == "/ui/login"
+        form = browser.get("/ui/login")
+        named = {"token": APPROVER_TOKEN, "name": "Ana Lee", "csrf": csrf_of(form.text)}
+        assert browser.post("/ui/login", data=named).status_code == 303
+
+        cand = browser.get("/ui/candidates/c-r1")
+        assert 'href="/ui/runs/r1/regions"' in cand.text
+        page = browser.get("/ui/runs/r-d/regions")
+        assert page.status_code == 200 and "0 of 2 regions labelled" in page.text
+        assert page.text.count('class="tag warn">unlabelled') == 2
+        assert (
+            "other ×12, top ×4" in page.text
+            and 'action="/ui/runs/r-d/regions/0/label"' in page.text
+        )
+        grid = browser.get("/ui/runs/r-d/regions/1/grid.png")
+        assert grid.status_code == 200 and grid.headers["content-type"] == "image/png"
+        assert grid.content == (run / "synthesize" / "previews" / "region_1.png").read_bytes()
+        assert browser.get("/ui/runs/r-d/regions/9/grid.png").status_code == 404
+        assert browser.get("/ui/runs/.r-d/regions").status_code == 400
+        csrf = csrf_of(page.text)
+
+        # refused: another origin, no or a wrong CSRF token, no session
+        url = "/ui/runs/r-d/regions/0/label"
+        evil = browser.post(
+            url, data={"label": "top", "csrf": csrf}, headers={"Origin": "http://evil.example"}
+        )
+        assert evil.status_code == 403 and "another origin" in evil.text
+        for bad in ({"label": "top"}, {"label": "top", "csrf": csrf[:-2] + "xx"}):
+            assert browser.post(url, data=bad).status_code == 403
+        with _browser(ui) as stranger:
+            assert stranger.post(url, data={"label": "top", "csrf": csrf}).status_code == 401
+        # bad input: an unknown class, region, a run without regions, a run past labelling
+        shoe = browser.post(url, data={"label": "shoe", "csrf": csrf})
+        assert shoe.status_code == 400 and "class &#39;shoe&#39; is unknown" in shoe.text
+        nine = browser.post("/ui/runs/r-d/regions/9/label", data={"label": "top", "csrf": csrf})
+        assert nine.status_code == 404 and "regions are [0, 1]" in nine.text
+        bare = browser.post("/ui/runs/r-bare/regions/0/label", data={"label": "top", "csrf": csrf})
+        assert bare.status_code == 404 and "regions of run" in bare.text
+        late = browser.post("/ui/runs/r1/regions/0/label", data={"label": "top", "csrf": csrf})
+        assert late.status_code == 409 and "past labelling" in late.text
+        assert not (run / "regions" / "labels.json").exists()
+
+        ok = browser.post(
+            url, data={"label": "top", "csrf": csrf}, headers={"Origin": ui.serve.url}
+        )
+        assert ok.status_code == 303
+        assert ok.headers["location"] == "/ui/runs/r-d/regions?msg=labelled#region-0"
+        bad_one = browser.post(
+            "/ui/runs/r-d/regions/1/label", data={"label": "invalid", "csrf": csrf}
+        )
+        assert bad_one.status_code == 303
+        shown = browser.get("/ui/runs/r-d/regions?msg=labelled")
+        assert "Label saved" in shown.text and "2 of 2 regions labelled" in shown.text
+        assert shown.text.count("by Ana Lee (token alice)") == 3  # header + each region
+
+    # the CLI shows what the page stored, with who gave it
+    listed = subprocess.run(
+        [PATCHD, "regions", "r-d", "-c", str(ui.config_path)],
+        env={**os.environ, "PATCHD_TOKEN": TOKEN},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split("|")[1].strip(): line for line in listed.stdout.splitlines() if "|" in line}
+    assert "| top (by Ana Lee (token alice)) |" in rows["0"]
+    assert "| invalid (by Ana Lee (token alice)) |" in rows["1"]
+    assert "unlabelled regions" not in listed.stdout
+    stored = json.loads((run / "regions" / "labels.json").read_text())
+    assert stored["labels"] == {"0": "top", "1": "invalid"}
+    assert stored["given_by"] == {"0": "Ana Lee (token alice)", "1": "Ana Lee (token alice)"}
+    assert "labelled run 'r-d' region 0 'top'" in ui.serve.log()
+
+
 def test_read_only_token_sees_but_cannot_decide(ui: UiServe) -> None:
     d1 = _candidate(ui, "r1", 1.0)
     with _browser(ui) as browser:
@@ -168,6 +255,12 @@ def test_read_only_token_sees_but_cannot_decide(ui: UiServe) -> None:
         csrf = csrf_of(page.text)  # the logout form's
         refused = browser.post("/ui/candidates/c-r1/approve", data={"digest": d1, "csrf": csrf})
         assert refused.status_code == 403 and "may read but not approve" in refused.text
+        write_regions(ui.artifacts, "r-d")
+        regions = browser.get("/ui/runs/r-d/regions")
+        assert regions.status_code == 200 and "may read but not label" in regions.text
+        assert "/label" not in regions.text
+        label = browser.post("/ui/runs/r-d/regions/0/label", data={"label": "top", "csrf": csrf})
+        assert label.status_code == 403 and "may read but not approve" in label.text
     with ui.serve.client() as admin:
         assert admin.get("/v1/candidates/c-r1").json()["state"] == "awaiting_approval"
     # an ingest-only token cannot log in at all (none configured here): an unknown one neither

@@ -21,7 +21,7 @@ PUBLIC = {
     "ingest": {"records", "pipeline", "tailer"},
     "store": {"db", "predictions"},
     "monitor": {"engine", "window", "component", "estimate", "sequential", "mined"},
-    "runs": {"component", "jobqueue", "recipe", "records"},
+    "runs": {"component", "jobqueue", "recipe", "records", "regions"},
     "promotion": {"audit", "component", "registry"},
     "notify": {"component"},
     "ui": {"component"},

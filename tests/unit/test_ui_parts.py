@@ -1,7 +1,9 @@
 """The approval pages' small parts: sessions, CSRF and origin checks, stage progress, the
-notification bodies, and the wording of a degraded cell."""
+notification bodies, the wording of a degraded cell, and the Defuse regions page."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from patchd.api.auth import Principal
 from patchd.domain import GroupDegraded
@@ -92,3 +94,43 @@ def test_notification_bodies() -> None:
     )
     odd = Notice("fail", Candidate(**{**cand.__dict__, "id": "c-<x>&"}), "http://h/x")
     assert "c-&lt;x&gt;&amp;" in slack(odd)["text"]
+
+
+def test_regions_page_shows_unlabelled_labels_and_who_and_one_form_per_region(
+    tmp_path: Path,
+) -> None:
+    from patchd.runs import regions as store
+    from patchd.ui import views
+    from patchd.ui.component import _environment
+    from patchd.ui.session import Session
+    from patchd.ui.views import regions_page
+    from tests.ui_support import write_regions
+
+    run = write_regions(tmp_path, "r-1")
+    store.set_labels(run, {"1": "invalid"}, "ana (token alice)", ["top", "other"])
+    shown = regions_page(run, ("top", "other"))
+    assert [r.region for r in shown.regions] == [0, 1]  # heaviest first
+    assert shown.regions[0].label is None and shown.regions[0].mix == (("other", 12), ("top", 4))
+    assert shown.n_labelled == 1 and shown.people == "ana (token alice)"
+    session = Session(ALICE, "csrf-token-x", 1e12, "ana")
+
+    def render(who: Session | None) -> str:
+        return (
+            _environment()
+            .get_template("regions.html")
+            .render(
+                session=who, flash=None, model_name="m", nav="runs", p=shown, error=None, v=views
+            )
+        )
+
+    page = render(session)
+    assert page.count('name="csrf" value="csrf-token-x"') == 3  # log out + a form per region
+    assert 'action="/ui/runs/r-1/regions/0/label"' in page
+    assert "unlabelled" in page and "by ana (token alice)" in page
+    assert 'src="/ui/runs/r-1/regions/1/grid.png"' in page and "0.50" in page  # spread / real
+    anonymous = render(None)
+    assert 'name="csrf"' not in anonymous and "Log in" in anonymous
+    (run / "train").mkdir()
+    shown = regions_page(run, ("top", "other"))
+    closed = render(session)
+    assert "Labelling is closed" in closed and "/label" not in closed

@@ -43,18 +43,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from patchd.abc import Augmentation, Augmenter, StageContext
-from patchd.exceptions import StageError
+from patchd.exceptions import StageError, ValidationError
 from patchd.ml.data import ImageSet
 from patchd.ml.training import seed_everything
 from patchd.plugins.augmenters.previews import save_grid
 from patchd.plugins.trainers.base import BalancedSampler, pick_device, predict
-
-INVALID = "invalid"
-
-
-def labels_path(run_dir: Path) -> Path:
-    """Where ``patchd regions RUN --label`` stores a person's region labels."""
-    return Path(run_dir) / "regions" / "labels.json"
+from patchd.runs import regions as region_store
+from patchd.runs.regions import INVALID as INVALID  # the label that drops a region
+from patchd.runs.regions import labels_path as labels_path  # where a person's labels are
 
 
 class VAE(nn.Module):
@@ -464,18 +460,13 @@ def read_labels(path: Path) -> dict[int, str]:
 
 
 def read_labels_file(path: Path) -> tuple[dict[int, str], str | None]:
-    """The labels and who gave them (``by``, None when not recorded) from the labels file."""
-    if not path.is_file():
-        return {}, None
+    """The labels and who gave them (comma-joined, None when not recorded) from the labels file
+    (:func:`patchd.runs.regions.read_labels`)."""
     try:
-        raw = json.loads(path.read_text())
-        labels = {int(k): str(v) for k, v in raw.get("labels", {}).items()}
-        by = raw.get("by")
-        return labels, None if by is None else str(by)
-    except (ValueError, AttributeError) as err:
-        raise StageError(
-            f"region labels file {path} is not valid JSON ({err}); fix or delete it"
-        ) from err
+        found = region_store.read_labels(path)
+    except ValidationError as err:
+        raise StageError(str(err)) from err
+    return dict(found.labels), found.people
 
 
 def apply_region_labels(extra: ImageSet, path: Path) -> ImageSet:

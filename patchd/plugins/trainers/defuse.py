@@ -4,7 +4,8 @@ Fine-tunes the incumbent on ``CE(train batch) + λ·CE(region-sample batch)``: e
 training batch with one batch of labeled failure-region samples drawn with replacement
 (``research/failure_mining.md`` §2.7). Region samples come from the ``vae`` augmenter as
 ``augmentation.extra``; their labels are the source images' classes unless a person relabelled a
-region with ``patchd regions RUN --label REGION=CLASS`` (the augmenter's ``region`` ids are kept
+region with ``patchd regions RUN --label REGION=CLASS`` or on the run's failure-regions page
+under ``/ui`` (the augmenter's ``region`` ids are kept
 in ``extra.g``; the labels file is ``<run>/regions/labels.json``, read by
 :func:`patchd.plugins.augmenters.vae.apply_region_labels`). Regions labelled ``invalid`` are
 dropped.

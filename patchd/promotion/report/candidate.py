@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from patchd.evaluation import PairedEvaluation
+from patchd.exceptions import ValidationError
 from patchd.promotion.gate import GateDecision
+from patchd.runs.regions import RegionLabels, labels_path, read_labels
 
 log = logging.getLogger(__name__)
 
@@ -195,14 +197,23 @@ def defuse_regions(run_dir: Path) -> tuple[dict[str, Any] | None, tuple[Image, .
     data = _read_json(run_dir / "synthesize" / "regions.json")
     if not isinstance(data, dict) or not isinstance(data.get("regions"), list):
         return None, ()
-    labels_file = _read_json(run_dir / "regions" / "labels.json")
-    labels = labels_file.get("labels", {}) if isinstance(labels_file, dict) else {}
-    by = labels_file.get("by") if isinstance(labels_file, dict) else None
+    try:
+        given = read_labels(labels_path(run_dir))
+    except ValidationError:  # an unreadable labels file shows as no labels, as before
+        given = RegionLabels({}, {})
+    labels = {str(k): v for k, v in given.labels.items()}
     regions = sorted(
         (r for r in data["regions"] if isinstance(r, dict)),
         key=lambda r: -float(r.get("weight", 0.0)),
     )
-    rows = [{**r, "label": labels.get(str(r.get("region")))} for r in regions[:MAX_REGIONS]]
+    rows = [
+        {
+            **r,
+            "label": labels.get(str(r.get("region"))),
+            "labelled_by": given.by(int(r["region"])) if "region" in r else None,
+        }
+        for r in regions[:MAX_REGIONS]
+    ]
     images = []
     vae: dict[str, Any] = data["vae"] if isinstance(data.get("vae"), dict) else {}
     if vae.get("preview"):
@@ -221,7 +232,7 @@ def defuse_regions(run_dir: Path) -> tuple[dict[str, Any] | None, tuple[Image, .
         "realism": data.get("realism", {}),
         "flips": data.get("flips"),
         "n_regions": len(regions),
-        "labelled_by": by if labels else None,
+        "labelled_by": given.people,
         "n_labelled": sum(1 for r in regions if str(r.get("region")) in labels),
         "regions": rows,
     }
