@@ -5,12 +5,16 @@ One process: load the dataset once, then per seed train the incumbent (ERM from 
 weights with the same budget:
 
 - ``erm``: plain fine-tune (the pipeline's ERMTrainer);
-- ``gdro``: Sagawa's online Group DRO; ``dfr``: last layer on group-balanced validation data
-  (train + validation when a validation cell is scarce); ``jtt``: Just Train Twice (the
-  incumbent's training errors upweighted);
+- ``gdro``: Sagawa's online Group DRO; ``cgdro``: its class-conditional form (camel's robust
+  objective without translations, so a camel row can be read against it); ``dfr``: last
+  layer on group-balanced validation data (train + validation when a validation cell is
+  scarce); ``jtt``: Just Train Twice (the incumbent's training errors upweighted);
 - ``camel``: CycleGAN per class on the true groups + consistency + class-conditional GDRO;
 - ``camel-maskpaste``: the same trainer on ``maskpaste`` translations (real pixels moved by a
   learned feature locator);
+- ``camel-maskpaste-rows`` / ``translation-oracle-rows``: the same translations (synthesized and
+  measured once per seed, shared with the row above) with ``camel.translated_rows``: each kept
+  translation also joins its target cell as a labeled row;
 - ``camel-mined``: ``camel-maskpaste`` on groups mined by the configured miner with the true
   groups hidden (fitted on the validation split, whose groups are hidden too; epoch selection on
   the mined validation groups), the production case;
@@ -58,19 +62,23 @@ log = logging.getLogger(__name__)
 METHODS = (
     "erm",
     "gdro",
+    "cgdro",
     "dfr",
     "jtt",
     "camel",
     "camel-maskpaste",
+    "camel-maskpaste-rows",
     "camel-mined",
     "diffusion",
     "defuse",
     "translation-oracle",
+    "translation-oracle-rows",
     "oracle",
 )
 DEFAULT_METHODS = (
     "erm",
     "gdro",
+    "cgdro",
     "dfr",
     "jtt",
     "camel",
@@ -117,6 +125,7 @@ class Bench:
     spec: Any  # the DatasetSpec the splits came from
     minority: int | None
     fidelity: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> summary
+    judged: dict[str, Any] = field(default_factory=dict)  # method -> translations after the policy
 
     def ctx(self, method: str, stage: str, extra: dict[str, dict[str, Any]] | None = None) -> Any:
         from patchd.abc import StageContext
@@ -124,7 +133,8 @@ class Bench:
 
         out = self.out_dir / f"seed{self.seed}" / method / stage
         out.mkdir(parents=True, exist_ok=True)
-        params = {**self.params, **(extra or {})}
+        params = {k: {**self.params.get(k, {}), **v} for k, v in (extra or {}).items()}
+        params = {**self.params, **params}
         budget = BudgetConfig(epochs=self.epochs, batch_size=64, lr=1e-3, max_minutes=60)
         return StageContext(
             run_id=f"bench-{method}-s{self.seed}",
@@ -164,6 +174,14 @@ def run_gdro(b: Bench) -> Any:
     )
 
 
+def run_cgdro(b: Bench) -> Any:
+    """Class-conditional Group DRO alone: the camel trainer's robust objective without pairs."""
+    from patchd.plugins.trainers.gdro import GroupDROTrainer
+
+    ctx = b.ctx("cgdro", "train", {"gdro": {"class_conditional": True}})
+    return GroupDROTrainer().train(ctx, b.incumbent, b.splits.train, b.splits.val, None).model
+
+
 def run_dfr(b: Bench) -> Any:
     from patchd.plugins.trainers.dfr import DFRTrainer
 
@@ -184,15 +202,32 @@ def run_jtt(b: Bench) -> Any:
     )
 
 
-def camel_on(b: Bench, method: str, aug: Any, train: Any, val: Any) -> Any:
-    """The camel trainer on ``aug`` after the fidelity policy, as a patch run applies it."""
+def camel_on(b: Bench, method: str, aug: Any, train: Any, val: Any, rows: bool = False) -> Any:
+    """The camel trainer on ``aug`` after the fidelity policy, as a patch run applies it
+    (``rows``: with ``camel.translated_rows``)."""
     from patchd.ml.fidelity import FidelityPolicy, judged
     from patchd.plugins.trainers.camel import CamelTrainer
 
     used, report, dropped = judged(aug, train, val, FidelityPolicy(), seed=b.seed)
     b.fidelity[method] = fidelity_row(report, dropped)
+    b.judged[method] = (used, b.fidelity[method])
     log.info("%s seed %d fidelity: %s", method, b.seed, b.fidelity[method])
-    return CamelTrainer().train(b.ctx(method, "train"), b.incumbent, train, val, used).model
+    extra = {"camel": {"translated_rows": True}} if rows else None
+    ctx = b.ctx(method, "train", extra)
+    return CamelTrainer().train(ctx, b.incumbent, train, val, used).model
+
+
+def camel_rows_on(b: Bench, method: str, base: str, make: Callable[[Bench], Any]) -> Any:
+    """camel with translated rows on the translations of the seed's ``base`` method (measured
+    there; synthesized and measured here when ``base`` did not run first)."""
+    from patchd.plugins.trainers.camel import CamelTrainer
+
+    if base not in b.judged:
+        make(b)  # synthesizes, measures and stores b.judged[base]
+    used, fidelity = b.judged[base]
+    b.fidelity[method] = fidelity
+    ctx = b.ctx(method, "train", {"camel": {"translated_rows": True}})
+    return CamelTrainer().train(ctx, b.incumbent, b.splits.train, b.splits.val, used).model
 
 
 def fidelity_row(report: Any, dropped: dict[int, str]) -> dict[str, Any]:
@@ -230,6 +265,14 @@ def run_camel_maskpaste(
     val = b.splits.val if val is None else val
     aug = MaskPasteAugmenter().synthesize(b.ctx(method, "synthesize"), b.incumbent, train)
     return camel_on(b, method, aug, train, val)
+
+
+def run_camel_maskpaste_rows(b: Bench) -> Any:
+    return camel_rows_on(b, "camel-maskpaste-rows", "camel-maskpaste", run_camel_maskpaste)
+
+
+def run_translation_oracle_rows(b: Bench) -> Any:
+    return camel_rows_on(b, "translation-oracle-rows", "translation-oracle", run_translation_oracle)
 
 
 def run_camel_mined(b: Bench) -> Any:
@@ -345,14 +388,17 @@ def run_oracle(b: Bench) -> Any:
 RUNNERS: dict[str, Callable[[Bench], Any]] = {
     "erm": run_erm,
     "gdro": run_gdro,
+    "cgdro": run_cgdro,
     "dfr": run_dfr,
     "jtt": run_jtt,
     "camel": run_camel,
     "camel-maskpaste": run_camel_maskpaste,
+    "camel-maskpaste-rows": run_camel_maskpaste_rows,
     "camel-mined": run_camel_mined,
     "diffusion": run_diffusion,
     "defuse": run_defuse,
     "translation-oracle": run_translation_oracle,
+    "translation-oracle-rows": run_translation_oracle_rows,
     "oracle": run_oracle,
 }
 BASE_EPOCHS = 4
@@ -586,7 +632,11 @@ def dataset_spec(
     help=f"Comma-separated subset of {', '.join(METHODS)}.",
 )
 @click.option(
-    "--epochs", type=int, default=3, show_default=True, help="Fine-tuning epochs per method."
+    "--epochs",
+    type=int,
+    default=15,
+    show_default=True,
+    help="Fine-tuning epochs per method (camel needs ~15; gdro is as good at 3).",
 )
 @click.option(
     "--n-train", type=int, default=None, help="Training images (dataset default when unset)."

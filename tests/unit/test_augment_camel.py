@@ -96,3 +96,34 @@ def test_camel_rejects_unknown_groups_and_misaligned_translations(tmp_path: Path
     bad = Augmentation(kind="cyclegan", paired={"F": data.x[:3], "G": data.x[:3]})
     with pytest.raises(StageError, match="shape"):
         CamelTrainer().train(ctx_for(tmp_path, "t", {}), model, data, data, bad)
+
+
+def test_translated_rows_join_their_target_cell_and_identity_rows_do_not() -> None:
+    from patchd.plugins.trainers.camel import with_translated_rows
+
+    data = toy()  # class a: g0/g1 rows alternate; same for b
+    f, g = data.x.clone(), data.x.clone()
+    in_class_a = data.y == 0
+    g[in_class_a & (data.g == 0)] = 1.0  # class a, g0 -> g1: G moves the row
+    f[in_class_a & (data.g == 1)] = 0.0  # class a, g1 -> g0: F moves the row
+    # class b: the fidelity policy replaced its translations by the identity (F = G = x)
+    merged, views = with_translated_rows(data, (f, g))
+    extra = merged.subset(torch.arange(len(data), len(merged)))
+    assert len(extra) == int(in_class_a.sum())  # only class a's moved rows, none of class b
+    assert torch.equal(extra.y, torch.zeros(len(extra), dtype=torch.int64))
+    source_g = data.g[in_class_a]
+    assert torch.equal(extra.g, 1 - source_g)  # each row joins the *other* group's cell
+    assert torch.equal(extra.x[extra.g == 1], torch.ones_like(extra.x[extra.g == 1]))
+    assert torch.equal(extra.x[extra.g == 0], torch.zeros_like(extra.x[extra.g == 0]))
+    # a translated row's pair is (its source image, itself)
+    assert torch.equal(views[0][len(data) :], data.x[in_class_a])
+    assert torch.equal(views[1][len(data) :], extra.x)
+    assert torch.equal(merged.x[: len(data)], data.x) and len(views[0]) == len(merged)
+
+
+def test_translated_rows_change_nothing_when_every_translation_is_the_identity() -> None:
+    from patchd.plugins.trainers.camel import with_translated_rows
+
+    data = toy()
+    merged, views = with_translated_rows(data, (data.x.clone(), data.x.clone()))
+    assert merged is data and len(views[0]) == len(data)

@@ -150,6 +150,7 @@ def test_init_without_groups_and_with_the_camel_recipe(
     assert code == 0, err
     camel = yaml.safe_load(out.read_text())["patch"]
     assert (camel["augmenter"], camel["trainer"]) == ("maskpaste", "camel")
+    assert camel["budget"]["epochs"] == 15 and mined["patch"]["budget"]["epochs"] == 4
 
 
 @pytest.mark.parametrize(

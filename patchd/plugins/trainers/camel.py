@@ -19,9 +19,17 @@ Augmentation inputs:
   translations the consistency term is 0.
 - ``None``: CAMEL reduces to SGDRO (class-conditional GDRO alone).
 
+``translated_rows`` (default false, the reference CAMEL): when true, every row whose
+translation moved it (a class the fidelity policy kept) also joins its *target* cell as a labeled
+row, paired with its source for the consistency term. With a scarce minority cell (tens of real
+examples) the balanced batches then see thousands of distinct minority-group images instead of
+the same few repeated; the C/√n adjustment still counts the real rows only. Only sound when the
+translations were measured faithful, which is what the fidelity policy guarantees for the
+classes it keeps.
+
 Hyperparameters (``patch.params.camel``): ``lambda`` 5.0 (MNIST-Correlation/CelebA config),
-``eta`` 0.01, ``adj_coef`` 1.0, ``weight_decay`` 5e-4, ``optimizer`` adam|sgd, plus
-``epochs``/``batch_size``/``lr`` overriding the run budget.
+``eta`` 0.01, ``adj_coef`` 1.0, ``weight_decay`` 5e-4, ``optimizer`` adam|sgd,
+``translated_rows`` false, plus ``epochs``/``batch_size``/``lr`` overriding the run budget.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import torch
 from patchd.abc import Augmentation
 from patchd.exceptions import StageError
 from patchd.ml.data import ImageSet
+from patchd.ml.fidelity import class_pairs, translated_view
 from patchd.ml.losses import consistency_terms
 from patchd.plugins.trainers.base import EpochTrainer, Job, Start, StepFn, StepOut, step_out
 from patchd.plugins.trainers.gdro import GroupBatches
@@ -74,6 +83,34 @@ def paired_views(
     return f, g
 
 
+Views = tuple[torch.Tensor, torch.Tensor]
+
+MOVED_EPS = 1e-3  # a translation within this (max abs pixel change) of its source is the identity
+
+
+def with_translated_rows(train: ImageSet, views: Views) -> tuple[ImageSet, Views]:
+    """``train`` plus each moved translation as a row of its target cell, and the views extended
+    so that a translated row's pair is (its source, itself)."""
+    view, target = translated_view(train, {"F": views[0], "G": views[1]}, class_pairs(train))
+    change = (view - train.x).abs().flatten(1).amax(dim=1)
+    moved = ((target >= 0) & (change > MOVED_EPS)).nonzero(as_tuple=True)[0]
+    if len(moved) == 0:
+        return train, views
+    extra = ImageSet(
+        x=view[moved],
+        y=train.y[moved],
+        g=target[moved],
+        class_names=train.class_names,
+        group_names=train.group_names,
+        ids=tuple(f"{train.ids[i]}~translated" for i in moved.tolist()),
+    )
+    source, translated = train.x[moved], view[moved]
+    return merge_extra(train, extra), (
+        torch.cat([views[0], source]),
+        torch.cat([views[1], translated]),
+    )
+
+
 def camel_inputs(job: Job) -> tuple[ImageSet, tuple[torch.Tensor, torch.Tensor] | None]:
     """The rows to sample (training plus any extra samples) and the paired translations."""
     views = paired_views(job.train, job.augmentation)
@@ -92,6 +129,13 @@ class CamelTrainer(EpochTrainer):
 
     def prepare(self, job: Job, run: Start) -> StepFn:
         data, views = camel_inputs(job)
+        if views is not None and bool(run.params.get("translated_rows", False)):
+            data, views = with_translated_rows(data, views)
+            job.ctx.log.info(
+                "run %s: %d translated rows join their target cells",
+                job.ctx.run_id,
+                len(data) - len(job.train),
+            )
         batches = GroupBatches(run, data, class_conditional=True, counted=job.train)
         lam = float(run.params.get("lambda", 5.0))
         n_cells = int(batches.dro.valid.sum())
