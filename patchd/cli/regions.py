@@ -9,7 +9,9 @@ drop it; labels are stored in ``<artifacts>/runs/<run>/regions/labels.json`` wit
 (``--by``, default ``person``) by :func:`patchd.runs.regions.set_labels`, the same writer the
 approval pages use, and read by the defuse trainer (refused once its train stage has started).
 Unlabelled regions train with their source class (Defuse's premise); the run report says they
-were unlabelled. Torch-free.
+were unlabelled. A run with ``patch.params.defuse.wait_for_labels`` (default true) waits in
+``awaiting_labels`` after synthesize; ``--done`` (after any ``--label``) resumes it through serve
+(``POST /v1/runs/{id}/resume``, approve scope) and it trains with these labels. Torch-free.
 """
 
 from __future__ import annotations
@@ -48,8 +50,11 @@ def parse_label(text: str) -> tuple[str, str]:
     help="Label a region (or 'invalid').",
 )
 @click.option("--by", default="person", show_default=True, help="Who gives these labels.")
+@click.option(
+    "--done", is_flag=True, help="Labelling is done: resume the run awaiting labels (via serve)."
+)
 @config_option
-def regions(run_id: str, labels: tuple[str, ...], by: str, config: Config) -> None:
+def regions(run_id: str, labels: tuple[str, ...], by: str, done: bool, config: Config) -> None:
     """List a run's failure regions and their sample PNGs; label them with --label."""
     path = run_dir(config, run_id)
     found = load_regions(path)
@@ -60,6 +65,11 @@ def regions(run_id: str, labels: tuple[str, ...], by: str, config: Config) -> No
     for line in region_table(found, current, path / "synthesize"):
         click.echo(line)
     missing = [str(r["region"]) for r in found if int(r["region"]) not in current.labels]
+    if done:
+        from patchd.cli.runs import resume_run
+
+        body = resume_run(config, run_id)
+        click.echo(f"run {body['id']}: labelling done, {body['state']} ({body.get('stage')})")
     if missing:
         click.echo(
             f"unlabelled regions: {', '.join(missing)} (the defuse trainer uses their source "

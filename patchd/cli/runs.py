@@ -1,4 +1,5 @@
-"""``patchd worker``, ``patchd runs`` (list, show, cancel) and ``patchd patch`` (trigger now)."""
+"""``patchd worker``, ``patchd runs`` (list, show, cancel, resume) and ``patchd patch`` (trigger
+now)."""
 
 from __future__ import annotations
 
@@ -62,11 +63,34 @@ def _row(run: dict[str, Any], now: float, wide: bool) -> tuple[str, ...]:
     kept = _outcome(run)
     reason = kept or run.get("error") or run.get("reason") or ""
     state = "no improvement" if kept else run["state"]
+    if run["state"] == "awaiting_labels":
+        reason = awaiting_text(run)
     head = (run["id"], state, run.get("stage") or "-", _elapsed(run, now))
     if not wide:
         return (*head, reason)
     created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(run["created_at"]))
     return (*head, run["model"], created, reason)
+
+
+def awaiting_text(run: dict[str, Any]) -> str:
+    """What a run paused for region labels waits for, and how to go on."""
+    labels = run.get("labels") or {}
+    deadline = labels.get("deadline")
+    until = (
+        time.strftime(" until %Y-%m-%d %H:%M UTC", time.gmtime(deadline))
+        if isinstance(deadline, int | float)
+        else ""
+    )
+    return (
+        f"{labels.get('regions', '?')} failure regions await labels{until}: "
+        f"patchd regions {run['id']} --label REGION=CLASS, then --done"
+    )
+
+
+def resume_run(config: Config, run_id: str) -> dict[str, Any]:
+    """``POST /v1/runs/{id}/resume``: the run goes on to train with the labels given."""
+    body: dict[str, Any] = _request(config, "POST", f"/v1/runs/{run_id}/resume")
+    return body
 
 
 def print_runs(runs: list[dict[str, Any]], now: float | None = None) -> None:
@@ -101,7 +125,7 @@ def print_runs(runs: list[dict[str, Any]], now: float | None = None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_context
 def runs(ctx: click.Context, config_path: Path | None, model: str | None, as_json: bool) -> None:
-    """List patch runs (subcommands: show, cancel; -c works before or after them)."""
+    """List patch runs (subcommands: show, cancel, resume; -c works before or after them)."""
     store_group_config(ctx, config_path)
     if ctx.invoked_subcommand is not None:
         return
@@ -127,6 +151,8 @@ def show(config: Config, run_id: str) -> None:
     kept = _outcome(body)
     if kept:
         click.echo(f"run {body['id']}: {kept}", err=True)
+    if body["state"] == "awaiting_labels":
+        click.echo(f"run {body['id']}: {awaiting_text(body)}", err=True)
     click.echo(json.dumps(body, indent=2))
 
 
@@ -137,6 +163,15 @@ def cancel(config: Config, run_id: str) -> None:
     """Cancel a run: queued stages are cancelled, the running one is stopped."""
     body = _request(config, "POST", f"/v1/runs/{run_id}/cancel")
     click.echo(f"run {body['id']}: {body['state']}")
+
+
+@runs.command("resume")
+@click.argument("run_id")
+@config_option
+def resume(config: Config, run_id: str) -> None:
+    """Resume a run awaiting region labels: it trains with the labels given so far."""
+    body = resume_run(config, run_id)
+    click.echo(f"run {body['id']}: {body['state']} ({body.get('stage')}), resumed")
 
 
 @click.command()

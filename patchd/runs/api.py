@@ -1,5 +1,6 @@
 """HTTP routes of patch runs: ``GET /v1/runs``, ``GET /v1/runs/{id}``, ``POST /v1/runs``,
-``POST /v1/runs/{id}/cancel``. Reads need the ``read`` scope, actions the ``approve`` scope.
+``POST /v1/runs/{id}/cancel``, ``POST /v1/runs/{id}/resume`` (a run awaiting region labels goes on
+to train; who resumed it is recorded). Reads need the ``read`` scope, actions the ``approve`` scope.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class RunsService(Protocol):
     ) -> RunRecord | None: ...
 
     def cancel(self, run_id: str) -> RunRecord: ...
+
+    def resume(self, run_id: str, by: str) -> RunRecord: ...
 
 
 class RunRequest(BaseModel):
@@ -89,6 +92,13 @@ def build_router(runs: RunsService) -> APIRouter:
         try:
             return runs.cancel(run_id).to_dict()
         except (NotFoundError, ConflictError) as err:
+            raise _http(err) from None
+
+    @router.post("/{run_id}/resume")
+    def resume(run_id: str, who: Principal = Depends(approve)) -> dict[str, Any]:
+        try:
+            return runs.resume(run_id, who.name).to_dict()
+        except (NotFoundError, ConflictError, ValidationError) as err:
             raise _http(err) from None
 
     return router

@@ -7,6 +7,14 @@ recipe and enqueues the stage jobs (:mod:`patchd.runs.jobqueue`). An apscheduler
 jobs, runs RQ's abandoned-job cleanup (so a dead worker's job is retried within the heartbeat grace,
 not after a worker's 10-minute maintenance), updates the record and publishes
 ``RunQueued`` / ``RunFinished``. Serve never imports torch: jobs are enqueued by dotted name.
+
+A run that waits for region labels (:func:`patchd.runs.jobqueue.waits_for_labels`: the ``vae``
+augmenter with ``patch.params.defuse.wait_for_labels`` true) is enqueued up to synthesize; when
+synthesize finishes with failure regions it becomes ``awaiting_labels`` (still open, never taken
+for lost: only the jobs it has are polled) until :meth:`RunsComponent.resume` enqueues train and
+evaluate, recording who resumed it, or until ``patch.params.defuse.label_timeout_h`` passes and
+the run fails. The pause, its deadline and who resumed it are in the run record (SQLite), so a
+serve restart keeps them.
 """
 
 from __future__ import annotations
@@ -27,8 +35,10 @@ from patchd.domain import RunFinished, RunQueued
 from patchd.exceptions import ConflictError, NotFoundError, PatchdError, StageError
 from patchd.plugins import catalog as plugin_catalog
 from patchd.runs import jobqueue
+from patchd.runs import regions as region_store
 from patchd.runs.recipe import Recipe, apply_overrides, build_recipe
 from patchd.runs.records import (
+    AWAITING_LABELS,
     NO_IMPROVEMENT,
     OPEN_STATES,
     TERMINAL_STATES,
@@ -88,10 +98,13 @@ class Progress:
     abandoned: bool = False
 
 
-def assess(states: dict[str, jobqueue.JobState]) -> Progress:
-    """The run's state given its stage jobs, in stage order."""
-    prog = Progress(state="queued", stage=jobqueue.STAGES[0])
-    for stage in jobqueue.STAGES:
+def assess(
+    states: dict[str, jobqueue.JobState], stages: Sequence[str] = jobqueue.STAGES
+) -> Progress:
+    """The run's state given its stage jobs, in stage order (``stages``: those enqueued so far;
+    a run paused for labels has no train job yet, which is not a lost job)."""
+    prog = Progress(state="queued", stage=stages[0])
+    for stage in stages:
         job = states.get(stage)
         if job is None or job.status == "missing":
             prog.missing = True
@@ -108,8 +121,22 @@ def assess(states: dict[str, jobqueue.JobState]) -> Progress:
             prog.state = "running"
             prog.result = {"stage": stage, "progress": job.progress, "message": job.message}
         return prog
-    prog.state, prog.stage = "succeeded", jobqueue.STAGES[-1]
+    prog.state, prog.stage = "succeeded", stages[-1]
     return prog
+
+
+def enqueued_stages(rec: RunRecord) -> tuple[str, ...]:
+    """The stages the run has jobs for, in stage order."""
+    return tuple(s for s in jobqueue.STAGES if s in rec.job_ids)
+
+
+def with_labels(result: dict[str, Any] | None, old: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``result`` keeping the ``labels`` pause record of ``old`` (a later stage's result would
+    otherwise replace it)."""
+    labels = (old or {}).get("labels")
+    if labels is None:
+        return result
+    return {**(result or {}), "labels": labels}
 
 
 def _failed(prog: Progress, stage: str, job: jobqueue.JobState) -> Progress:
@@ -240,7 +267,8 @@ class RunsComponent(Component):
         for kind in ("miner", "augmenter", "trainer"):
             plugin_catalog.resolve(kind, getattr(config.patch, kind))  # PluginError on a typo
         with self._create_lock, self.services.store.write() as conn:
-            if select_runs(conn, "WHERE model = ? AND state IN (?,?,?)", (model, *OPEN_STATES)):
+            marks = ",".join("?" * len(OPEN_STATES))
+            if select_runs(conn, f"WHERE model = ? AND state IN ({marks})", (model, *OPEN_STATES)):
                 log.info("run requested for %s (%s) but one is already open", model, reason)
                 return None
             now = time.time()
@@ -266,9 +294,17 @@ class RunsComponent(Component):
         try:
             recipe = self._recipe(rec, config)
             rec = self._save(replace(rec, recipe=json.loads(recipe.to_json())))
+            stages = jobqueue.first_stages(config)
             ids = jobqueue.enqueue_run(
-                self.redis, config, rec.id, str(config.artifacts_root), recipe.to_json()
+                self.redis, config, rec.id, str(config.artifacts_root), recipe.to_json(), stages
             )
+            if config.patch.augmenter == "vae" and stages == jobqueue.STAGES:
+                log.warning(
+                    "run %s: patch.params.defuse.wait_for_labels is false, so train starts "
+                    "right after synthesize and unlabelled regions train with their source "
+                    "class, which no person confirmed",
+                    rec.id,
+                )
         except PatchdError as err:
             return self._finish(rec, "failed", str(err), None)
         except Exception as err:  # redis down, disk full: the run fails with the reason
@@ -296,18 +332,24 @@ class RunsComponent(Component):
                 self._last_cleanup = time.monotonic()
                 jobqueue.cleanup_abandoned(self.redis, jobqueue.queue_names(self.config))
             with self.services.store.read() as conn:
-                open_runs = select_runs(conn, "WHERE state IN (?,?)", ("queued", "running"))
+                open_runs = select_runs(
+                    conn, "WHERE state IN (?,?,?)", ("queued", "running", AWAITING_LABELS)
+                )
             for rec in open_runs:
                 with self._state_lock:
                     current = self.get(rec.id)
-                    if current.open:
+                    if current.state == AWAITING_LABELS:
+                        self.check_label_deadline(current)
+                    elif current.open:
                         self.poll(current)
         except Exception:
             log.exception("runs tick failed; will retry on the next tick")
 
     def poll(self, rec: RunRecord) -> RunRecord:
         states = {s: jobqueue.job_state(self.redis, j) for s, j in rec.job_ids.items()}
-        prog = assess(states)
+        stages = enqueued_stages(rec)
+        prog = assess(states, stages)
+        prog.result = with_labels(prog.result, rec.result)
         times = dict(rec.stage_times)
         for stage, seconds in prog.finished.items():
             if stage not in times:
@@ -318,6 +360,8 @@ class RunsComponent(Component):
         rec = replace(rec, stage_times=times)
         if prog.missing:
             return self._reenqueue(rec)
+        if prog.state == "succeeded" and stages[-1] != jobqueue.STAGES[-1]:
+            return self._pause_for_labels(replace(rec, stage=prog.stage), prog.result)
         if prog.state in TERMINAL_STATES:
             result = "abandoned" if prog.abandoned else prog.state
             if prog.state == "succeeded" and run_outcome(prog.result) == NO_IMPROVEMENT:
@@ -360,9 +404,98 @@ class RunsComponent(Component):
         recipe = Recipe(**rec.recipe)
         config = recipe.effective_config()
         ids = jobqueue.enqueue_run(
-            self.redis, config, rec.id, str(config.artifacts_root), recipe.to_json()
+            self.redis,
+            config,
+            rec.id,
+            str(config.artifacts_root),
+            recipe.to_json(),
+            enqueued_stages(rec),
         )
         return self._save(replace(rec, job_ids=ids))
+
+    # waiting for a person's region labels
+    def _pause_for_labels(self, rec: RunRecord, result: dict[str, Any] | None) -> RunRecord:
+        """Synthesize is done: wait for labels when it found regions, else go on to train."""
+        config = Recipe(**rec.recipe).effective_config()
+        try:
+            run = region_store.run_dir(config.artifacts_root, rec.id)
+            count = len(region_store.load_regions(run))
+        except PatchdError:
+            count = 0
+        now = time.time()
+        if count == 0:
+            log.info("run %s: synthesize found no failure regions; training now", rec.id)
+            no_regions = {**(result or {}), "labels": {"regions": 0}}
+            return self._enqueue_rest(replace(rec, result=no_regions), "patchd (no regions)", now)
+        labels = {
+            "regions": count,
+            "since": round(now, 3),
+            "deadline": round(now + jobqueue.label_timeout_s(config), 3),
+        }
+        rec = self._save(
+            replace(rec, state=AWAITING_LABELS, result={**(result or {}), "labels": labels})
+        )
+        log.warning(
+            "run %s awaits labels for %d failure regions: label them (patchd regions %s --label "
+            "REGION=CLASS, or /ui/runs/%s/regions), then resume it (patchd regions %s --done)",
+            rec.id,
+            count,
+            rec.id,
+            rec.id,
+            rec.id,
+        )
+        return rec
+
+    def check_label_deadline(self, rec: RunRecord, now: float | None = None) -> RunRecord:
+        """Fail a run left awaiting labels past its deadline (it is never trained with labels
+        no person confirmed)."""
+        labels = rec.labels or {}
+        now = time.time() if now is None else now
+        deadline = labels.get("deadline")
+        if rec.state != AWAITING_LABELS or not isinstance(deadline, int | float) or now < deadline:
+            return rec
+        hours = (deadline - float(labels.get("since", deadline))) / 3600.0
+        return self._finish(
+            rec,
+            "failed",
+            f"synthesize: no one confirmed the labels of its {labels.get('regions')} failure "
+            f"regions within {hours:g} h (patch.params.defuse.label_timeout_h), so the run was "
+            "not trained with labels no person gave; label the regions of a new run and resume "
+            "it (patchd regions RUN --done), or set patch.params.defuse.wait_for_labels: false",
+            rec.result,
+        )
+
+    def resume(self, run_id: str, by: str) -> RunRecord:
+        """A person is done labelling: close labelling and enqueue train and evaluate."""
+        with self._state_lock:
+            rec = self.get(run_id)
+            if rec.state != AWAITING_LABELS:
+                raise ConflictError(
+                    f"run {run_id} is {rec.state}; only a run awaiting labels can be resumed"
+                )
+            config = Recipe(**rec.recipe).effective_config()
+            region_store.close_labelling(region_store.run_dir(config.artifacts_root, rec.id), by)
+            return self._enqueue_rest(rec, by, time.time())
+
+    def _enqueue_rest(self, rec: RunRecord, by: str, now: float) -> RunRecord:
+        recipe = Recipe(**rec.recipe)
+        config = recipe.effective_config()
+        rest = jobqueue.STAGES[len(enqueued_stages(rec)) :]
+        ids = jobqueue.enqueue_run(
+            self.redis, config, rec.id, str(config.artifacts_root), recipe.to_json(), rest
+        )
+        labels = {**(rec.labels or {}), "by": by, "at": round(now, 3)}
+        result = {**(rec.result or {}), "labels": labels}
+        log.info("run %s resumed by %s: %s enqueued", rec.id, by, ", ".join(rest))
+        return self._save(
+            replace(
+                rec,
+                state="queued",
+                stage=rest[0],
+                job_ids={**rec.job_ids, **ids},
+                result=result,
+            )
+        )
 
     def _finish(
         self,

@@ -10,6 +10,9 @@
   result/failure TTL, and progress in ``job.meta`` (see :func:`report_progress`).
 - Job functions are given by dotted name so serve never imports the worker code (torch).
 - The Redis connection is made without ``decode_responses`` (RQ stores binary pickles).
+- A run that waits for a person's Defuse region labels (:func:`waits_for_labels`) is enqueued up
+  to :data:`LABEL_PAUSE_AFTER` only; resuming it enqueues the rest (``stages=`` of
+  :func:`enqueue_run`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STAGES: tuple[str, ...] = ("collect", "mine", "synthesize", "train", "evaluate")
+LABEL_PAUSE_AFTER = "synthesize"  # a run waiting for region labels pauses after this stage
+LABEL_TIMEOUT_H = 72.0  # default of patch.params.defuse.label_timeout_h
 DEFAULT_TIMEOUTS: dict[str, int] = {
     "collect": 1800,
     "mine": 3600,
@@ -92,18 +97,55 @@ def check_patch_config(config: Config) -> None:
             )
     for stage in STAGES:
         stage_timeout(config, stage)
+    waits_for_labels(config)
+    label_timeout_s(config)
+
+
+def waits_for_labels(config: Config) -> bool:
+    """Whether a run with ``config`` pauses after synthesize for a person's region labels: its
+    augmenter is ``vae`` (Defuse regions) and ``patch.params.defuse.wait_for_labels`` (default
+    true) is not false."""
+    if config.patch.augmenter != "vae":
+        return False
+    wait = config.patch.params.get("defuse", {}).get("wait_for_labels", True)
+    if not isinstance(wait, bool):
+        raise ConfigError(
+            f"patch.params.defuse.wait_for_labels must be true or false, got {wait!r}"
+        )
+    return wait
+
+
+def label_timeout_s(config: Config) -> float:
+    """``patch.params.defuse.label_timeout_h`` (default 72) in seconds; > 0."""
+    hours = config.patch.params.get("defuse", {}).get("label_timeout_h", LABEL_TIMEOUT_H)
+    if isinstance(hours, bool) or not isinstance(hours, int | float) or hours <= 0:
+        raise ConfigError(f"patch.params.defuse.label_timeout_h must be > 0 hours, got {hours!r}")
+    return float(hours) * 3600.0
+
+
+def first_stages(config: Config) -> tuple[str, ...]:
+    """The stages enqueued when a run is created: all, or up to synthesize when it waits."""
+    if waits_for_labels(config):
+        return STAGES[: STAGES.index(LABEL_PAUSE_AFTER) + 1]
+    return STAGES
 
 
 def enqueue_run(
-    conn: Redis, config: Config, run_id: str, artifacts_root: str, recipe_json: str
+    conn: Redis,
+    config: Config,
+    run_id: str,
+    artifacts_root: str,
+    recipe_json: str,
+    stages: tuple[str, ...] = STAGES,
 ) -> dict[str, str]:
-    """Enqueue the chain; returns ``stage -> job id``. Existing jobs are left as they are."""
+    """Enqueue ``stages`` (in order, each depending on the one before it; the first on none);
+    returns ``stage -> job id``. Existing jobs are left as they are."""
     from rq import Queue, Retry
     from rq.job import Job
 
     ids: dict[str, str] = {}
     previous: str | None = None
-    for stage in STAGES:
+    for stage in stages:
         jid = job_id(run_id, stage)
         if Job.exists(jid, connection=conn):
             log.debug("run %s: job %s exists, not enqueued again", run_id, jid)

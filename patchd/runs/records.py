@@ -1,7 +1,10 @@
 """The run record: one row of the store's ``runs`` table, its states, and its SQL.
 
 States: ``requested → queued → running → succeeded | failed | cancelled``. Only
-:class:`patchd.runs.component.RunsComponent` writes these rows.
+:class:`patchd.runs.component.RunsComponent` writes these rows. A run whose ``vae`` augmenter
+found Defuse failure regions pauses after synthesize in ``awaiting_labels`` (open; its
+``result["labels"]`` holds the region count, since when and the deadline) until a person resumes
+it (``result["labels"]["by"]`` then says who) or the deadline passes (failed).
 
 A succeeded run has an ``outcome``: ``candidate`` (its model goes to the gate) or
 ``no_improvement`` (no fine-tuning epoch beat the incumbent on validation: no weights were
@@ -22,7 +25,8 @@ from typing import Any
 
 from patchd.runs.recipe import Recipe
 
-OPEN_STATES = ("requested", "queued", "running")
+AWAITING_LABELS = "awaiting_labels"  # paused after synthesize for a person's region labels
+OPEN_STATES = ("requested", "queued", "running", AWAITING_LABELS)
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 NO_IMPROVEMENT = "no_improvement"  # the outcome of a succeeded run that kept the incumbent
 NO_IMPROVEMENT_TEXT = "no improvement found, incumbent kept"
@@ -95,11 +99,19 @@ class RunRecord:
         value = stage.get("run_disk_bytes") if isinstance(stage, dict) else None
         return int(value) if isinstance(value, int | float) else None
 
+    @property
+    def labels(self) -> dict[str, Any] | None:
+        """The region-label pause of a Defuse run: ``regions``, ``since``, ``deadline`` and, once
+        resumed, ``by`` and ``at`` (None for a run that never paused)."""
+        found = (self.result or {}).get("labels")
+        return found if isinstance(found, dict) else None
+
     def to_dict(self) -> dict[str, Any]:
         """The API view: the recipe without the full config, plus the outcome."""
         body = asdict(self)
         body["outcome"], body["outcome_message"] = self.outcome, self.outcome_message
         body["disk_bytes"] = self.disk_bytes
+        body["labels"] = self.labels
         recipe = dict(self.recipe)
         body["recipe"] = Recipe(**recipe).summary() if "config" in recipe else recipe
         return body

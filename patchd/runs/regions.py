@@ -8,7 +8,9 @@ class, the model's prediction mix, spread, novelty and its sample grid PNG). Lab
 
 (schema-1 files have one ``by`` for every label). The ``defuse`` trainer reads the labels when the
 train stage starts, so labels are refused once ``train/`` (or its temporary build directory)
-exists. :func:`set_labels` is the one writer: ``patchd regions RUN --label`` and the approval
+exists, or once a person said labelling is done (:func:`close_labelling`, when a run paused in
+``awaiting_labels`` is resumed: ``<run>/regions/done.json`` records who and when).
+:func:`set_labels` is the one writer: ``patchd regions RUN --label`` and the approval
 pages both call it; it checks region ids and class names, merges with the labels already given
 under a file lock and replaces the file atomically.
 """
@@ -19,6 +21,7 @@ import fcntl
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,8 +205,30 @@ def check_label(
     return int(text), name
 
 
+def done_path(run: Path) -> Path:
+    return Path(run) / "regions" / "done.json"
+
+
+def close_labelling(run: Path, by: str) -> None:
+    """Record that ``by`` is done labelling ``run`` (under the labels lock); no label is taken
+    after it."""
+    path = done_path(run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / ".labels.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        tmp = path.with_name(".done.json.tmp")
+        tmp.write_text(json.dumps({"by": by, "at": time.time()}))
+        os.replace(tmp, path)
+
+
 def labelling_closed(run: Path) -> str | None:
-    """Why labels would no longer be used: the train stage has read them (None while open)."""
+    """Why labels would no longer be used: the train stage has read them, or a person said
+    labelling is done (None while open)."""
+    if done_path(run).is_file():
+        return (
+            f"run {run.name} is past labelling: labelling was marked done and the run resumed "
+            "to train; labels given now would change nothing"
+        )
     if (run / "train").exists() or any(run.glob(".tmp-train-*")):
         return (
             f"run {run.name} is past labelling: its train stage has started or finished "
@@ -233,5 +258,8 @@ def set_labels(
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / ".labels.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        closed = labelling_closed(run)  # closed while we waited for the lock
+        if closed is not None:
+            raise ConflictError(closed)
         write_labels(path, checked, by=by, keep=read_labels(path))
         return read_labels(path)

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from patchd.monitor.component import MonitorComponent
     from patchd.promotion.component import CandidatesComponent
     from patchd.runs.component import RunsComponent
+    from patchd.runs.records import RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ FLASH = {
     "rolled_back": "Rolled back: production is the previous version again.",
     "logged_out": "Logged out.",
     "labelled": "Label saved: the defuse trainer reads it when this run's train stage starts.",
+    "resumed": "Labelling done: the run goes on to train with these labels.",
 }
 
 
@@ -366,7 +368,24 @@ def build_router(ui: UiBackend) -> APIRouter:
         except (NotFoundError, ValidationError) as err:
             code = 404 if isinstance(err, NotFoundError) else 400
             return page(request, "error.html", code, session=who, message=str(err))
-        return page(request, "regions.html", status, session=who, p=shown, error=error, v=views)
+        record = _run_record(run_id)
+        return page(
+            request,
+            "regions.html",
+            status,
+            session=who,
+            p=shown,
+            run=record,
+            error=error,
+            v=views,
+        )
+
+    def _run_record(run_id: str) -> RunRecord | None:
+        component = ui.runs()
+        try:
+            return component.get(run_id) if component is not None else None
+        except NotFoundError:
+            return None
 
     @router.get("/runs/{run_id}/regions/{region}/grid.png", response_model=None)
     def region_grid(request: Request, run_id: str, region: int) -> Response:
@@ -439,6 +458,24 @@ def build_router(ui: UiBackend) -> APIRouter:
         done = f"/ui/runs/{quote(run_id, safe='')}/regions?msg=labelled#region-{quote(region)}"
         what = f"label of run {run_id!r} region {region!r}"
         return await submit(request, what, run, failed, done)
+
+    @router.post("/runs/{run_id}/regions/done", response_model=None)
+    async def labels_done(request: Request, run_id: str) -> Response:
+        """ "Labels done, train": resume a run awaiting labels, recorded as the session's actor,
+        as ``patchd regions RUN --done`` does."""
+
+        def run(session: Session, form: dict[str, str]) -> None:
+            component = ui.runs()
+            if component is None:
+                raise ConflictError("this serve does not run patch runs; nothing to resume")
+            component.resume(run_id, session.actor)
+            log.info("ui: %s resumed run %r after labelling", session.actor, run_id)
+
+        def failed(session: Session, err: PatchdError, status: int) -> Response:
+            return _regions_page(request, run_id, session, str(err), status)
+
+        done = f"/ui/runs/{quote(run_id, safe='')}/regions?msg=resumed"
+        return await submit(request, f"resume of run {run_id!r}", run, failed, done)
 
     @router.post("/production/{model}/rollback", response_model=None)
     async def rollback(request: Request, model: str) -> Response:

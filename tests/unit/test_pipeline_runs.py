@@ -141,3 +141,139 @@ def test_synthesize_fidelity_is_exported_and_replaced_by_the_next_run(make_runs:
     assert "0.42" not in text
     runs._export_fidelity("digits", {"result": {"kind": "none"}})  # no pairs: series kept
     assert "0.97" in generate_latest(runs.services.metrics).decode()
+
+
+# --- Defuse runs wait for a person's region labels after synthesize ---------------------------
+
+
+def _finish_jobs(runs: RunsComponent, job_ids: list[str]) -> None:
+    """Mark stage jobs finished in Redis as a worker would (their results are not needed)."""
+    from rq.job import Job, JobStatus
+
+    for jid in job_ids:
+        Job.fetch(jid, connection=runs.redis).set_status(JobStatus.FINISHED)
+
+
+def _write_regions(runs: RunsComponent, run_id: str, n: int) -> None:
+    stage = runs.config.artifacts_root / "runs" / run_id / "synthesize"
+    stage.mkdir(parents=True, exist_ok=True)
+    regions = [
+        {"region": i, "weight": 0.5, "source_label": 0, "source_name": "a", "preview": f"{i}.png"}
+        for i in range(n)
+    ]
+    (stage / "regions.json").write_text(json.dumps({"schema": 2, "regions": regions}))
+
+
+VAE = {"augmenter": "vae", "trainer": "defuse"}
+
+
+def test_assess_takes_a_paused_run_as_done_up_to_synthesize_not_as_lost() -> None:
+    from patchd.runs.component import assess
+
+    done = {s: jobqueue.JobState(f"r-{s}", "finished") for s in jobqueue.STAGES[:3]}
+    first = jobqueue.STAGES[:3]
+    prog = assess(done, first)
+    assert (prog.state, prog.stage, prog.missing) == ("succeeded", "synthesize", False)
+    assert assess(done).missing  # against all five stages the missing train job reads as lost
+
+
+def test_vae_run_pauses_after_synthesize_and_resumes_with_who(make_runs: Any) -> None:
+    from patchd.runs import regions as region_store
+
+    runs, events = make_runs()
+    rec = runs.request_run("digits", "test", VAE)
+    assert rec is not None and list(rec.job_ids) == ["collect", "mine", "synthesize"]
+    _write_regions(runs, rec.id, 3)
+    _finish_jobs(runs, list(rec.job_ids.values()))
+    runs.tick()
+    paused = runs.get(rec.id)
+    assert paused.state == "awaiting_labels" and paused.open and paused.stage == "synthesize"
+    assert paused.labels is not None and paused.labels["regions"] == 3
+    assert paused.labels["deadline"] - paused.labels["since"] == pytest.approx(72 * 3600)
+    assert paused.to_dict()["labels"]["regions"] == 3
+    assert runs.request_run("digits", "another") is None  # still the model's open run
+    runs.redis.flushall()  # a paused run has no jobs to lose: nothing is enqueued again
+    runs.tick()
+    assert runs.get(rec.id).state == "awaiting_labels"
+    assert Queue("patchd", connection=runs.redis).job_ids == []
+
+    run_dir = runs.config.artifacts_root / "runs" / rec.id
+    region_store.set_labels(run_dir, {"1": "a"}, "ana", ["a", "b"])  # labelling is open
+    resumed = runs.resume(rec.id, "Ana Lee (token alice)")
+    assert resumed.state == "queued" and resumed.stage == "train"
+    assert resumed.job_ids == {s: f"{rec.id}-{s}" for s in jobqueue.STAGES}
+    assert Queue("patchd", connection=runs.redis).job_ids == [f"{rec.id}-train"]
+    assert resumed.labels is not None and resumed.labels["by"] == "Ana Lee (token alice)"
+    with pytest.raises(ConflictError, match="labelling was marked done"):
+        region_store.set_labels(run_dir, {"2": "b"}, "ana", ["a", "b"])
+    with pytest.raises(ConflictError, match="only a run awaiting labels"):
+        runs.resume(rec.id, "again")
+    runs.tick()  # polling the resumed run keeps who resumed it
+    assert runs.get(rec.id).labels == resumed.labels
+    assert not [e for e in events if isinstance(e, RunFinished)]
+
+
+def test_vae_run_without_regions_goes_on_to_train(make_runs: Any) -> None:
+    runs, _ = make_runs()
+    rec = runs.request_run("digits", "test", VAE)
+    assert rec is not None
+    _write_regions(runs, rec.id, 0)
+    _finish_jobs(runs, list(rec.job_ids.values()))
+    runs.tick()
+    now = runs.get(rec.id)
+    assert now.state == "queued" and now.stage == "train" and "evaluate" in now.job_ids
+    assert now.labels is not None and now.labels["regions"] == 0
+
+
+def test_run_left_awaiting_labels_fails_at_its_deadline(make_runs: Any) -> None:
+    runs, events = make_runs(patch={"params": {"defuse": {"label_timeout_h": 0.5}}})
+    rec = runs.request_run("digits", "test", VAE)
+    assert rec is not None
+    _write_regions(runs, rec.id, 2)
+    _finish_jobs(runs, list(rec.job_ids.values()))
+    runs.tick()
+    paused = runs.get(rec.id)
+    assert paused.state == "awaiting_labels" and paused.labels is not None
+    deadline = paused.labels["deadline"]
+    assert deadline - paused.labels["since"] == pytest.approx(1800)
+    assert runs.check_label_deadline(paused, now=deadline - 1).state == "awaiting_labels"
+    runs.tick()  # the scheduler's tick checks the deadline: not yet
+    assert runs.get(rec.id).state == "awaiting_labels"
+    failed = runs.check_label_deadline(paused, now=deadline + 1)
+    assert failed.state == "failed" and not failed.open
+    assert failed.error is not None and "2 failure regions within 0.5 h" in failed.error
+    assert "not trained with labels no person gave" in failed.error
+    assert "label_timeout_h" in failed.error and "train" not in failed.job_ids
+    assert isinstance(events[-1], RunFinished) and events[-1].result == "failed"
+    with pytest.raises(ConflictError):
+        runs.resume(rec.id, "late")
+
+
+def test_tick_fails_a_run_whose_label_deadline_passed(make_runs: Any) -> None:
+    """The deadline is in the run record, so a serve started after it passed fails the run."""
+    from dataclasses import replace
+
+    runs, _ = make_runs()
+    rec = runs.request_run("digits", "test", VAE)
+    assert rec is not None
+    _write_regions(runs, rec.id, 1)
+    _finish_jobs(runs, list(rec.job_ids.values()))
+    runs.tick()
+    paused = runs.get(rec.id)
+    assert paused.labels is not None and paused.state == "awaiting_labels"
+    past = {**paused.labels, "since": 1.0, "deadline": 3601.0}
+    runs._save(replace(paused, result={**(paused.result or {}), "labels": past}))
+    again = RunsComponent(runs.services)  # a new serve on the same store
+    again.tick()
+    failed = again.get(rec.id)
+    assert failed.state == "failed" and "within 1 h" in (failed.error or "")
+
+
+def test_wait_for_labels_false_enqueues_the_whole_chain(make_runs: Any) -> None:
+    runs, _ = make_runs(patch={"params": {"defuse": {"wait_for_labels": False}}})
+    rec = runs.request_run("digits", "test", VAE)
+    assert rec is not None and list(rec.job_ids) == list(jobqueue.STAGES)
+    from patchd.exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match="wait_for_labels must be true or false"):
+        runs.request_run("digits", "x", {**VAE, "params": {"defuse": {"wait_for_labels": "no"}}})

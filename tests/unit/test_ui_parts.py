@@ -134,3 +134,42 @@ def test_regions_page_shows_unlabelled_labels_and_who_and_one_form_per_region(
     shown = regions_page(run, ("top", "other"))
     closed = render(session)
     assert "Labelling is closed" in closed and "/label" not in closed
+
+
+def test_regions_page_of_a_run_awaiting_labels_has_the_labels_done_button(
+    tmp_path: Path,
+) -> None:
+    from patchd.runs.records import RunRecord
+    from patchd.ui import views
+    from patchd.ui.component import _environment
+    from patchd.ui.session import Session
+    from patchd.ui.views import regions_page
+    from tests.ui_support import write_regions
+
+    shown = regions_page(write_regions(tmp_path, "r-1"), ("top", "other"))
+    labels = {"regions": 2, "since": 1e9, "deadline": 1e9 + 3600}
+    paused = RunRecord(
+        "r-1", "m", "awaiting_labels", "synthesize", "x", {}, {}, {}, None, {"labels": labels}, 0, 0
+    )
+    session = Session(ALICE, "csrf-token-x", 1e12, "ana")
+
+    def render(who: Session | None, run: RunRecord) -> str:
+        template = _environment().get_template("regions.html")
+        ctx = {"flash": None, "model_name": "m", "nav": "runs", "p": shown, "error": None}
+        return template.render(session=who, run=run, v=views, **ctx)
+
+    page = render(session, paused)
+    done = page.split('action="/ui/runs/r-1/regions/done"')
+    assert len(done) == 2 and 'name="csrf" value="csrf-token-x"' in done[1].split("</form>")[0]
+    assert "Labels done, train" in page and "awaiting labels" in page
+    assert "its 2 regions" in page and views.when(1e9 + 3600) in page
+    assert "Labels done" not in render(None, paused)  # anonymous: no form
+    resumed = RunRecord(
+        **{
+            **paused.__dict__,
+            "state": "queued",
+            "result": {"labels": {**labels, "by": "Ana (token alice)", "at": 1e9 + 60}},
+        }
+    )
+    after = render(session, resumed)
+    assert "Labels done" not in after and "Resumed to train by Ana (token alice)" in after

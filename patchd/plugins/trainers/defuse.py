@@ -15,12 +15,18 @@ with far more region samples than training rows; here the region set is small, s
 gets a larger weight), ``weight_decay`` 5e-4, ``optimizer`` adam|sgd, ``epochs``/``batch_size``/
 ``lr`` overriding the run budget, ``labels_file`` (path) overriding the default labels location,
 ``select`` best (default: the epoch best on val plus the labelled region samples, as one more
-group ``defuse-regions``; the held-out region samples stay unseen) or last. Unlabelled regions
-train with their source class and the trainer logs that no person confirmed it.
+group ``defuse-regions``; the held-out region samples stay unseen) or last. Serve reads two more
+keys: ``wait_for_labels`` (default true: a ``vae`` run pauses after synthesize in
+``awaiting_labels`` until a person resumes it, :mod:`patchd.runs.component`) and
+``label_timeout_h`` (default 72: a run left waiting longer fails). Unlabelled regions
+train with their source class and the trainer logs that no person confirmed it. The labels it
+trained with (per region: the label, who gave it, or ``null`` for the unconfirmed source class)
+go into the train stage's ``region_labels.json``.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +70,10 @@ def region_set(
     from patchd.plugins.augmenters.vae import read_labels
 
     samples = region_samples(augmentation)
-    labelled = set(read_labels(path))
+    given = read_labels(path)
+    labelled = set(given)
     unlabelled = sorted(int(r) for r in set(samples.g.tolist()) - labelled)
+    write_used_labels(ctx.out_dir / "region_labels.json", path, samples, unlabelled)
     if unlabelled:
         ctx.log.warning(
             "run %s defuse: regions %s are unlabelled (no entry in %s); training them with "
@@ -75,6 +83,22 @@ def region_set(
             path,
         )
     return apply_region_labels(samples, path)
+
+
+def write_used_labels(out: Path, path: Path, samples: ImageSet, unlabelled: list[int]) -> None:
+    """Record which label each region trained with, and who gave it."""
+    from patchd.runs.regions import read_labels as read_given
+
+    given = read_given(path)
+    regions: dict[str, dict[str, Any]] = {}
+    for region in sorted(int(r) for r in set(samples.g.tolist())):
+        if region in unlabelled:
+            source = samples.class_names[int(samples.y[samples.g == region][0])]
+            regions[str(region)] = {"label": source, "by": None, "source_class": True}
+        else:
+            label = given.labels[region]
+            regions[str(region)] = {"label": label, "by": given.by(region), "source_class": False}
+    out.write_text(json.dumps({"labels_file": str(path), "regions": regions}, indent=2))
 
 
 def selection_set(val: ImageSet, regions: ImageSet) -> ImageSet:
