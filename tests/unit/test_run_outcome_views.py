@@ -41,6 +41,7 @@ def test_the_ui_runs_page_shows_no_improvement() -> None:
             model_name="m",
             nav="runs",
             runs=[views.run_view(r) for r in records],
+            with_regions=set(),
             v=views,
         )
     )
