@@ -396,6 +396,25 @@ class RedisConfig(Section):
     queue_prefix: str = "patchd"
 
 
+class LeaderConfig(Section):
+    """``leader``: which serve replica does the once-only duties (patchd.leader)."""
+
+    enabled: bool = True  # false: this replica always leads, no lease (run only one then)
+    ttl_s: float = Field(5.0, ge=0.2, le=300)  # a dead leader is replaced within about this
+    renew_interval_s: float | None = Field(None, gt=0)  # default ttl_s / 3
+    key: str | None = None  # Redis key of the lease; default <redis.queue_prefix>:leader
+    advertise_url: str | None = None  # the URL followers name in their 503s; default api
+
+    @model_validator(mode="after")
+    def _renew_before_expiry(self) -> LeaderConfig:
+        if self.renew_interval_s is not None and self.renew_interval_s >= self.ttl_s / 2:
+            raise ValueError(
+                f"renew_interval_s {self.renew_interval_s} must be below ttl_s / 2 "
+                f"({self.ttl_s / 2}); leave it unset for ttl_s / 3"
+            )
+        return self
+
+
 class ApiConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8321, ge=0, le=65535)
@@ -460,6 +479,7 @@ class Config(Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
+    leader: LeaderConfig = Field(default_factory=LeaderConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
     artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)
     ui: UiConfig = Field(default_factory=UiConfig)

@@ -51,6 +51,7 @@ from patchd.exceptions import ConfigError, DiskFullError, PatchdError, PluginErr
 from patchd.ingest.api import ingest_router
 from patchd.ingest.metrics import IngestCollector
 from patchd.ingest.pipeline import IngestPipeline
+from patchd.leader import Leadership
 from patchd.services import Component, Services
 from patchd.store.db import Store
 from patchd.store.predictions import count_pending, count_predictions
@@ -368,6 +369,7 @@ class Daemon:
             "sources": [t.status() for t in self.tailers],
             "redis_url": services.redis_url,
             "components": sorted(services.components),
+            "leader": services.leader.status(),
         }
 
     def start(self) -> None:
@@ -394,6 +396,7 @@ class Daemon:
             ),
             redis_url=redis_url,
             ingest=pipeline,
+            leader=Leadership.from_config(config, redis_url, store),
         )
         pipeline.start()
         self.components = self._build_components()
@@ -439,6 +442,8 @@ class Daemon:
         services = self.services
         services.metrics.register(IngestCollector(services.ingest))
         services.metrics.register(BuildInfoCollector())
+        for collector in services.leader.collectors():
+            services.metrics.register(collector)  # type: ignore[arg-type]
         routers = [
             status_router(lambda: self.state.value, self.status),
             ingest_router(services.ingest),
@@ -460,9 +465,10 @@ class Daemon:
 
         for component in self.components:
             component.start()
+        self.services.leader.start()  # takeover duties run here when this replica leads
         retention = Retention(self.config, self.services.store)
         self.services.scheduler.add_job(
-            retention.run,
+            self.services.leader.guard(retention.run),
             "interval",
             seconds=self.config.store.retention_interval_s,
             id="ingest:retention",
@@ -514,6 +520,7 @@ class Daemon:
             self._flush()
             services.ingest.stop(drain=not self._cold)
             self._stop_components()
+            services.leader.stop()
             services.store.close()
         if self.redis is not None:
             self.redis.stop()

@@ -87,3 +87,29 @@ class DiskFullError(PatchdError):
     def __init__(self, what: str, retry_after: float = 30.0) -> None:
         self.retry_after = retry_after
         super().__init__(f"disk full: {what}; free space or raise the limit, then retry")
+
+
+class NotLeaderError(PatchdError):
+    """This serve replica is not the leader, so it does not do leader duties (HTTP 503)."""
+
+    def __init__(self, action: str, leader: str, leader_url: str | None = None) -> None:
+        self.action = action
+        self.leader = leader
+        self.leader_url = leader_url
+        super().__init__(
+            f"{action}: this replica is not the leader; the leader is {leader} "
+            "(send it there, or retry: a new leader is elected within leader.ttl_s)"
+        )
+
+
+class FencedError(NotLeaderError):
+    """A leader write carried an epoch older than the store's: a newer leader took over."""
+
+    def __init__(self, action: str, epoch: int, stored: int) -> None:
+        self.epoch = epoch
+        self.stored = stored
+        super().__init__(action, f"a replica of epoch {stored}")
+        self.args = (
+            f"{action}: refused, this replica's leader epoch {epoch} is older than the store's "
+            f"{stored} (a newer leader took over); nothing was written",
+        )

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from patchd.exceptions import NotFoundError
+from patchd.leader import Leadership
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.background import BackgroundScheduler
@@ -42,6 +43,8 @@ class Services:
     extras: dict[str, Any] = field(default_factory=dict)
     # wall-clock seconds; a test injects a fake one instead of sleeping past a TTL
     clock: Callable[[], float] = time.time
+    # which replica does the once-only duties (patchd.leader); solo: this one, always
+    leader: Leadership = field(default_factory=Leadership.solo)
 
     def component(self, name: str, kind: type[C]) -> C:
         found = self.components.get(name)

@@ -21,6 +21,7 @@ from patchd.api.metrics import patchd_version
 from patchd.exceptions import (
     ConflictError,
     NotFoundError,
+    NotLeaderError,
     PatchdError,
     QueueFullError,
     ValidationError,
@@ -117,6 +118,9 @@ async def _patchd_error(request: Request, exc: Exception) -> JSONResponse:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
     if isinstance(exc, ValidationError):
         body["reason"] = exc.reason
+    if isinstance(exc, NotLeaderError):
+        body.update(reason="not_leader", leader=exc.leader, leader_url=exc.leader_url)
+        headers["Retry-After"] = "1"
     return JSONResponse(body, status_code=status, headers=headers)
 
 

@@ -316,9 +316,11 @@ class IngestPipeline:
             return batch
 
     def _commit(self, batch: list[_Work]) -> None:
-        stamp = self._stamp = max(time.time(), self._stamp + 1e-6)  # strictly increasing
         try:
             with self.store.write() as conn:
+                # stamped inside the transaction: with several serve replicas on one SQLite
+                # file, write transactions are serialised, so commits stay in stamp order
+                stamp = self._stamp = max(time.time(), self._stamp + 1e-6)  # strictly increasing
                 results = [self._apply(conn, work, stamp) for work in batch]
                 self._persist_groups(conn)
         except Exception as err:  # a store failure fails this batch, never the writer

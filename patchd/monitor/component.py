@@ -65,7 +65,16 @@ class MonitorComponent(Component):
 
     @property
     def snapshot(self) -> MonitorSnapshot | None:
-        return self.engine.snapshot
+        """The last tick's snapshot; None on a follower (only the leader ticks)."""
+        return self.engine.snapshot if self.services.leader.is_leader else None
+
+    def _new_term(self) -> None:
+        """This replica became the leader: start from the store, as a fresh serve would (its
+        state from an earlier term is stale)."""
+        with self._lock:
+            if self.engine.snapshot is not None:
+                self.engine = ModelMonitor(self.services.config, self.model)
+            self._mined_stale = True
 
     def routers(self) -> Sequence[APIRouter]:
         from patchd.monitor.api import groups_router
@@ -93,9 +102,14 @@ class MonitorComponent(Component):
         bus.subscribe(ModelRolledBack, self._on_promoted)
         bus.subscribe(RunFinished, self._on_run_finished)
         monitor = self.services.config.monitor
-        self._every(self.tick, JOB_ID, monitor.interval_s, dt.timedelta(0))
+        leader = self.services.leader
+        leader.on_elected(self._new_term)
+        self._every(leader.guard(self.tick), JOB_ID, monitor.interval_s, dt.timedelta(0))
         self._every(
-            self.drift_pass, DRIFT_JOB_ID, monitor.drift_interval_s, dt.timedelta(seconds=1)
+            leader.guard(self.drift_pass),
+            DRIFT_JOB_ID,
+            monitor.drift_interval_s,
+            dt.timedelta(seconds=1),
         )
 
     def _every(self, func: Any, job_id: str, seconds: float, delay: dt.timedelta) -> None:

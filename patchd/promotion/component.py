@@ -22,7 +22,13 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from patchd.domain import CandidateEvaluated, ModelPromoted, ModelRolledBack, RunFinished
-from patchd.exceptions import ConflictError, NotFoundError, PatchdError, ValidationError
+from patchd.exceptions import (
+    ConflictError,
+    NotFoundError,
+    NotLeaderError,
+    PatchdError,
+    ValidationError,
+)
 from patchd.promotion.audit import AuditEntry, AuditLog
 from patchd.promotion.gate import Verdict, decide, gate_input
 from patchd.promotion.hooks import HookEvent, HookRunner
@@ -93,7 +99,7 @@ class CandidatesComponent(Component):
         self.services.bus.subscribe(RunFinished, self._on_run_finished)
         ttl = self.services.config.gate.approval_ttl_s
         self.services.scheduler.add_job(
-            self.tick,
+            self.services.leader.guard(self.tick),
             "interval",
             seconds=max(0.5, min(60.0, ttl / 4)),
             id="candidates-expire",
@@ -101,7 +107,7 @@ class CandidatesComponent(Component):
             coalesce=True,
             replace_existing=True,
         )
-        self.reconcile()
+        self.services.leader.on_elected(self.reconcile)
 
     def stop(self) -> None:
         self.hooks.join(timeout=5.0)
@@ -129,6 +135,7 @@ class CandidatesComponent(Component):
         if not _RUN_ID.match(run_id or ""):
             raise ValidationError("bad_run_id", f"run id {run_id!r} must match {_RUN_ID.pattern}")
         cid = f"c-{run_id}"
+        self.services.leader.require(f"evaluate run {run_id}")
         with self._lock:
             try:
                 existing = self.get(cid)
@@ -138,9 +145,13 @@ class CandidatesComponent(Component):
                 pass
             inputs = self._run_inputs(run_id, model)
             digest = sha256_file(inputs.weights)
-            self.candidates.insert_evaluating(cid, model, run_id, digest, inputs.parent)
+            with self.services.store.write() as conn:  # the insert joins this transaction
+                self.services.leader.fence(conn, f"create candidate {cid}")
+                self.candidates.insert_evaluating(cid, model, run_id, digest, inputs.parent)
             try:
                 return self._gate(cid, model, run_id, digest, inputs)
+            except NotLeaderError:  # fenced: a newer leader owns the candidate now
+                raise
             except Exception as err:  # never leave a candidate stuck in `evaluating`
                 note = f"evaluation error: {err}"
                 self.candidates.finish_evaluation(cid, S.FAIL, None, None, note=note)
@@ -186,7 +197,9 @@ class CandidatesComponent(Component):
         self.registry.publish(model, inputs.weights, manifest)
         ttl = self.services.config.gate.approval_ttl_s
         expires = self.clock() + ttl if decision.passed else None
-        self.candidates.finish_evaluation(cid, state, decision, evaluation, expires_at=expires)
+        with self.services.store.write() as conn:
+            self.services.leader.fence(conn, f"gate candidate {cid}")
+            self.candidates.finish_evaluation(cid, state, decision, evaluation, expires_at=expires)
         self.write_report(cid)
         self._audit_evaluated(
             cid, model, digest, inputs.parent, decision.verdict.value, audit_metrics(decision)
@@ -241,6 +254,7 @@ class CandidatesComponent(Component):
     def approve(self, candidate_id: str, digest: str, actor: str, comment: str = "") -> Candidate:
         """Promote an awaiting candidate; ``digest`` must be the candidate's (no stale ones).
         ``comment`` (the approver's words) is kept in the audit entry's ``detail``."""
+        self.services.leader.require(f"approve candidate {candidate_id}")
         with self._lock:
             cand = self._awaiting(candidate_id, "approve")
             if digest != cand.digest:
@@ -286,14 +300,19 @@ class CandidatesComponent(Component):
                 "and run a new patch (patchd patch)"
             )
         with self.services.store.write() as conn:
+            self.services.leader.fence(conn, f"promote candidate {cand.id}")
             self.candidates.transition(conn, cand.id, S.AWAITING_APPROVAL, S.PROMOTED, actor)
-            self.registry.promote(cand.model, cand.digest, actor, expect=current_sha)
+            self.registry.promote(
+                cand.model, cand.digest, actor, expect=current_sha, epoch=self.services.leader.epoch
+            )
         return current_sha
 
     def reject(self, candidate_id: str, actor: str, reason: str = "") -> Candidate:
+        self.services.leader.require(f"reject candidate {candidate_id}")
         with self._lock:
             cand = self._awaiting(candidate_id, "reject")
             with self.services.store.write() as conn:
+                self.services.leader.fence(conn, f"reject candidate {cand.id}")
                 self.candidates.transition(
                     conn, cand.id, S.AWAITING_APPROVAL, S.REJECTED, actor, reason
                 )
@@ -314,12 +333,16 @@ class CandidatesComponent(Component):
 
     def rollback(self, model: str, actor: str, digest: str | None = None) -> str:
         """Production goes one step back; ``digest`` (optional) must be the current production."""
+        self.services.leader.require(f"roll back {model}")
         with self._lock:
             current = self.registry.pointer(model)
             if current is None:
                 raise NotFoundError("production model", model)
             with self.services.store.write() as conn:
-                pointer = self.registry.rollback(model, actor, expect=digest)
+                self.services.leader.fence(conn, f"roll back {model}")
+                pointer = self.registry.rollback(
+                    model, actor, expect=digest, epoch=self.services.leader.epoch
+                )
                 rolled = self.candidates.promoted_ids(conn, model, current.sha256)
                 for cid in rolled:
                     self.candidates.transition(conn, cid, S.PROMOTED, S.ROLLED_BACK, actor)
@@ -370,6 +393,7 @@ class CandidatesComponent(Component):
         with self._lock:
             try:
                 with self.services.store.write() as conn:
+                    self.services.leader.fence(conn, f"expire candidate {cand.id}")
                     self.candidates.transition(
                         conn, cand.id, S.AWAITING_APPROVAL, S.EXPIRED, "gate:ttl"
                     )
@@ -410,6 +434,7 @@ class CandidatesComponent(Component):
             pointer = self.registry.pointer(cand.model)
             if pointer and pointer.sha256 == cand.digest and pointer.action == "promote":
                 with self._lock, self.services.store.write() as conn:
+                    self.services.leader.fence(conn, f"reconcile candidate {cand.id}")
                     self.candidates.transition(
                         conn,
                         cand.id,

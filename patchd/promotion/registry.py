@@ -3,7 +3,7 @@
 Layout (backups: docs/operating.md)::
 
     <root>/<model>/versions/<sha256>/model.safetensors, manifest.json, report.json, report.html
-    <root>/<model>/production.json   {schema, sha256, promoted_at, approved_by, previous}
+    <root>/<model>/production.json   {schema, sha256, promoted_at, approved_by, previous, epoch}
 
 Crash safety:
 
@@ -16,6 +16,9 @@ Crash safety:
   pointer is written only after the version it names is published.
 - Pointer changes of one model are serialized across processes with ``fcntl.flock`` on
   ``<model>/.lock`` and are compare-and-swap (``expect``), so two writers cannot both win.
+- The pointer records the leader epoch of the serve replica that wrote it (``epoch``); a
+  promote or rollback carrying a lower epoch than the pointer's is refused under the lock, so a
+  paused ex-leader cannot switch production after a newer leader did (:mod:`patchd.leader`).
 
 Torch-free: weights are hashed and copied as bytes (hashlib); nothing here unpickles anything.
 """
@@ -138,6 +141,8 @@ class Pointer:
     previous: str | None = None
     action: str = "promote"  # promote | import | rollback
     schema: int = POINTER_SCHEMA
+    # leader epoch of the serve replica that wrote it (patchd.leader); None: no leader (CLI)
+    epoch: int | None = None
 
     def to_json(self) -> bytes:
         return _dump(self)
@@ -315,13 +320,20 @@ class Registry:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     def promote(
-        self, model: str, sha256: str, approved_by: str, expect: str | None | object = ...
+        self,
+        model: str,
+        sha256: str,
+        approved_by: str,
+        expect: str | None | object = ...,
+        epoch: int | None = None,
     ) -> Pointer:
-        """Switch production to ``sha256``; ``expect`` (a digest or None) makes it a CAS."""
+        """Switch production to ``sha256``; ``expect`` (a digest or None) makes it a CAS;
+        ``epoch`` (a serve leader's) must not be below the pointer's."""
         version = self.get(model, sha256)
         version.verify()
         with self.locked(model):
             current = self.pointer(model)
+            _check_epoch(model, current, epoch, "promote")
             current_sha = current.sha256 if current else None
             if expect is not ... and expect != current_sha:
                 raise ConflictError(
@@ -330,7 +342,14 @@ class Registry:
                 )
             if current_sha == sha256:
                 raise ConflictError(f"{model}@{sha256[:12]} is already in production")
-            pointer = Pointer(sha256, time.time(), approved_by, current_sha, "promote")
+            pointer = Pointer(
+                sha256,
+                time.time(),
+                approved_by,
+                current_sha,
+                "promote",
+                epoch=_next_epoch(current, epoch),
+            )
             write_file_atomic(self.pointer_path(model), pointer.to_json())
         log.info(
             "promoted %s to %s (previous %s) by %s",
@@ -341,10 +360,13 @@ class Registry:
         )
         return pointer
 
-    def rollback(self, model: str, by: str, expect: str | None = None) -> Pointer:
+    def rollback(
+        self, model: str, by: str, expect: str | None = None, epoch: int | None = None
+    ) -> Pointer:
         """One step back: production becomes the pointer's ``previous`` (which is then cleared)."""
         with self.locked(model):
             current = self.pointer(model)
+            _check_epoch(model, current, epoch, "roll back")
             if current is None or current.previous is None:
                 raise ConflictError(
                     f"{model} has no previous production version to roll back to "
@@ -356,7 +378,14 @@ class Registry:
                     "it changed meanwhile; nothing rolled back"
                 )
             self.get(model, current.previous).verify()
-            pointer = Pointer(current.previous, time.time(), by, None, "rollback")
+            pointer = Pointer(
+                current.previous,
+                time.time(),
+                by,
+                None,
+                "rollback",
+                epoch=_next_epoch(current, epoch),
+            )
             write_file_atomic(self.pointer_path(model), pointer.to_json())
         log.info(
             "rolled back %s from %s to %s by %s",
@@ -379,7 +408,12 @@ class Registry:
             if current is not None and current.sha256 == sha:
                 return version
             pointer = Pointer(
-                sha, time.time(), approved_by, current.sha256 if current else None, "import"
+                sha,
+                time.time(),
+                approved_by,
+                current.sha256 if current else None,
+                "import",
+                epoch=_next_epoch(current, None),
             )
             write_file_atomic(self.pointer_path(model), pointer.to_json())
         log.info("imported %s@%s as production by %s", model, sha[:12], approved_by)
@@ -449,3 +483,26 @@ def _safe_name(name: str) -> str:
 
 def _short(sha: object) -> str:
     return sha[:12] if isinstance(sha, str) else "none"
+
+
+def _check_epoch(model: str, current: Pointer | None, epoch: int | None, verb: str) -> None:
+    """ConflictError when a leader of an older epoch than the pointer's wants to change it."""
+    if epoch is None or current is None or current.epoch is None or epoch >= current.epoch:
+        return
+    log.error(
+        "fenced: %s %s refused: leader epoch %d is older than the pointer's %d",
+        verb,
+        model,
+        epoch,
+        current.epoch,
+    )
+    raise ConflictError(
+        f"cannot {verb} {model}: this serve's leader epoch {epoch} is older than the epoch "
+        f"{current.epoch} that wrote the production pointer (a newer leader took over)"
+    )
+
+
+def _next_epoch(current: Pointer | None, epoch: int | None) -> int | None:
+    """The epoch a new pointer records: the writer's, never below the one it replaces."""
+    known = [e for e in (epoch, current.epoch if current else None) if e is not None]
+    return max(known) if known else None

@@ -201,9 +201,9 @@ class RunsComponent(Component):
 
     def start(self) -> None:
         jobqueue.check_patch_config(self.config)
-        self._fail_interrupted()
+        self.services.leader.on_elected(self._fail_interrupted)
         self.services.scheduler.add_job(
-            self.tick,
+            self.services.leader.guard(self.tick),
             "interval",
             seconds=self.config.patch.poll_interval_s,
             id="runs-poll",
@@ -252,6 +252,7 @@ class RunsComponent(Component):
     def _save(self, rec: RunRecord) -> RunRecord:
         rec = replace(rec, updated_at=time.time())
         with self.services.store.write() as conn:
+            self.services.leader.fence(conn, f"update run {rec.id}")
             update_run(conn, rec)
         return rec
 
@@ -262,11 +263,13 @@ class RunsComponent(Component):
         """Create and enqueue a run; None when one is already open for ``model``."""
         if model != self.config.model.name:
             raise NotFoundError("model", model)
+        self.services.leader.require("request a patch run")
         config = apply_overrides(self.config, recipe)
         jobqueue.check_patch_config(config)
         for kind in ("miner", "augmenter", "trainer"):
             plugin_catalog.resolve(kind, getattr(config.patch, kind))  # PluginError on a typo
         with self._create_lock, self.services.store.write() as conn:
+            self.services.leader.fence(conn, f"create a run for {model}")
             marks = ",".join("?" * len(OPEN_STATES))
             if select_runs(conn, f"WHERE model = ? AND state IN ({marks})", (model, *OPEN_STATES)):
                 log.info("run requested for %s (%s) but one is already open", model, reason)
@@ -401,6 +404,7 @@ class RunsComponent(Component):
     def _reenqueue(self, rec: RunRecord) -> RunRecord:
         """Jobs vanished from Redis (flushed, restarted without persistence): enqueue again."""
         log.warning("run %s: some jobs are missing from Redis; enqueueing them again", rec.id)
+        self.services.leader.require(f"re-enqueue run {rec.id}")
         recipe = Recipe(**rec.recipe)
         config = recipe.effective_config()
         ids = jobqueue.enqueue_run(
@@ -467,6 +471,7 @@ class RunsComponent(Component):
 
     def resume(self, run_id: str, by: str) -> RunRecord:
         """A person is done labelling: close labelling and enqueue train and evaluate."""
+        self.services.leader.require(f"resume run {run_id}")
         with self._state_lock:
             rec = self.get(run_id)
             if rec.state != AWAITING_LABELS:
@@ -522,6 +527,7 @@ class RunsComponent(Component):
     # cancelling
     def cancel(self, run_id: str) -> RunRecord:
         """Cancel queued jobs, stop the running one; the run becomes ``cancelled``."""
+        self.services.leader.require(f"cancel run {run_id}")
         with self._state_lock:
             rec = self.get(run_id)
             if not rec.open:
