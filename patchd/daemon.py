@@ -443,7 +443,7 @@ class Daemon:
         services.metrics.register(IngestCollector(services.ingest))
         services.metrics.register(BuildInfoCollector())
         for collector in services.leader.collectors():
-            services.metrics.register(collector)  # type: ignore[arg-type]
+            services.metrics.register(collector)
         routers = [
             status_router(lambda: self.state.value, self.status),
             ingest_router(services.ingest),

@@ -300,7 +300,7 @@ class Leadership:
 
     def guard(self, job: Callable[[], T], name: str | None = None) -> Callable[[], T | None]:
         """``job`` that runs only while this replica leads (a follower skips it)."""
-        label = name or getattr(job, "__qualname__", repr(job))
+        label = str(name or getattr(job, "__qualname__", repr(job)))
 
         def guarded() -> T | None:
             if not self.is_leader:
