@@ -378,8 +378,35 @@ class RegistryConfig(Section):
     hooks: HookConfig = Field(default_factory=HookConfig)
 
 
+def _store_url(value: object) -> object:
+    """``store.url``: None (SQLite at ``store.path``) or ``postgresql://[user[:pw]@]host[:port]/db``."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError("must be a string such as postgresql://patchd@db.internal:5432/patchd")
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError(
+            f"must start with postgresql:// or postgres:// (got {parts.scheme or 'no'} scheme); "
+            "leave it unset for the embedded SQLite store at store.path"
+        )
+    if not parts.path.strip("/"):
+        raise ValueError("names no database: use postgresql://user@host:5432/<database>")
+    try:
+        parts.port  # noqa: B018  (raises on a non-numeric port)
+    except ValueError:
+        raise ValueError("has a port that is not a number") from None
+    return value
+
+
 class StoreConfig(Section):
     path: ConfigPath | None = None  # default: <state_dir>/patchd.db
+    # None: the embedded SQLite at ``path``; postgresql://user@host:5432/db: Postgres (the
+    # password from the URL, PGPASSWORD / ~/.pgpass, or ``password_file``)
+    url: Annotated[str | None, BeforeValidator(_store_url)] = None
+    password_file: ConfigPath | None = None  # a file whose first line is the Postgres password
     batch_size: int = Field(5000, ge=1)
     flush_interval_s: float = Field(0.05, gt=0)
     retention_days: float = Field(30.0, gt=0)

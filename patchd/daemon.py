@@ -53,7 +53,7 @@ from patchd.ingest.metrics import IngestCollector
 from patchd.ingest.pipeline import IngestPipeline
 from patchd.leader import Leadership
 from patchd.services import Component, Services
-from patchd.store.db import Store
+from patchd.store.backend import Store, open_store
 from patchd.store.predictions import count_pending, count_predictions
 
 log = logging.getLogger(__name__)
@@ -355,7 +355,7 @@ class Daemon:
             "uptime_s": round(time.monotonic() - self.started_monotonic, 3),
             "model": config.model.name,
             "store": {
-                "path": str(services.store.path),
+                "path": services.store.location,
                 "predictions": stored,
                 "labeled": labeled,
                 "pending_labels": pending,
@@ -384,7 +384,7 @@ class Daemon:
                 raise ConfigError(f"sources.tail.{i}.glob: {err}") from None
         config.state_dir.mkdir(parents=True, exist_ok=True)
         redis_url = self._start_redis()
-        store = Store.open(config.store_path, synchronous=config.store.synchronous)
+        store = open_store(config)
         pipeline = IngestPipeline(config, store)
         self.services = Services(
             config=config,

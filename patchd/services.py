@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from patchd.config import Config
     from patchd.domain import EventBus
     from patchd.ingest.pipeline import IngestPipeline
-    from patchd.store.db import Store
+    from patchd.store.backend import Store
 
 C = TypeVar("C", bound="Component")
 

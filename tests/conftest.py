@@ -83,3 +83,49 @@ def serve(tmp_path: Path, clean_redis: str) -> Iterator[ServeProcess]:
     proc = start_serve(tmp_path, {"redis": {"url": clean_redis, "embedded": "never"}})
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A private PostgreSQL server (initdb + pg_ctl, free loopback port, fsync=off) for the session."""
+    from patchd.exceptions import StoreError
+    from patchd.store.pg_local import PrivatePostgres
+
+    try:
+        server = PrivatePostgres(tmp_path_factory.mktemp("postgres")).start()
+    except StoreError as err:
+        pytest.fail(f"cannot start a private Postgres: {err} (run scripts/setup.sh)")
+    yield server
+    server.stop()
+
+
+_DATABASES = iter(range(1, 1 << 30))
+
+
+@pytest.fixture
+def postgres_url(postgres_server: object) -> str:
+    """The URL of a fresh, empty database on the private Postgres (one per test)."""
+    from patchd.store.pg_local import PrivatePostgres
+
+    assert isinstance(postgres_server, PrivatePostgres)
+    return postgres_server.create_database(f"t{os.getpid()}_{next(_DATABASES)}")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend_store_config(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, object]:
+    """``store:`` config of each backend in turn: SQLite under tmp_path, or a fresh Postgres db."""
+    if request.param == "sqlite":
+        return {"path": str(tmp_path / "db" / "patchd.db")}
+    return {"url": request.getfixturevalue("postgres_url")}
+
+
+@pytest.fixture
+def any_store(backend_store_config: dict[str, object], tmp_path: Path) -> Iterator[object]:
+    """An open store of each backend in turn (the store suite runs against both)."""
+    from patchd.config import build_config
+    from patchd.store.backend import open_store
+
+    cfg = build_config({"state_dir": str(tmp_path), "store": backend_store_config})
+    store = open_store(cfg)
+    yield store
+    store.close()

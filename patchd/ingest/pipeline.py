@@ -40,7 +40,7 @@ from patchd.ingest.records import (
     validate_each,
 )
 from patchd.store import predictions as store_predictions
-from patchd.store.db import Store
+from patchd.store.backend import Store
 
 log = logging.getLogger(__name__)
 
@@ -364,8 +364,10 @@ class IngestPipeline:
             result = BatchResult(inserted, dups, errors, joined)
         for off in work.offsets:
             conn.execute(
-                "INSERT OR REPLACE INTO source_offsets (source, path, device, inode, offset, "
-                "updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                'INSERT INTO source_offsets (source, path, device, inode, "offset", updated_at) '
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (source, path) DO UPDATE SET "
+                'device = excluded.device, inode = excluded.inode, "offset" = excluded."offset", '
+                "updated_at = excluded.updated_at",
                 (off.source, off.path, off.device, off.inode, off.offset, time.time()),
             )
         return result
@@ -385,7 +387,8 @@ class IngestPipeline:
             return
         value = orjson.dumps(self.parser.groups.snapshot()).decode()
         conn.execute(
-            "INSERT OR REPLACE INTO kv (key, value, updated_at) VALUES (?, ?, ?)",
+            "INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?) ON CONFLICT (key) "
+            "DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
             (GROUPS_KV_KEY, value, time.time()),
         )
         self._groups_version = version

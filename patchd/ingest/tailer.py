@@ -44,7 +44,7 @@ from patchd.config import Config, TailSourceConfig
 from patchd.exceptions import ConfigError, QueueFullError, ValidationError
 from patchd.ingest.pipeline import BatchResult, IngestPipeline, OffsetUpdate, ShuttingDownError
 from patchd.ingest.records import PLACEHOLDER, RecordError, is_malformed, split_lines
-from patchd.store.db import Store
+from patchd.store.backend import Store
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class Tailer:
     def _load_offsets(self) -> dict[tuple[int, int], int]:
         with self.store.read() as conn:
             rows = conn.execute(
-                "SELECT device, inode, offset FROM source_offsets WHERE source = ?", (self.name,)
+                'SELECT device, inode, "offset" FROM source_offsets WHERE source = ?', (self.name,)
             ).fetchall()
         return {(int(d), int(i)): int(o) for d, i, o in rows}
 

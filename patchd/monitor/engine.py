@@ -42,7 +42,7 @@ from patchd.monitor.window import (
 )
 
 if TYPE_CHECKING:
-    from patchd.store.db import Store
+    from patchd.store.backend import Store
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
+from patchd.store.backend import Connection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +38,7 @@ class Resolved:
 
 def resolve(
     setting: str,
-    conn: sqlite3.Connection,
+    conn: Connection,
     artifacts_root: Path,
     model: str,
     classes: list[str],
@@ -61,7 +61,7 @@ def resolve(
 
 
 def latest_path(
-    conn: sqlite3.Connection, artifacts_root: Path, model: str, production: str | None
+    conn: Connection, artifacts_root: Path, model: str, production: str | None
 ) -> Path | None:
     """``mined_groups.json`` of the newest succeeded run of ``model`` mined on ``production``."""
     runs = select_runs(

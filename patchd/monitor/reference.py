@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
+from patchd.store.backend import Connection
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -139,12 +139,12 @@ def _profile(p: dict[str, Any]) -> GroupProfile:
     )
 
 
-def load(conn: sqlite3.Connection, model: str) -> Reference | Learning | None:
+def load(conn: Connection, model: str) -> Reference | Learning | None:
     row = conn.execute("SELECT value FROM kv WHERE key = ?", (kv_key(model),)).fetchone()
     return from_json(row[0]) if row else None
 
 
-def save(conn: sqlite3.Connection, state: Reference | Learning) -> None:
+def save(conn: Connection, state: Reference | Learning) -> None:
     conn.execute(
         "INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?) "
         "ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",

@@ -19,7 +19,7 @@ from patchd.domain import PatchRequested
 from patchd.exceptions import NotFoundError, PatchdError
 
 if TYPE_CHECKING:
-    import sqlite3
+    from patchd.store.backend import Connection
 
     from patchd.services import Services
 
@@ -120,7 +120,7 @@ def _remember(
         )
 
 
-def _load(conn: sqlite3.Connection) -> dict[str, Any]:
+def _load(conn: Connection) -> dict[str, Any]:
     row = conn.execute("SELECT value FROM kv WHERE key = ?", (KV_KEY,)).fetchone()
     if row is None:
         return {"version": VERSION, "last": {}, "requests": []}
@@ -136,6 +136,6 @@ def _load(conn: sqlite3.Connection) -> dict[str, Any]:
     return data
 
 
-def patch_requests(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+def patch_requests(conn: Connection) -> list[dict[str, Any]]:
     """The recorded requests (newest last), for the API and tests."""
     return list(_load(conn)["requests"])

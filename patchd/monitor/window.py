@@ -11,7 +11,7 @@ written only by :mod:`patchd.store.predictions`.
 
 from __future__ import annotations
 
-import sqlite3
+from patchd.store.backend import Connection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -184,7 +184,7 @@ ORDER BY labeled_at, id LIMIT ?
 
 
 def fetch_labeled(
-    conn: sqlite3.Connection, model: str, cursor: Cursor, limit: int, groups: GroupIndex
+    conn: Connection, model: str, cursor: Cursor, limit: int, groups: GroupIndex
 ) -> tuple[LabeledEvents, Cursor]:
     """Events labeled after ``cursor`` (oldest first, at most ``limit``) and the new cursor."""
     start = cursor.labeled_at if np.isfinite(cursor.labeled_at) else -1e300
@@ -196,7 +196,7 @@ def fetch_labeled(
     return _columns(rows, groups), Cursor(float(rows[-1][2]), str(rows[-1][0]))
 
 
-def newest_cursor_before(conn: sqlite3.Connection, model: str, limit: int) -> Cursor:
+def newest_cursor_before(conn: Connection, model: str, limit: int) -> Cursor:
     """The cursor just before the newest ``limit`` labeled events (where a fresh monitor starts)."""
     row = conn.execute(
         "SELECT labeled_at, id FROM predictions WHERE model = ? AND label IS NOT NULL "
@@ -244,7 +244,7 @@ class Traffic:
 
 
 def fetch_traffic(
-    conn: sqlite3.Connection, model: str, limit: int, groups: GroupIndex, since_ts: float
+    conn: Connection, model: str, limit: int, groups: GroupIndex, since_ts: float
 ) -> Traffic:
     rows = conn.execute(
         "SELECT pred, confidence, group_key, embedding, label FROM predictions "
@@ -275,7 +275,7 @@ WHERE model = ? AND label IS NOT NULL AND ts >= ? ORDER BY labeled_at, id LIMIT 
 
 
 def fetch_reference(
-    conn: sqlite3.Connection, model: str, since_ts: float, limit: int, groups: GroupIndex
+    conn: Connection, model: str, since_ts: float, limit: int, groups: GroupIndex
 ) -> tuple[LabeledEvents, np.ndarray | None]:
     """The first ``limit`` labeled events of the current model and their embeddings (aligned,
     nan where an event has none; None when none has one): what the estimate is calibrated on."""

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from patchd.config import Config
     from patchd.promotion.record import Candidate, RunInputs
     from patchd.promotion.report.candidate import CandidateReport
-    from patchd.store.db import Store
+    from patchd.store.backend import Store
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import builtins
 import json
-import sqlite3
+from patchd.store.backend import Connection
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -19,7 +19,7 @@ from patchd.promotion.record import COLUMNS, Candidate, CandidateState
 if TYPE_CHECKING:
     from patchd.evaluation import PairedEvaluation
     from patchd.promotion.gate import GateDecision
-    from patchd.store.db import Store
+    from patchd.store.backend import Store
 
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM candidates"
 _INSERT = (
@@ -85,7 +85,7 @@ class CandidateStore:
         return row[0] if row and row[0] else None
 
     def promoted_ids(
-        self, conn: sqlite3.Connection, model: str, digest: str
+        self, conn: Connection, model: str, digest: str
     ) -> builtins.list[str]:  # `list` here is the method above
         """The promoted candidates of ``model`` at ``digest`` (inside the caller's transaction)."""
         rows = conn.execute(
@@ -137,7 +137,7 @@ class CandidateStore:
 
     def transition(
         self,
-        conn: sqlite3.Connection,
+        conn: Connection,
         cid: str,
         old: CandidateState,
         new: CandidateState,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import sqlite3
+from patchd.store.backend import Connection
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -163,15 +163,15 @@ _UPDATE = (
 )
 
 
-def insert_run(conn: sqlite3.Connection, rec: RunRecord) -> None:
+def insert_run(conn: Connection, rec: RunRecord) -> None:
     conn.execute(_INSERT, _row(rec))
 
 
-def update_run(conn: sqlite3.Connection, rec: RunRecord) -> None:
+def update_run(conn: Connection, rec: RunRecord) -> None:
     conn.execute(_UPDATE, _row(rec))
 
 
-def select_runs(conn: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> list[RunRecord]:
+def select_runs(conn: Connection, where: str, args: tuple[Any, ...]) -> list[RunRecord]:
     rows = conn.execute(f"SELECT {_COLUMNS} FROM runs {where}", args).fetchall()
     return [RunRecord.from_row(r) for r in rows]
 

@@ -26,6 +26,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 from patchd.exceptions import DiskFullError, StoreError
 from patchd.store.schema import MIGRATIONS
@@ -59,9 +60,21 @@ def disk_error(path: Path, err: Exception) -> StoreError | DiskFullError:
     return StoreError(f"cannot open the store at {path}: {err}")
 
 
-def _connect(path: Path, synchronous: str, cache_kib: int) -> sqlite3.Connection:
+class SqliteConnection(sqlite3.Connection):
+    """A ``sqlite3.Connection`` that names its dialect (:class:`patchd.store.backend.Connection`)."""
+
+    dialect: Literal["sqlite"] = "sqlite"
+
+
+def _connect(path: Path, synchronous: str, cache_kib: int) -> SqliteConnection:
     try:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+        conn = sqlite3.connect(
+            path,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=10,
+            factory=SqliteConnection,
+        )
     except sqlite3.Error as err:
         raise StoreError(f"cannot open the store at {path}: {err}") from None
     for pragma in _PRAGMAS:
@@ -74,13 +87,13 @@ def _connect(path: Path, synchronous: str, cache_kib: int) -> sqlite3.Connection
 class Store:
     """A SQLite database in WAL mode with one writer and a reader connection per thread."""
 
-    def __init__(self, path: Path, writer: sqlite3.Connection, synchronous: str) -> None:
+    def __init__(self, path: Path, writer: SqliteConnection, synchronous: str) -> None:
         self.path = path
         self._writer = writer
         self._synchronous = synchronous
         self._write_lock = threading.RLock()
         self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
+        self._readers: list[SqliteConnection] = []
         self._readers_lock = threading.Lock()
         self._closed = False
 
@@ -107,6 +120,10 @@ class Store:
         store = cls(path, writer, synchronous)
         store.migrate()
         return store
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
 
     @property
     def schema_version(self) -> int:
@@ -138,7 +155,7 @@ class Store:
         log.info("store %s migrated to schema version %d", self.path, version)
 
     @contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
+    def write(self) -> Iterator[SqliteConnection]:
         """A write transaction on the single writer connection (serialised by a lock)."""
         self._check_open()
         with self._write_lock:
@@ -155,7 +172,7 @@ class Store:
             conn.execute("COMMIT")
 
     @contextmanager
-    def read(self) -> Iterator[sqlite3.Connection]:
+    def read(self) -> Iterator[SqliteConnection]:
         """A read transaction (one snapshot) on this thread's reader connection."""
         self._check_open()
         conn = self._reader()
@@ -168,8 +185,8 @@ class Store:
         finally:
             conn.execute("COMMIT")
 
-    def _reader(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+    def _reader(self) -> SqliteConnection:
+        conn: SqliteConnection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = _connect(self.path, self._synchronous, READER_CACHE_KIB)
             conn.execute("PRAGMA query_only = ON")

@@ -39,6 +39,7 @@ import numpy as np
 import orjson
 
 from patchd.ingest.records import Label, Prediction
+from patchd.store.backend import Connection
 
 _COLUMNS = Prediction._fields  # model .. label; labeled_at follows from label and the stamp
 _LABEL_COLUMN = _COLUMNS.index("label")
@@ -76,7 +77,7 @@ class LabelWrite:
 
 
 def insert_predictions(
-    conn: sqlite3.Connection, rows: Sequence[Prediction], stamp: float | None = None
+    conn: Connection, rows: Sequence[Prediction], stamp: float | None = None
 ) -> PredictionWrite:
     """Insert (ignoring duplicates by (model, id)), then join labels that were waiting.
 
@@ -90,9 +91,7 @@ def insert_predictions(
     joined = 0
     if waiting:  # a prediction whose label came first is inserted labeled
         rows, joined = _with_labels(rows, waiting)
-    before = conn.total_changes
-    _insert_rows(conn, rows, stamp)
-    inserted = conn.total_changes - before
+    inserted = _insert_rows(conn, rows, stamp)
     if waiting:
         conn.executemany(_DROP_PENDING, waiting.keys())
     return PredictionWrite(inserted, len(rows) - inserted, joined)
@@ -112,8 +111,11 @@ def _with_labels(
     return out, len(used)
 
 
-def _insert_rows(conn: sqlite3.Connection, rows: Sequence[Prediction], stamp: float) -> None:
-    """``INSERT OR IGNORE`` every row; ``labeled_at`` is ``stamp`` where the row has a label.
+def _insert_rows(conn: Connection, rows: Sequence[Prediction], stamp: float) -> int:
+    """Insert every row not yet stored (``labeled_at`` is ``stamp`` where the row has a label);
+    how many were inserted. Postgres: COPY through a staging table (:func:`_copy_rows`).
+
+    SQLite: ``INSERT OR IGNORE`` of many rows per statement.
 
     Columns whose value every row shares are bound once per statement, and each statement inserts
     :data:`ROWS_PER_STATEMENT` rows: one VM step and one GIL release per statement, not per row.
@@ -121,21 +123,36 @@ def _insert_rows(conn: sqlite3.Connection, rows: Sequence[Prediction], stamp: fl
     statement cache reuses it from one batch to the next. Rows after the last full statement take
     the one-row statement.
     """
+    if conn.dialect == "postgres":
+        return _copy_rows(conn, rows, stamp)
+    assert isinstance(conn, sqlite3.Connection)
     shared = _shared_values(rows)
     bound = tuple(c for c in range(len(_COLUMNS)) if c not in shared)
     shared_columns, tail = tuple(shared), [*shared.values(), stamp]
     getter = itemgetter(*bound)  # id and ts are never shared: at least two columns, so tuples
     size = _rows_per_statement(conn, len(bound), len(tail))
     full = len(rows) // size * size
+    inserted = 0
     if full:
         sql = _insert_sql(bound, shared_columns, size)
         chunks = (rows[i : i + size] for i in range(0, full, size))
-        conn.executemany(
+        inserted += conn.executemany(
             sql, (list(chain(chain.from_iterable(map(getter, c)), tail)) for c in chunks)
-        )
+        ).rowcount
     if full < len(rows):
         sql = _insert_sql(bound, shared_columns, 1)
-        conn.executemany(sql, ([*getter(row), *tail] for row in rows[full:]))
+        inserted += conn.executemany(sql, ([*getter(row), *tail] for row in rows[full:])).rowcount
+    return inserted
+
+
+def _copy_rows(conn: Connection, rows: Sequence[Prediction], stamp: float) -> int:
+    """Postgres: COPY the rows (``labeled_at`` computed here) and insert the new ones."""
+    from patchd.store.postgres import PgConnection, copy_predictions
+
+    assert isinstance(conn, PgConnection)
+    label = _LABEL_COLUMN
+    full = ((*r, None if r[label] is None else stamp) for r in rows)
+    return copy_predictions(conn, full, (*_COLUMNS, "labeled_at"))
 
 
 def _rows_per_statement(conn: sqlite3.Connection, width: int, extra: int) -> int:
@@ -178,10 +195,10 @@ def _shared_values(rows: Sequence[Prediction]) -> dict[int, object]:
     return found
 
 
-def pending_for(conn: sqlite3.Connection, rows: Sequence[Prediction]) -> dict[tuple[str, str], int]:
+def pending_for(conn: Connection, rows: Sequence[Prediction]) -> dict[tuple[str, str], int]:
     """(model, id) -> label of the labels waiting for ``rows``' ids."""
     probe = conn.execute(
-        "SELECT COUNT(*) FROM (SELECT 1 FROM pending_labels LIMIT ?)", (len(rows),)
+        "SELECT COUNT(*) FROM (SELECT 1 FROM pending_labels LIMIT ?) AS waiting", (len(rows),)
     ).fetchone()[0]
     if probe == 0:
         return {}
@@ -193,7 +210,7 @@ def pending_for(conn: sqlite3.Connection, rows: Sequence[Prediction]) -> dict[tu
 
 
 def _lookup_pending(
-    conn: sqlite3.Connection, rows: Sequence[Prediction]
+    conn: Connection, rows: Sequence[Prediction]
 ) -> list[tuple[str, str, int]]:
     """The pending labels of ``rows``' ids: primary-key lookups, :data:`LOOKUP_CHUNK` at a time."""
     by_model: dict[str, list[str]] = {}
@@ -210,7 +227,7 @@ def _lookup_pending(
 
 
 def insert_labels(
-    conn: sqlite3.Connection,
+    conn: Connection,
     labels: Sequence[Label],
     stamp: float | None = None,
     room: int | None = None,
@@ -218,9 +235,7 @@ def insert_labels(
     """Join labels to their predictions (``labeled_at = stamp``); keep the rest pending, at most
     ``room`` of them (None: no cap); labels past it are refused."""
     stamp = time.time() if stamp is None else stamp
-    before = conn.total_changes
-    conn.executemany(_LABEL, ((x.label, stamp, x.model, x.id) for x in labels))
-    joined = conn.total_changes - before
+    joined = conn.executemany(_LABEL, ((x.label, stamp, x.model, x.id) for x in labels)).rowcount
     if joined == len(labels):
         return LabelWrite(joined, 0, 0)
     present = _existing_ids(conn, labels)
@@ -229,16 +244,19 @@ def insert_labels(
     if room is not None and len(missing) > max(room, 0):
         refused = len(missing) - max(room, 0)
         missing = missing[: max(room, 0)]
-    before = conn.total_changes
-    conn.executemany(
-        "INSERT OR IGNORE INTO pending_labels (model, id, label, received_at) VALUES (?, ?, ?, ?)",
-        missing,
+    pending = (
+        conn.executemany(
+            "INSERT INTO pending_labels (model, id, label, received_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (model, id) DO NOTHING",
+            missing,
+        ).rowcount
+        if missing
+        else 0
     )
-    pending = conn.total_changes - before
     return LabelWrite(joined, pending, len(labels) - joined - pending - refused, refused)
 
 
-def _existing_ids(conn: sqlite3.Connection, labels: Sequence[Label]) -> set[tuple[str, str]]:
+def _existing_ids(conn: Connection, labels: Sequence[Label]) -> set[tuple[str, str]]:
     found: set[tuple[str, str]] = set()
     keys = sorted({(x.model, x.id) for x in labels})
     for start in range(0, len(keys), 400):
@@ -275,7 +293,7 @@ class LabeledWindow:
 
 
 def labeled_window(
-    conn: sqlite3.Connection, model: str, limit: int, since_ts: float | None = None
+    conn: Connection, model: str, limit: int, since_ts: float | None = None
 ) -> LabeledWindow:
     """The newest ``limit`` labeled events of ``model`` (``labeled_at >= since_ts`` when given)."""
     sql = (
@@ -311,7 +329,7 @@ class RecentPredictions:
         return len(self.ts)
 
 
-def recent_predictions(conn: sqlite3.Connection, model: str, limit: int) -> RecentPredictions:
+def recent_predictions(conn: Connection, model: str, limit: int) -> RecentPredictions:
     sql = (
         "SELECT ts, pred, confidence, group_key, embedding FROM predictions "
         "WHERE model = ? ORDER BY ts DESC LIMIT ?"
@@ -340,7 +358,7 @@ _EXPORT = (
 )
 
 
-def export_slice(conn: sqlite3.Connection, model: str, path: Path, limit: int) -> int:
+def export_slice(conn: Connection, model: str, path: Path, limit: int) -> int:
     """Write the newest ``limit`` labeled events as schema-v1 JSONL to ``path`` (atomically)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -376,7 +394,7 @@ def _floats(blob: bytes | None) -> list[float] | None:
     return None if blob is None else np.frombuffer(blob, dtype=np.float32).tolist()
 
 
-def count_predictions(conn: sqlite3.Connection, model: str) -> tuple[int, int]:
+def count_predictions(conn: Connection, model: str) -> tuple[int, int]:
     """(stored predictions, labeled ones) of ``model``."""
     total = conn.execute("SELECT COUNT(*) FROM predictions WHERE model = ?", (model,)).fetchone()[0]
     labeled = conn.execute(
@@ -385,5 +403,5 @@ def count_predictions(conn: sqlite3.Connection, model: str) -> tuple[int, int]:
     return int(total), int(labeled)
 
 
-def count_pending(conn: sqlite3.Connection) -> int:
+def count_pending(conn: Connection) -> int:
     return int(conn.execute("SELECT COUNT(*) FROM pending_labels").fetchone()[0])

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from patchd.config import Config
-from patchd.store.db import Store
+from patchd.store.backend import Store
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,10 @@ class Retention:
             by_age += self._delete(model, cutoff, keep_labeled)
             by_cap += self._cap(model, keep_labeled)
         with self.store.write() as conn:
-            before = conn.total_changes
             pending_cutoff = max(cutoff, now - self.config.store.pending_label_ttl_s)
-            conn.execute("DELETE FROM pending_labels WHERE received_at < ?", (pending_cutoff,))
-            expired = conn.total_changes - before
+            expired = conn.execute(
+                "DELETE FROM pending_labels WHERE received_at < ?", (pending_cutoff,)
+            ).rowcount
         removed = self.sweep_inputs(now)
         result = RetentionResult(by_age, by_cap, expired, protected, removed)
         if by_age or by_cap or expired or removed:
@@ -126,9 +126,7 @@ class Retention:
         while deleted < limit:
             chunk = int(min(CHUNK, limit - deleted))
             with self.store.write() as conn:
-                start = conn.total_changes
-                conn.execute(_DELETE, (model, before_ts, keep_labeled, chunk))
-                n = conn.total_changes - start
+                n = conn.execute(_DELETE, (model, before_ts, keep_labeled, chunk)).rowcount
             deleted += n
             if n < chunk:
                 break

@@ -101,3 +101,94 @@ MIGRATIONS: list[str] = [
     ALTER TABLE candidates ADD COLUMN note TEXT;
     """,
 ]
+
+
+# The same migrations in PostgreSQL's dialect (applied by ``patchd.store.postgres``, tracked in the
+# ``patchd_schema`` table): entry N creates exactly the tables and columns of ``MIGRATIONS[N]``
+# (tests/unit/test_store_schema.py checks it). BLOB -> BYTEA, REAL -> DOUBLE PRECISION,
+# INTEGER -> BIGINT (inodes exceed 32 bits), WITHOUT ROWID dropped, ``offset`` quoted (reserved).
+PG_MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE predictions (
+        model         TEXT             NOT NULL,
+        id            TEXT             NOT NULL,
+        ts            DOUBLE PRECISION NOT NULL,
+        model_version TEXT,
+        pred          BIGINT           NOT NULL,
+        confidence    DOUBLE PRECISION,
+        probs         BYTEA,
+        group_key     TEXT             NOT NULL,
+        groups        TEXT             NOT NULL,
+        input_uri     TEXT,
+        embedding     BYTEA,
+        source        TEXT             NOT NULL,
+        ingested_at   DOUBLE PRECISION NOT NULL,
+        label         BIGINT,
+        labeled_at    DOUBLE PRECISION,
+        PRIMARY KEY (model, id)
+    );
+    CREATE INDEX predictions_labeled ON predictions (model, labeled_at) WHERE label IS NOT NULL;
+    CREATE INDEX predictions_ts ON predictions (model, ts);
+
+    CREATE TABLE pending_labels (
+        model       TEXT             NOT NULL,
+        id          TEXT             NOT NULL,
+        label       BIGINT           NOT NULL,
+        received_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (model, id)
+    );
+
+    CREATE TABLE source_offsets (
+        source     TEXT             NOT NULL,
+        path       TEXT             NOT NULL,
+        device     BIGINT           NOT NULL,
+        inode      BIGINT           NOT NULL,
+        "offset"   BIGINT           NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (source, path)
+    );
+
+    CREATE TABLE runs (
+        id          TEXT PRIMARY KEY,
+        model       TEXT NOT NULL,
+        state       TEXT NOT NULL,
+        stage       TEXT,
+        reason      TEXT NOT NULL,
+        recipe      TEXT NOT NULL,
+        job_ids     TEXT NOT NULL,
+        stage_times TEXT NOT NULL DEFAULT '{}',
+        error       TEXT,
+        result      TEXT,
+        created_at  DOUBLE PRECISION NOT NULL,
+        updated_at  DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX runs_model_state ON runs (model, state);
+
+    CREATE TABLE candidates (
+        id          TEXT PRIMARY KEY,
+        model       TEXT NOT NULL,
+        run_id      TEXT NOT NULL,
+        digest      TEXT NOT NULL,
+        state       TEXT NOT NULL,
+        verdict     TEXT,
+        evaluation  TEXT,
+        decided_by  TEXT,
+        decided_at  DOUBLE PRECISION,
+        expires_at  DOUBLE PRECISION,
+        created_at  DOUBLE PRECISION NOT NULL,
+        updated_at  DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX candidates_model_state ON candidates (model, state);
+
+    CREATE TABLE kv (
+        key        TEXT PRIMARY KEY,
+        value      TEXT NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL
+    );
+    """,
+    """
+    ALTER TABLE candidates ADD COLUMN gate TEXT;
+    ALTER TABLE candidates ADD COLUMN parent TEXT;
+    ALTER TABLE candidates ADD COLUMN note TEXT;
+    """,
+]

@@ -8,7 +8,7 @@ import pytest
 from patchd.exceptions import StoreError
 from patchd.monitor import reference as refmod
 from patchd.monitor.reference import CellReference, GroupProfile, Learning, Reference
-from patchd.store.db import Store
+from patchd.store.backend import Store
 
 
 def sample() -> Reference:
@@ -33,8 +33,8 @@ def test_lower_bound_is_one_sided_and_shrinks_with_n() -> None:
     assert CellReference("a", "g", 0, 0).lower_bound(0.99) == 0.0
 
 
-def test_persisted_in_the_kv_table_under_a_versioned_key(tmp_path: Path) -> None:
-    store = Store.open(tmp_path / "s.db")
+def test_persisted_in_the_kv_table_under_a_versioned_key(any_store: Store) -> None:
+    store = any_store  # SQLite, then Postgres
     with store.write() as conn:
         refmod.save(conn, sample())
     with store.read() as conn:
@@ -48,7 +48,6 @@ def test_persisted_in_the_kv_table_under_a_versioned_key(tmp_path: Path) -> None
         )
     with store.read() as conn, pytest.raises(StoreError, match="version 99"):
         refmod.load(conn, "m")
-    store.close()
 
 
 def test_reference_from_a_held_out_evaluation() -> None:

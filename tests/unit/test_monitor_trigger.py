@@ -10,14 +10,22 @@ from patchd.domain import DomainEvent, EventBus, PatchRequested
 from patchd.monitor.trigger import patch_requests, request_patch
 from patchd.runs.component import RunsComponent
 from patchd.services import Services
-from patchd.store.db import Store
+from patchd.store.backend import open_store
 
 
-def services_for(tmp_path: Path, **trigger: object) -> Services:
-    config = build_config({"model": {"name": "m"}, "trigger": {"min_interval_s": 0, **trigger}})
+def services_for(tmp_path: Path, store: dict[str, object], **trigger: object) -> Services:
+    """Services on ``store`` (the tests take ``backend_store_config``: SQLite, then Postgres)."""
+    config = build_config(
+        {
+            "state_dir": str(tmp_path),
+            "model": {"name": "m"},
+            "trigger": {"min_interval_s": 0, **trigger},
+            "store": store,
+        }
+    )
     return Services(
         config,
-        Store.open(tmp_path / "s.db"),
+        open_store(config),
         EventBus(),
         CollectorRegistry(),
         BackgroundScheduler(),
@@ -30,8 +38,10 @@ def requests(services: Services) -> list[dict]:
         return patch_requests(conn)
 
 
-def test_without_the_runs_component_the_request_is_recorded_once(tmp_path: Path) -> None:
-    services = services_for(tmp_path)
+def test_without_the_runs_component_the_request_is_recorded_once(
+    tmp_path: Path, backend_store_config: dict[str, object]
+) -> None:
+    services = services_for(tmp_path, backend_store_config)
     published: list[DomainEvent] = []
     services.bus.subscribe(PatchRequested, published.append)
     assert request_patch(services, "m", "site=C degraded").outcome == "recorded"
@@ -41,9 +51,9 @@ def test_without_the_runs_component_the_request_is_recorded_once(tmp_path: Path)
 
 
 def test_disabled_and_min_interval(tmp_path: Path) -> None:
-    off = services_for(tmp_path / "a", enabled=False)
+    off = services_for(tmp_path / "a", {"path": str(tmp_path / "a.db")}, enabled=False)
     assert request_patch(off, "m", "x").outcome == "disabled" and requests(off) == []
-    spaced = services_for(tmp_path / "b", min_interval_s=3600)
+    spaced = services_for(tmp_path / "b", {"path": str(tmp_path / "b.db")}, min_interval_s=3600)
     assert request_patch(spaced, "m", "x", now=1000.0).outcome == "recorded"
     assert request_patch(spaced, "m", "y", now=2000.0).outcome == "too_soon"
 
@@ -59,8 +69,10 @@ class FakeRuns(RunsComponent):
         return type("Rec", (), {"id": "run-1"})()
 
 
-def test_with_the_runs_component_a_run_is_created_and_one_stays_open(tmp_path: Path) -> None:
-    services = services_for(tmp_path)
+def test_with_the_runs_component_a_run_is_created_and_one_stays_open(
+    tmp_path: Path, backend_store_config: dict[str, object]
+) -> None:
+    services = services_for(tmp_path, backend_store_config)
     runs = FakeRuns()
     services.components["runs"] = runs
     first = request_patch(services, "m", "site=C degraded")

@@ -1,0 +1,124 @@
+"""The SQLite and Postgres migration lists describe the same schema, and Postgres migrates once."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from patchd.config import build_config
+from patchd.exceptions import ConfigError, StoreError
+from patchd.store.backend import redact_url
+from patchd.store.schema import MIGRATIONS, PG_MIGRATIONS
+
+
+def _sqlite_columns(upto: int) -> dict[str, list[str]]:
+    conn = sqlite3.connect(":memory:")
+    for sql in MIGRATIONS[:upto]:
+        conn.executescript(sql)
+    tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+    return {t: [r[1] for r in conn.execute(f"PRAGMA table_info({t})")] for t in sorted(tables)}
+
+
+def _pg_columns(url: str, upto: int) -> dict[str, list[str]]:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        for sql in PG_MIGRATIONS[:upto]:
+            conn.execute(sql)  # type: ignore[arg-type]
+        rows = conn.execute(
+            "SELECT table_name, column_name FROM information_schema.columns "
+            "WHERE table_schema = 'public' ORDER BY table_name, ordinal_position"
+        ).fetchall()
+    found: dict[str, list[str]] = {}
+    for table, column in rows:
+        found.setdefault(table, []).append(column)
+    return found
+
+
+def test_both_lists_have_the_same_length() -> None:
+    assert len(MIGRATIONS) == len(PG_MIGRATIONS)
+
+
+@pytest.mark.parametrize("upto", range(1, len(MIGRATIONS) + 1))
+def test_each_migration_makes_the_same_tables_and_columns(
+    upto: int, postgres_url: str
+) -> None:
+    assert _pg_columns(postgres_url, upto) == _sqlite_columns(upto)
+
+
+def test_two_replicas_opening_at_once_migrate_once(postgres_url: str) -> None:
+    from patchd.store.postgres import PostgresStore
+
+    stores: list[PostgresStore] = []
+    errors: list[BaseException] = []
+
+    def open_one() -> None:
+        try:
+            stores.append(PostgresStore.open(postgres_url))
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert {s.schema_version for s in stores} == {len(PG_MIGRATIONS)}
+    with stores[0].read() as conn:
+        assert conn.execute("SELECT COUNT(*) FROM patchd_schema").fetchone()[0] == 1
+    for s in stores:
+        s.close()
+
+
+def test_a_newer_schema_is_refused(postgres_url: str) -> None:
+    from patchd.store.postgres import PostgresStore
+
+    PostgresStore.open(postgres_url).close()
+    import psycopg
+
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("UPDATE patchd_schema SET version = 99")
+    with pytest.raises(StoreError, match="upgrade patchd"):
+        PostgresStore.open(postgres_url)
+
+
+def test_connection_refused_names_the_url_without_its_password(tmp_path: Path) -> None:
+    from patchd.store.postgres import PostgresStore
+
+    with pytest.raises(StoreError) as info:
+        PostgresStore.open("postgresql://patchd:s3cret@127.0.0.1:1/patchd")
+    text = str(info.value)
+    assert "postgresql://patchd:***@127.0.0.1:1/patchd" in text and "s3cret" not in text
+
+
+def test_redact_url() -> None:
+    assert redact_url("postgresql://u:pw@h:5/d") == "postgresql://u:***@h:5/d"
+    assert redact_url("postgresql://u@h/d") == "postgresql://u@h/d"
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("mysql://u@h/d", "postgresql://"),
+        ("postgresql://u@h", "names no database"),
+        ("postgresql://u@h:port/d", "port"),
+    ],
+)
+def test_a_bad_store_url_is_a_config_error_naming_the_field(url: str, says: str) -> None:
+    with pytest.raises(ConfigError, match="store.url") as info:
+        build_config({"store": {"url": url}})
+    assert says in str(info.value)
+
+
+def test_a_password_file_is_used(postgres_url: str, tmp_path: Path) -> None:
+    from patchd.store.postgres import PostgresStore
+
+    secret = tmp_path / "pw"
+    secret.write_text("any\n")  # trust auth accepts any password: the file must be readable
+    PostgresStore.open(postgres_url, password_file=secret).close()
+    with pytest.raises(StoreError, match="store.password_file"):
+        PostgresStore.open(postgres_url, password_file=tmp_path / "missing")
