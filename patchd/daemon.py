@@ -53,7 +53,7 @@ from patchd.ingest.metrics import IngestCollector
 from patchd.ingest.pipeline import IngestPipeline
 from patchd.leader import Leadership
 from patchd.services import Component, Services
-from patchd.store.backend import Store, open_store
+from patchd.store.backend import open_store
 from patchd.store.predictions import count_pending, count_predictions
 
 log = logging.getLogger(__name__)

@@ -87,7 +87,7 @@ def serve(tmp_path: Path, clean_redis: str) -> Iterator[ServeProcess]:
 
 @pytest.fixture(scope="session")
 def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    """A private PostgreSQL server (initdb + pg_ctl, free loopback port, fsync=off) for the session."""
+    """A private PostgreSQL server (initdb + pg_ctl, free port, fsync=off)."""
     from patchd.exceptions import StoreError
     from patchd.store.pg_local import PrivatePostgres
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-from patchd.store.backend import Connection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from patchd.digests import sha256_file
 from patchd.exceptions import PatchdError
 from patchd.monitor import mined as minedmod
 from patchd.runs.records import select_runs
+from patchd.store.backend import Connection
 
 log = logging.getLogger(__name__)
 

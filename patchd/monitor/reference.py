@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-from patchd.store.backend import Connection
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ from patchd.monitor.cells import WindowStats
 from patchd.monitor.groups import ALL
 from patchd.monitor.window import Traffic
 from patchd.stats import wilson_interval
+from patchd.store.backend import Connection
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,8 @@ from patchd.domain import PatchRequested
 from patchd.exceptions import NotFoundError, PatchdError
 
 if TYPE_CHECKING:
-    from patchd.store.backend import Connection
-
     from patchd.services import Services
+    from patchd.store.backend import Connection
 
 log = logging.getLogger(__name__)
 

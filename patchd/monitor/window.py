@@ -11,13 +11,13 @@ written only by :mod:`patchd.store.predictions`.
 
 from __future__ import annotations
 
-from patchd.store.backend import Connection
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from patchd.monitor import mined as minedmod
 from patchd.monitor.groups import NO_GROUP, GroupSpace
+from patchd.store.backend import Connection
 
 
 @dataclass(frozen=True)

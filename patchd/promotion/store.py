@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import builtins
 import json
-from patchd.store.backend import Connection
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from patchd.exceptions import ConflictError, NotFoundError
 from patchd.promotion.record import COLUMNS, Candidate, CandidateState
+from patchd.store.backend import Connection
 
 if TYPE_CHECKING:
     from patchd.evaluation import PairedEvaluation

@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from patchd.store.backend import Connection
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from patchd.runs.recipe import Recipe
+from patchd.store.backend import Connection
 
 AWAITING_LABELS = "awaiting_labels"  # paused after synthesize for a person's region labels
 OPEN_STATES = ("requested", "queued", "running", AWAITING_LABELS)

@@ -61,7 +61,7 @@ def disk_error(path: Path, err: Exception) -> StoreError | DiskFullError:
 
 
 class SqliteConnection(sqlite3.Connection):
-    """A ``sqlite3.Connection`` that names its dialect (:class:`patchd.store.backend.Connection`)."""
+    """A ``sqlite3.Connection`` naming its dialect (:class:`patchd.store.backend.Connection`)."""
 
     dialect: Literal["sqlite"] = "sqlite"
 

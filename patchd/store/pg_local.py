@@ -94,7 +94,9 @@ class PrivatePostgres:
             "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
         )
         log = self.workdir / "postgres.log"
-        self._run([self._pg_ctl, "-D", str(self.data), "-l", str(log), "-o", options, "-w", "start"])
+        self._run(
+            [self._pg_ctl, "-D", str(self.data), "-l", str(log), "-o", options, "-w", "start"]
+        )
         self.create_database(self.database)
         return self
 

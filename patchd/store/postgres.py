@@ -1,4 +1,4 @@
-"""The PostgreSQL store (``store.url: postgresql://...``): one writer connection, per-thread readers.
+"""The PostgreSQL store (``store.url: postgresql://...``): one writer, per-thread readers.
 
 Same contract as :mod:`patchd.store.db` (see :mod:`patchd.store.backend`):
 
@@ -275,7 +275,9 @@ def _mapped(location: str) -> Iterator[None]:
         raise StoreError(f"the store {location} failed: {err}") from err
 
 
-def copy_predictions(conn: PgConnection, rows: Iterable[Sequence[Any]], columns: Sequence[str]) -> int:
+def copy_predictions(
+    conn: PgConnection, rows: Iterable[Sequence[Any]], columns: Sequence[str]
+) -> int:
     """COPY ``rows`` into the staging table, then ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``
     into ``predictions``; the number of rows inserted."""
     raw = conn.raw

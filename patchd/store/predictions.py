@@ -209,9 +209,7 @@ def pending_for(conn: Connection, rows: Sequence[Prediction]) -> dict[tuple[str,
     return {(m, i): label for m, i, label in _lookup_pending(conn, rows)}
 
 
-def _lookup_pending(
-    conn: Connection, rows: Sequence[Prediction]
-) -> list[tuple[str, str, int]]:
+def _lookup_pending(conn: Connection, rows: Sequence[Prediction]) -> list[tuple[str, str, int]]:
     """The pending labels of ``rows``' ids: primary-key lookups, :data:`LOOKUP_CHUNK` at a time."""
     by_model: dict[str, list[str]] = {}
     for r in rows:

@@ -43,9 +43,7 @@ def test_both_lists_have_the_same_length() -> None:
 
 
 @pytest.mark.parametrize("upto", range(1, len(MIGRATIONS) + 1))
-def test_each_migration_makes_the_same_tables_and_columns(
-    upto: int, postgres_url: str
-) -> None:
+def test_each_migration_makes_the_same_tables_and_columns(upto: int, postgres_url: str) -> None:
     assert _pg_columns(postgres_url, upto) == _sqlite_columns(upto)
 
 
