@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from redis import Redis
 
     from patchd.config import Config
-    from patchd.store.db import Store
+    from patchd.store.backend import Store
 
 log = logging.getLogger(__name__)
 

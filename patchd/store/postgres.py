@@ -88,11 +88,11 @@ class PgConnection:
         self.raw = raw
 
     def execute(self, sql: str, parameters: Any = (), /) -> Any:
-        return self.raw.cursor().execute(to_native(sql), parameters or None)  # type: ignore[arg-type]
+        return self.raw.cursor().execute(to_native(sql), parameters or None)
 
     def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> Any:
         cur = self.raw.cursor()
-        cur.executemany(to_native(sql), list(parameters))  # type: ignore[arg-type]
+        cur.executemany(to_native(sql), list(parameters))
         return cur
 
 
@@ -160,7 +160,7 @@ class PostgresStore:
         )
 
     def _has_table(self, name: str) -> bool:
-        row = self._writer.raw.execute("SELECT to_regclass($1)", (name,)).fetchone()  # type: ignore[arg-type]
+        row = self._writer.raw.execute("SELECT to_regclass($1)", (name,)).fetchone()
         return row is not None and row[0] is not None
 
     @property
@@ -178,7 +178,7 @@ class PostgresStore:
             for version in range(1, len(PG_MIGRATIONS) + 1):
                 try:
                     with raw.transaction():
-                        raw.execute("SELECT pg_advisory_xact_lock($1)", (MIGRATION_LOCK,))  # type: ignore[arg-type]
+                        raw.execute("SELECT pg_advisory_xact_lock($1)", (MIGRATION_LOCK,))
                         raw.execute(
                             "CREATE TABLE IF NOT EXISTS patchd_schema (version INTEGER NOT NULL)"
                         )
@@ -192,9 +192,9 @@ class PostgresStore:
                             )
                         if current >= version:
                             continue
-                        raw.execute(PG_MIGRATIONS[version - 1])  # type: ignore[arg-type]
+                        raw.execute(PG_MIGRATIONS[version - 1])
                         raw.execute("DELETE FROM patchd_schema")
-                        raw.execute("INSERT INTO patchd_schema VALUES ($1)", (version,))  # type: ignore[arg-type]
+                        raw.execute("INSERT INTO patchd_schema VALUES ($1)", (version,))
                 except psycopg.Error as err:
                     raise StoreError(
                         f"migration {version} of {self.location} failed: {err}"
