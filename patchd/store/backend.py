@@ -27,7 +27,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
-from urllib.parse import urlsplit, urlunsplit
 
 if TYPE_CHECKING:
     from patchd.config import Config
@@ -75,18 +74,6 @@ class Store(Protocol):
     def checkpoint(self) -> None: ...
 
     def close(self) -> None: ...
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (for logs, errors and status)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def open_store(config: Config) -> Store:

@@ -27,9 +27,9 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from patchd.exceptions import StoreError
-from patchd.store.backend import redact_url
 from patchd.store.schema import PG_MIGRATIONS
 
 try:
@@ -46,6 +46,18 @@ log = logging.getLogger(__name__)
 MIGRATION_LOCK = 0x70617463  # "patc": the advisory lock key of schema migrations
 CONNECT_TIMEOUT_S = 10
 STAGE_TABLE = "predictions_stage"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for logs, errors and status)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @lru_cache(maxsize=1024)

@@ -19,7 +19,7 @@ SUBSYSTEMS = ("api", "ingest", "store", "monitor", "runs", "promotion", "notify"
 PUBLIC = {
     "api": {"auth", "client"},
     "ingest": {"records", "pipeline", "tailer"},
-    "store": {"db", "predictions"},
+    "store": {"backend", "db", "predictions"},
     "monitor": {"engine", "window", "component", "estimate", "sequential", "mined"},
     "runs": {"component", "jobqueue", "recipe", "records", "regions"},
     "promotion": {"audit", "component", "registry"},

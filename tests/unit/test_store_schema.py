@@ -10,7 +10,7 @@ import pytest
 
 from patchd.config import build_config
 from patchd.exceptions import ConfigError, StoreError
-from patchd.store.backend import redact_url
+from patchd.store.postgres import redact_url
 from patchd.store.schema import MIGRATIONS, PG_MIGRATIONS
 
 
