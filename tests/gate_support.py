@@ -125,8 +125,10 @@ def failing() -> PairedEvaluation:
     return evaluation([200, 200, 200, 200], [0.95, 0.30, 0.92, 0.95], [0.70, 0.80, 0.70, 0.72])
 
 
-def make_config(tmp: Path, **gate: object) -> Config:
-    return build_config({"state_dir": str(tmp / "state"), "model": {"name": "m"}, "gate": gate})
+def make_config(tmp: Path, store: dict[str, object] | None = None, **gate: object) -> Config:
+    """A one-model config under ``tmp``; ``store``: the ``store:`` section (default SQLite)."""
+    data = {"state_dir": str(tmp / "state"), "model": {"name": "m"}, "gate": gate}
+    return build_config({**data, "store": store or {}})
 
 
 def png_bytes(width: int = 96, height: int = 64) -> bytes:

@@ -7,15 +7,15 @@ Backends:
 - ``store.url: postgresql://user@host:5432/db``: PostgreSQL (:mod:`patchd.store.postgres`, psycopg
   3, imported only when configured, so serve without Postgres never loads it).
 
-SQL dialect. Callers keep writing ``?`` / ``?N`` placeholders (SQLite's qmark style) and SQL both
-dialects accept: ``INSERT ... ON CONFLICT (...) DO NOTHING / DO UPDATE SET x = excluded.x``, an
+SQL dialect. Callers keep writing ``?`` / ``?N`` / ``:name`` placeholders (SQLite's styles) and SQL
+both dialects accept: ``INSERT ... ON CONFLICT (...) DO NOTHING / DO UPDATE SET x = excluded.x``, an
 alias on every derived table, ``"offset"`` quoted (reserved in Postgres). The Postgres adapter
 rewrites placeholders to Postgres' native ``$N`` and runs them on a raw cursor (server-side
-binding), so a literal ``%`` or ``?`` inside a quoted string is left alone and no caller changes
-its parameters. This keeps one SQL text per statement (reviewable in one place, the SQLite hot
-path untouched) instead of two copies of every query; the few statements where the backends
-differ for speed (the batched prediction insert: multi-row VALUES on SQLite, COPY on Postgres)
-branch on :attr:`Connection.dialect`.
+binding), so a literal ``%`` or ``?`` inside a quoted string is left alone and no caller changes its
+parameters. This keeps one SQL text per statement (reviewable in one place, the SQLite hot path
+untouched) instead of two copies of every query; the few statements where the backends differ for
+speed (the batched prediction insert: multi-row VALUES on SQLite, COPY on Postgres) branch on
+:attr:`Connection.dialect`.
 
 Affected rows: use the cursor's ``rowcount`` (both drivers report the rows an INSERT / UPDATE /
 DELETE changed, summed over ``executemany``); never ``sqlite3.Connection.total_changes``.

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 from patchd.exceptions import StoreError
@@ -60,10 +60,26 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+class NativeSql(NamedTuple):
+    """A statement in Postgres' ``$N`` style; ``names``: the ``:name`` of each ``$N`` in order
+    (empty for positional statements)."""
+
+    sql: str
+    names: tuple[str, ...]
+
+    def bind(self, parameters: Any) -> Any:
+        """Positional parameters for :attr:`sql` (a mapping is ordered by :attr:`names`)."""
+        if isinstance(parameters, Mapping):
+            return [parameters[name] for name in self.names]
+        return parameters or None
+
+
 @lru_cache(maxsize=1024)
-def to_native(sql: str) -> str:
-    """``sql`` with ``?`` / ``?N`` placeholders as ``$N`` (not inside quotes)."""
+def to_native(sql: str) -> NativeSql:
+    """``sql`` with ``?`` / ``?N`` / ``:name`` placeholders as ``$N`` (not inside quotes, not a
+    ``::`` cast); a name used twice is one parameter."""
     out: list[str] = []
+    names: list[str] = []
     i, n, quote = 0, 0, ""
     while i < len(sql):
         ch = sql[i]
@@ -85,10 +101,24 @@ def to_native(sql: str) -> str:
                 out.append(f"${n}")
             i = j
             continue
+        elif ch == ":" and sql[i + 1 : i + 2] == ":":
+            out.append("::")  # a cast
+            i += 2
+            continue
+        elif ch == ":" and (sql[i + 1 : i + 2].isalpha() or sql[i + 1 : i + 2] == "_"):
+            j = i + 1
+            while j < len(sql) and (sql[j].isalnum() or sql[j] == "_"):
+                j += 1
+            name = sql[i + 1 : j]
+            if name not in names:
+                names.append(name)
+            out.append(f"${names.index(name) + 1}")
+            i = j
+            continue
         else:
             out.append(ch)
         i += 1
-    return "".join(out)
+    return NativeSql("".join(out), tuple(names))
 
 
 class PgConnection:
@@ -101,11 +131,13 @@ class PgConnection:
         self.expect_duplicates = False  # the last prediction batch repeated stored ids
 
     def execute(self, sql: str, parameters: Any = (), /) -> Any:
-        return self.raw.cursor().execute(to_native(sql), parameters or None)
+        native = to_native(sql)
+        return self.raw.cursor().execute(native.sql, native.bind(parameters))
 
-    def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> Any:
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> Any:
+        native = to_native(sql)
         cur = self.raw.cursor()
-        cur.executemany(to_native(sql), list(parameters))
+        cur.executemany(native.sql, [native.bind(p) for p in parameters])
         return cur
 
 

@@ -14,7 +14,7 @@ from patchd.domain import CandidateEvaluated, EventBus, ModelPromoted, ModelRoll
 from patchd.exceptions import ConflictError, NotFoundError
 from patchd.promotion.component import CandidatesComponent
 from patchd.services import Services
-from patchd.store.db import Store
+from patchd.store.backend import open_store
 from tests.gate_support import (
     evaluation,
     failing,
@@ -40,14 +40,15 @@ class FakeClock:
 
 
 @pytest.fixture
-def make(tmp_path: Path) -> Iterator:
+def make(tmp_path: Path, backend_store_config: dict[str, object]) -> Iterator:
+    """Candidates components on each store backend in turn (tests/conftest.py)."""
     built: list[Services] = []
 
     def build(clock: FakeClock | None = None, **gate: object) -> CandidatesComponent:
-        config = make_config(tmp_path, **gate)
+        config = make_config(tmp_path, store=backend_store_config, **gate)
         services = Services(
             config,
-            Store.open(config.store_path),
+            open_store(config),
             EventBus(),
             CollectorRegistry(),
             BackgroundScheduler(),

@@ -18,11 +18,14 @@ from patchd.exceptions import ConflictError, NotFoundError, PluginError, Validat
 from patchd.runs import jobqueue
 from patchd.runs.component import RunsComponent
 from patchd.services import Services
-from patchd.store.db import Store
+from patchd.store.backend import Store, open_store
 
 
 @pytest.fixture
-def make_runs(tmp_path: Path, clean_redis: str) -> Iterator[Any]:
+def make_runs(
+    tmp_path: Path, clean_redis: str, backend_store_config: dict[str, object]
+) -> Iterator[Any]:
+    """Runs components on each store backend in turn (tests/conftest.py)."""
     made: list[tuple[Store, list[DomainEvent]]] = []
 
     def make(weights: bool = True, **extra: Any) -> tuple[RunsComponent, list[DomainEvent]]:
@@ -32,10 +35,11 @@ def make_runs(tmp_path: Path, clean_redis: str) -> Iterator[Any]:
             "state_dir": str(tmp_path / "state"),
             "redis": {"url": clean_redis},
             "model": {"name": "digits", "weights": str(w) if weights else None},
+            "store": backend_store_config,
             **extra,
         }
         config = build_config(data)
-        store = Store.open(config.store_path)
+        store = open_store(config)
         bus, events = EventBus(), []
         bus.subscribe(DomainEvent, events.append)
         registry = CollectorRegistry()

@@ -10,7 +10,7 @@ import pytest
 
 from patchd.config import build_config
 from patchd.exceptions import ConfigError, StoreError
-from patchd.store.postgres import redact_url
+from patchd.store.postgres import PostgresStore, redact_url, to_native
 from patchd.store.schema import MIGRATIONS, PG_MIGRATIONS
 
 
@@ -48,7 +48,6 @@ def test_each_migration_makes_the_same_tables_and_columns(upto: int, postgres_ur
 
 
 def test_two_replicas_opening_at_once_migrate_once(postgres_url: str) -> None:
-    from patchd.store.postgres import PostgresStore
 
     stores: list[PostgresStore] = []
     errors: list[BaseException] = []
@@ -73,7 +72,6 @@ def test_two_replicas_opening_at_once_migrate_once(postgres_url: str) -> None:
 
 
 def test_a_newer_schema_is_refused(postgres_url: str) -> None:
-    from patchd.store.postgres import PostgresStore
 
     PostgresStore.open(postgres_url).close()
     import psycopg
@@ -85,7 +83,6 @@ def test_a_newer_schema_is_refused(postgres_url: str) -> None:
 
 
 def test_connection_refused_names_the_url_without_its_password(tmp_path: Path) -> None:
-    from patchd.store.postgres import PostgresStore
 
     with pytest.raises(StoreError) as info:
         PostgresStore.open("postgresql://patchd:s3cret@127.0.0.1:1/patchd")
@@ -113,10 +110,32 @@ def test_a_bad_store_url_is_a_config_error_naming_the_field(url: str, says: str)
 
 
 def test_a_password_file_is_used(postgres_url: str, tmp_path: Path) -> None:
-    from patchd.store.postgres import PostgresStore
 
     secret = tmp_path / "pw"
     secret.write_text("any\n")  # trust auth accepts any password: the file must be readable
     PostgresStore.open(postgres_url, password_file=secret).close()
     with pytest.raises(StoreError, match="store.password_file"):
         PostgresStore.open(postgres_url, password_file=tmp_path / "missing")
+
+
+def test_placeholders_become_postgres_native_outside_quotes_and_casts() -> None:
+    native = to_native("SELECT ?, ?3, 'a?b:c', x::text FROM t WHERE a = :a AND b = :b OR c = :a")
+    assert native.sql == "SELECT $1, $3, 'a?b:c', x::text FROM t WHERE a = $1 AND b = $2 OR c = $1"
+    assert native.names == ("a", "b")
+    assert native.bind({"b": 2, "a": 1, "unused": 3}) == [1, 2]
+    assert to_native("SELECT ?").bind((5,)) == (5,) and to_native("SELECT 1").bind(()) is None
+
+
+def test_named_parameters_round_trip_on_postgres(postgres_url: str) -> None:
+    store = PostgresStore.open(postgres_url)
+    try:
+        with store.write() as conn:
+            conn.execute("INSERT INTO kv (key, value, updated_at) VALUES (:k, :v, :t)",
+                         {"k": "x", "v": "1", "t": 1.0})  # fmt: skip
+            conn.executemany("INSERT INTO kv (key, value, updated_at) VALUES (:k, :v, :t)",
+                             [{"k": "y", "v": "2", "t": 2.0}])  # fmt: skip
+        with store.read() as conn:
+            rows = conn.execute("SELECT key, value FROM kv ORDER BY key").fetchall()
+        assert [tuple(r) for r in rows] == [("x", "1"), ("y", "2")]
+    finally:
+        store.close()
