@@ -10,9 +10,10 @@ Environment overrides use ``__`` between levels: ``PATCHD_API__PORT=9000`` sets 
 Paths: every path field is typed :data:`ConfigPath` (``sources.tail.*.glob`` is
 :data:`ConfigGlob`); ``~`` is expanded, URLs are refused (``artifacts.root`` and
 ``registry.root``, :data:`ConfigLocation`, also take an ``s3://`` URL), and when
-:func:`load_config` reads a file, a relative path is resolved once, at load time, against that file's directory, whichever
-layer it came from (default, file, ``PATCHD_*`` or ``overrides``), as ``state_dir`` always was.
-Without a config file relative paths stay relative (to the working directory). Free-form
+:func:`load_config` reads a file, a relative path is resolved once, at load time, against that
+file's directory, whichever layer it came from (default, file, ``PATCHD_*`` or ``overrides``),
+as ``state_dir`` always was. Without a config file relative paths stay relative (to the working
+directory). Free-form
 plugin parameters are rebased for the well-known keys in :data:`PARAM_PATH_KEYS`.
 """
 

@@ -36,6 +36,7 @@ from patchd.exceptions import ConflictError, NotFoundError, PatchdError, StageEr
 from patchd.plugins import catalog as plugin_catalog
 from patchd.runs import jobqueue
 from patchd.runs import regions as region_store
+from patchd.runs.artifacts import SLICE, RunArtifacts
 from patchd.runs.recipe import Recipe, apply_overrides, build_recipe
 from patchd.runs.records import (
     AWAITING_LABELS,
@@ -82,6 +83,19 @@ def resolve_incumbent(config: Config) -> tuple[Path, str, str]:
     if not path.is_file():
         raise StageError(f"model.weights {str(weights)!r} does not exist ({path}); fix the path")
     return path, sha256_file(path), "config"
+
+
+def _location(config: Config) -> str:
+    """The artifacts root a job is handed: the bucket URL, or the local directory."""
+    return config.artifacts_url or str(config.artifacts_root)
+
+
+def publish_labels(artifacts: RunArtifacts, run_id: str) -> None:
+    """A person's region labels (and the 'done' mark) to the bucket, for the train stage."""
+    run = artifacts.run_dir(run_id)
+    for path in (region_store.labels_path(run), region_store.done_path(run)):
+        if path.is_file():
+            artifacts.publish_file(run_id, path.relative_to(run).as_posix())
 
 
 # --- deciding a run's state from its jobs -----------------------------------------------------
@@ -299,7 +313,7 @@ class RunsComponent(Component):
             rec = self._save(replace(rec, recipe=json.loads(recipe.to_json())))
             stages = jobqueue.first_stages(config)
             ids = jobqueue.enqueue_run(
-                self.redis, config, rec.id, str(config.artifacts_root), recipe.to_json(), stages
+                self.redis, config, rec.id, _location(config), recipe.to_json(), stages
             )
             if config.patch.augmenter == "vae" and stages == jobqueue.STAGES:
                 log.warning(
@@ -321,11 +335,13 @@ class RunsComponent(Component):
         from patchd.store.predictions import export_slice
 
         incumbent = resolve_incumbent(config)
-        path = config.artifacts_root / "runs" / rec.id / "slice.jsonl"
+        artifacts = RunArtifacts.from_config(config)
+        path = config.artifacts_root / "runs" / rec.id / SLICE
         with self.services.store.read() as conn:
             rows = export_slice(conn, rec.model, path, config.patch.slice_limit)
-        log.info("run %s: exported %d labeled events to %s", rec.id, rows, path)
-        return build_recipe(config, incumbent, path, int(rows))
+        artifacts.publish_file(rec.id, SLICE)
+        log.info("run %s: exported %d labeled events to %s", rec.id, rows, artifacts.location)
+        return build_recipe(config, incumbent, path, int(rows), sha256_file(path))
 
     # following
     def tick(self) -> None:
@@ -411,7 +427,7 @@ class RunsComponent(Component):
             self.redis,
             config,
             rec.id,
-            str(config.artifacts_root),
+            _location(config),
             recipe.to_json(),
             enqueued_stages(rec),
         )
@@ -422,6 +438,9 @@ class RunsComponent(Component):
         """Synthesize is done: wait for labels when it found regions, else go on to train."""
         config = Recipe(**rec.recipe).effective_config()
         try:
+            artifacts = RunArtifacts.from_config(config)
+            if artifacts.blobs is not None:  # the regions and their grids, for the pages
+                artifacts.fetch(rec.id, "synthesize")
             run = region_store.run_dir(config.artifacts_root, rec.id)
             count = len(region_store.load_regions(run))
         except PatchdError:
@@ -486,8 +505,9 @@ class RunsComponent(Component):
         recipe = Recipe(**rec.recipe)
         config = recipe.effective_config()
         rest = jobqueue.STAGES[len(enqueued_stages(rec)) :]
+        publish_labels(RunArtifacts.from_config(config), rec.id)
         ids = jobqueue.enqueue_run(
-            self.redis, config, rec.id, str(config.artifacts_root), recipe.to_json(), rest
+            self.redis, config, rec.id, _location(config), recipe.to_json(), rest
         )
         labels = {**(rec.labels or {}), "by": by, "at": round(now, 3)}
         result = {**(rec.result or {}), "labels": labels}
