@@ -37,6 +37,7 @@ from patchd.monitor.engine import ModelMonitor, MonitorSnapshot
 from patchd.monitor.mined import MinedGroups
 from patchd.monitor.mined_source import resolve
 from patchd.monitor.trigger import patch_requests, request_patch
+from patchd.runs.artifacts import RunArtifacts
 from patchd.services import Component, Services
 
 if TYPE_CHECKING:
@@ -214,7 +215,7 @@ class MonitorComponent(Component):
             found = resolve(
                 config.monitor.mined_groups,
                 conn,
-                config.artifacts_root,
+                RunArtifacts.from_config(config),
                 self.model,
                 list(config.model.class_names),
                 _production_digest(self.services, self.model),

@@ -169,7 +169,7 @@ class RunArtifacts:
         directory = self.stage_dir(run_id, stage)
         for name in wanted:
             self._ensure(run_id, stage, name, manifest.files[name], directory / name)
-        if self.blobs is not None and names is None:
+        if self.blobs is not None:  # beside the files it vouches for (a report reads results)
             (directory / MANIFEST).write_text(manifest.to_json())
         return manifest
 
@@ -190,6 +190,14 @@ class RunArtifacts:
     def fetch_run(self, run_id: str, stages: Iterable[str]) -> list[str]:
         """Every published stage of ``stages`` into the cache (a worker's inputs)."""
         return [s for s in stages if self.fetch(run_id, s) is not None]
+
+    def fetch_small(self, run_id: str, stages: Iterable[str]) -> None:
+        """The published stages' files but tensors (``*.safetensors``): what a report shows."""
+        for stage in stages:
+            manifest = self.manifest(run_id, stage)
+            if manifest is not None:
+                small = [n for n in manifest.files if not n.endswith(".safetensors")]
+                self.fetch(run_id, stage, small)
 
     # -- writing -----------------------------------------------------------------------------
     def publish_stage(self, run_id: str, stage: str) -> StageManifest:
