@@ -258,25 +258,27 @@ def _same(a: MinedGroups, b: MinedGroups) -> bool:
 def _production_digest(services: Services, model: str) -> str | None:
     """The registry's production digest (None: no promoted version, or an unreadable registry)."""
     try:
-        from patchd.promotion.registry import Registry
+        from patchd.promotion.registry import open_registry
 
-        version = Registry(services.config.registry_root).production(model, verify=False)
+        pointer = open_registry(services.config).pointer(model)
     except Exception as err:  # a broken registry must not stop the monitor
         log.warning("model=%s: cannot read the registry for the mined groups: %s", model, err)
         return None
-    return version.sha256 if version is not None else None
+    return pointer.sha256 if pointer is not None else None
 
 
 def _production_evaluation(services: Services, model: str) -> dict[str, Any] | None:
     """The promoted version's evaluation cells (candidate side of a paired evaluation), if any."""
     try:
-        from patchd.promotion.registry import Registry
+        from patchd.promotion.registry import open_registry
 
-        version = Registry(services.config.registry_root).production(model, verify=False)
+        registry = open_registry(services.config)
+        pointer = registry.pointer(model)
+        manifest = registry.manifest(model, pointer.sha256) if pointer is not None else None
     except Exception as err:  # a broken registry must not stop the monitor
         log.warning("model=%s: cannot read the registry for the new reference: %s", model, err)
         return None
-    evaluation = version.manifest.evaluation if version is not None else None
+    evaluation = manifest.evaluation if manifest is not None else None
     if not isinstance(evaluation, dict):
         return None
     candidate = evaluation.get("candidate")

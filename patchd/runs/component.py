@@ -67,16 +67,17 @@ STAGE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, float
 
 def resolve_incumbent(config: Config) -> tuple[Path, str, str]:
     """(weights path, sha256, source) of the model the run fine-tunes; StageError when none."""
-    from patchd.promotion.registry import Registry
+    from patchd.promotion.registry import open_registry
 
-    version = Registry(config.registry_root).production(config.model.name)
+    version = open_registry(config).production(config.model.name)
     if version is not None:
         return Path(version.weights_path), version.sha256, "registry"
     weights = config.model.weights
     if weights is None:
         raise StageError(
             f"no incumbent model for {config.model.name!r}: the registry at "
-            f"{config.registry_root} has no production version and model.weights is not set; "
+            f"{config.registry_url or config.registry_root} has no production version and "
+            "model.weights is not set; "
             "set model.weights to a safetensors file or import one into the registry"
         )
     path = Path(weights).resolve()
