@@ -408,8 +408,8 @@ class StorageOptions(Section):
 
     endpoint_url: str | None = Field(None, pattern=r"^https?://")  # MinIO, Ceph, moto, ...
     region: str | None = None
-    key_env: str | None = None  # e.g. PATCHD_S3_KEY
-    secret_env: str | None = None  # e.g. PATCHD_S3_SECRET
+    key_env: str | None = None  # e.g. S3_ACCESS_KEY_ID (not PATCHD_*: those set config fields)
+    secret_env: str | None = None  # e.g. S3_SECRET_ACCESS_KEY
     credentials_file: ConfigPath | None = None
     anon: bool = False  # a public bucket, no credentials
 
@@ -417,6 +417,12 @@ class StorageOptions(Section):
     def _key_and_secret_together(self) -> StorageOptions:
         if (self.key_env is None) != (self.secret_env is None):
             raise ValueError("key_env and secret_env go together: set both or neither")
+        for name in (self.key_env, self.secret_env):
+            if name is not None and name.upper().startswith(ENV_PREFIX):
+                raise ValueError(
+                    f"{name}: a {ENV_PREFIX}* variable is read as a config override; "
+                    "name one outside that prefix (e.g. S3_ACCESS_KEY_ID)"
+                )
         return self
 
     def s3fs_kwargs(self) -> dict[str, Any]:

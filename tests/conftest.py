@@ -176,15 +176,15 @@ def s3_bucket(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, obje
     production (moto accepts any key)."""
     import s3fs
 
-    monkeypatch.setenv("PATCHD_TEST_S3_KEY", "testing")
-    monkeypatch.setenv("PATCHD_TEST_S3_SECRET", "testing")
+    monkeypatch.setenv("S3_TEST_KEY_ID", "testing")
+    monkeypatch.setenv("S3_TEST_SECRET", "testing")
     bucket = f"patchd-{os.getpid()}-{next(_BUCKETS)}"
     fs = s3fs.S3FileSystem(endpoint_url=s3_server, key="testing", secret="testing")
     fs.call_s3("create_bucket", Bucket=bucket)
     options = {
         "endpoint_url": s3_server,
         "region": "us-east-1",
-        "key_env": "PATCHD_TEST_S3_KEY",
-        "secret_env": "PATCHD_TEST_S3_SECRET",
+        "key_env": "S3_TEST_KEY_ID",
+        "secret_env": "S3_TEST_SECRET",
     }
     return {"url": f"s3://{bucket}", "storage_options": options}

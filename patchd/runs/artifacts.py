@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from patchd.digests import sha256_file
 from patchd.exceptions import ConflictError, IntegrityError, NotFoundError, PathNotAllowedError
-from patchd.store.blobs import BlobStore, open_blobs
+from patchd.store.blobs import BlobStore, open_blobs, write_atomic
 
 if TYPE_CHECKING:
     from patchd.config import Config
@@ -170,7 +170,7 @@ class RunArtifacts:
         for name in wanted:
             self._ensure(run_id, stage, name, manifest.files[name], directory / name)
         if self.blobs is not None:  # beside the files it vouches for (a report reads results)
-            (directory / MANIFEST).write_text(manifest.to_json())
+            write_atomic(directory / MANIFEST, manifest.to_json().encode())
         return manifest
 
     def _ensure(self, run_id: str, stage: str, name: str, expected: str, path: Path) -> None:

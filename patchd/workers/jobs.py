@@ -18,9 +18,10 @@ stage manifest's summary). Contract of every stage:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from patchd.exceptions import PatchdError, StageError
 from patchd.runs import jobqueue, regions
@@ -29,6 +30,9 @@ from patchd.runs.recipe import Recipe
 from patchd.workers import artifacts
 from patchd.workers.stages import collect as collect_stage
 from patchd.workers.stages import learn
+
+if TYPE_CHECKING:
+    from patchd.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +71,7 @@ def run_stage(
     the stage then reads the run's published stages into the local cache (each file checked
     against its manifest), builds there, and uploads its files and then its manifest."""
     recipe = Recipe.from_json(recipe_json)
-    config = recipe.effective_config()
+    config = local_caches(recipe.effective_config(), os.environ)
     store = RunArtifacts.from_config(config, artifacts_root)
     final = store.stage_dir(run_id, stage)
     done = _published(store, run_id, stage)
@@ -93,6 +97,31 @@ def run_stage(
     jobqueue.report_progress(1.0, f"{stage} done")
     log.info("run %s: %s done, %d files in %s", run_id, stage, len(manifest.files), final)
     return summary(manifest, final, reused=False)
+
+
+CACHE_ENV = {"artifacts": "PATCHD_ARTIFACTS__CACHE_DIR", "registry": "PATCHD_REGISTRY__CACHE_DIR"}
+
+
+def local_caches(config: Config, environ: Mapping[str, str]) -> Config:
+    """The recipe's config with this machine's cache dirs (``patchd worker`` exports its own
+    config's into the environment its horses inherit): serve's paths need not exist here."""
+    updates = {}
+    for section, name in CACHE_ENV.items():
+        if environ.get(name):
+            current = getattr(config, section)
+            updates[section] = current.model_copy(update={"cache_dir": Path(environ[name])})
+    return config.model_copy(update=updates) if updates else config
+
+
+def export_caches(config: Config, environ: MutableMapping[str, str]) -> None:
+    """What :func:`local_caches` reads, from the worker's own config (a bucket root only)."""
+    for section, name, url, root in (
+        ("artifacts", CACHE_ENV["artifacts"], config.artifacts_url, config.artifacts_root),
+        ("registry", CACHE_ENV["registry"], config.registry_url, config.registry_root),
+    ):
+        if url is not None:
+            environ.setdefault(name, str(Path(root).resolve()))
+            log.info("worker caches %s of %s under %s", section, url, environ[name])
 
 
 def _published(store: RunArtifacts, run_id: str, stage: str) -> artifacts.StageManifest | None:
