@@ -7,6 +7,11 @@ Layout (the same under a local ``artifacts.root`` and under ``s3://bucket/prefix
     runs/<run_id>/<stage>/manifest.json       {"schema", "stage", "run_id", "files": {name:
                                                sha256}, "result"}: published last
 
+In a bucket a stage's files go under one upload attempt, ``runs/<run_id>/<stage>/<attempt>/``,
+and the manifest names it (``"attempt"``): objects are never overwritten, so two attempts of a
+stage (a retry beside a worker thought dead) cannot mix their files; the one whose create-only
+manifest lands first is the stage, the other deletes its upload and takes the winner's.
+
 With a local root, the stage directory is built in a temp dir and renamed into place
 (:mod:`patchd.workers.artifacts`). With a bucket, ``config.artifacts_root`` is a local cache:
 the stage is built there the same way, then :meth:`RunArtifacts.publish_stage` uploads every
@@ -26,12 +31,12 @@ import logging
 import shutil
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from patchd.digests import sha256_file
-from patchd.exceptions import ConflictError, IntegrityError, NotFoundError, PathNotAllowedError
+from patchd.exceptions import ConflictError, IntegrityError, NotFoundError, ValidationError
 from patchd.store.blobs import BlobStore, open_blobs, write_atomic
 
 if TYPE_CHECKING:
@@ -51,6 +56,8 @@ class StageManifest:
     files: dict[str, str]  # relative posix name -> sha256 hex
     result: dict[str, Any] = field(default_factory=dict)
     schema: int = SCHEMA
+    # in a bucket: the upload attempt whose objects (``<stage>/<attempt>/<name>``) it vouches for
+    attempt: str = ""
 
     def to_json(self) -> str:
         body = {
@@ -60,6 +67,8 @@ class StageManifest:
             "files": self.files,
             "result": self.result,
         }
+        if self.attempt:
+            body["attempt"] = self.attempt
         return json.dumps(body, indent=2, sort_keys=True)
 
     @classmethod
@@ -67,7 +76,8 @@ class StageManifest:
         data = json.loads(text)
         if data.get("schema") != SCHEMA:
             raise IntegrityError(f"manifest schema {data.get('schema')!r} is not {SCHEMA}")
-        return cls(data["stage"], data["run_id"], dict(data["files"]), dict(data["result"]))
+        files, result = dict(data["files"]), dict(data["result"])
+        return cls(data["stage"], data["run_id"], files, result, attempt=data.get("attempt", ""))
 
 
 def stage_files(directory: Path) -> list[Path]:
@@ -122,11 +132,10 @@ class RunArtifacts:
         return self.blobs.url if self.blobs is not None else str(self.root)
 
     def run_dir(self, run_id: str) -> Path:
-        root = self.root.resolve()
-        path = (root / "runs" / run_id).resolve()
-        if not path.is_relative_to(root) or path == root / "runs":
-            raise PathNotAllowedError(str(path), [str(root)])
-        return path
+        """``<root>/runs/<run_id>``; a run id is a plain name, never a path."""
+        if not run_id or "/" in run_id or "\\" in run_id or run_id.startswith("."):
+            raise ValidationError("bad_run_id", f"run id {run_id!r} is not a plain run id")
+        return self.root.resolve() / "runs" / run_id
 
     def stage_dir(self, run_id: str, stage: str) -> Path:
         return self.run_dir(run_id) / stage
@@ -168,23 +177,32 @@ class RunArtifacts:
             raise NotFoundError(f"{stage} artifact of run {run_id}", ", ".join(unknown))
         directory = self.stage_dir(run_id, stage)
         for name in wanted:
-            self._ensure(run_id, stage, name, manifest.files[name], directory / name)
+            self._ensure(manifest, name, directory / name)
         if self.blobs is not None:  # beside the files it vouches for (a report reads results)
             write_atomic(directory / MANIFEST, manifest.to_json().encode())
         return manifest
 
-    def _ensure(self, run_id: str, stage: str, name: str, expected: str, path: Path) -> None:
+    def _object(self, manifest: StageManifest, name: str) -> str:
+        """The key of a published file: under its attempt (older uploads: beside the manifest)."""
+        attempt = (manifest.attempt,) if manifest.attempt else ()
+        return self._key(manifest.run_id, manifest.stage, *attempt, *name.split("/"))
+
+    def _ensure(self, manifest: StageManifest, name: str, path: Path) -> None:
+        expected = manifest.files[name]
         if path.is_file() and sha256_file(path) == expected:
             return
         if self.blobs is None:
-            raise IntegrityError(f"{path}: missing or sha256 != its {stage} manifest's {expected}")
-        self.blobs.get_file(self._key(run_id, stage, name), path)
+            raise IntegrityError(
+                f"{path}: missing or sha256 != its {manifest.stage} manifest's {expected}"
+            )
+        key = self._object(manifest, name)
+        self.blobs.get_file(key, path)
         actual = sha256_file(path)
         if actual != expected:
             path.unlink()
             raise IntegrityError(
-                f"{self.blobs.url}/runs/{run_id}/{stage}/{name}: sha256 {actual} != its "
-                f"manifest's {expected}; the object was changed after publication"
+                f"{self.blobs.url}/{key}: sha256 {actual} != its manifest's {expected}; the "
+                "object was changed after publication"
             )
 
     def fetch_run(self, run_id: str, stages: Iterable[str]) -> list[str]:
@@ -201,28 +219,35 @@ class RunArtifacts:
 
     # -- writing -----------------------------------------------------------------------------
     def publish_stage(self, run_id: str, stage: str) -> StageManifest:
-        """Upload a verified local stage dir: files first, the manifest last (create-only).
-
-        When another attempt published the stage first, its manifest is kept and returned."""
+        """Upload a verified local stage dir: files under a fresh attempt, then the manifest
+        (create-only). When another attempt published the stage first, its manifest is kept
+        and returned, its files replace ours here, and our upload is deleted."""
         directory = self.stage_dir(run_id, stage)
         manifest = verify(directory)
         if self.blobs is None:
             return manifest
-        for name in manifest.files:
-            self.blobs.put_file(self._key(run_id, stage, name), directory / name)
+        mine = replace(manifest, attempt=uuid.uuid4().hex[:12])
+        for name in mine.files:
+            self.blobs.put_file(self._object(mine, name), directory / name)
         try:
-            self.blobs.put(
-                self._key(run_id, stage, MANIFEST), manifest.to_json().encode(), if_none_match=True
-            )
+            key = self._key(run_id, stage, MANIFEST)
+            self.blobs.put(key, mine.to_json().encode(), if_none_match=True)
         except ConflictError:
-            theirs = self.manifest(run_id, stage)
-            log.info("run %s: %s was published by another attempt; keeping it", run_id, stage)
-            if theirs is not None and theirs.files != manifest.files:
-                _replace_dir(directory)  # the next fetch brings theirs
-                self.fetch(run_id, stage)
-            return theirs or manifest
+            return self._lost(mine)
+        write_atomic(directory / MANIFEST, mine.to_json().encode())
         log.info("run %s: %s published to %s", run_id, stage, self.blobs.url)
-        return manifest
+        return mine
+
+    def _lost(self, mine: StageManifest) -> StageManifest:
+        assert self.blobs is not None
+        log.info("run %s: %s was published by another attempt; keeping it", mine.run_id, mine.stage)
+        for name in mine.files:
+            self.blobs.delete(self._object(mine, name))
+        _replace_dir(self.stage_dir(mine.run_id, mine.stage))
+        theirs = self.fetch(mine.run_id, mine.stage)
+        if theirs is None:
+            raise IntegrityError(f"{self.location}: {mine.stage} of {mine.run_id} vanished")
+        return theirs
 
     def publish_file(self, run_id: str, name: str) -> None:
         """Upload a file serve wrote at the top of the run dir (the slice)."""
