@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from patchd.digests import sha256_file
 from patchd.exceptions import ConflictError, IntegrityError, NotFoundError, ValidationError
+from patchd.runs.regions import done_path, labels_path
 from patchd.store.blobs import BlobStore, open_blobs, write_atomic
 
 if TYPE_CHECKING:
@@ -270,6 +271,25 @@ class RunArtifacts:
         if sha256 and sha256_file(path) != sha256:
             raise IntegrityError(f"{path}: sha256 differs from the run's recipe ({sha256})")
         return path
+
+    # -- a person's Defuse region labels (written where serve, the UI or the CLI runs) ---------
+    def label_files(self, run_id: str) -> list[str]:
+        run = self.run_dir(run_id)
+        return [p.relative_to(run).as_posix() for p in (labels_path(run), done_path(run))]
+
+    def fetch_regions(self, run_id: str) -> None:
+        """A run's regions, their sample grids and the labels given so far (bucket only)."""
+        if self.blobs is None:
+            return
+        self.fetch_small(run_id, ["synthesize"])
+        for name in self.label_files(run_id):
+            self.fetch_file(run_id, name)
+
+    def publish_labels(self, run_id: str) -> None:
+        """The labels (and the 'done' mark) as they are here, for the train stage and others."""
+        for name in self.label_files(run_id):
+            if (self.run_dir(run_id) / name).is_file():
+                self.publish_file(run_id, name)
 
 
 def _replace_dir(directory: Path) -> None:

@@ -91,14 +91,6 @@ def _location(config: Config) -> str:
     return config.artifacts_url or str(config.artifacts_root)
 
 
-def publish_labels(artifacts: RunArtifacts, run_id: str) -> None:
-    """A person's region labels (and the 'done' mark) to the bucket, for the train stage."""
-    run = artifacts.run_dir(run_id)
-    for path in (region_store.labels_path(run), region_store.done_path(run)):
-        if path.is_file():
-            artifacts.publish_file(run_id, path.relative_to(run).as_posix())
-
-
 # --- deciding a run's state from its jobs -----------------------------------------------------
 
 
@@ -499,6 +491,7 @@ class RunsComponent(Component):
                     f"run {run_id} is {rec.state}; only a run awaiting labels can be resumed"
                 )
             config = Recipe(**rec.recipe).effective_config()
+            RunArtifacts.from_config(config).fetch_regions(rec.id)  # labels given elsewhere
             region_store.close_labelling(region_store.run_dir(config.artifacts_root, rec.id), by)
             return self._enqueue_rest(rec, by, time.time())
 
@@ -506,7 +499,7 @@ class RunsComponent(Component):
         recipe = Recipe(**rec.recipe)
         config = recipe.effective_config()
         rest = jobqueue.STAGES[len(enqueued_stages(rec)) :]
-        publish_labels(RunArtifacts.from_config(config), rec.id)
+        RunArtifacts.from_config(config).publish_labels(rec.id)
         ids = jobqueue.enqueue_run(
             self.redis, config, rec.id, _location(config), recipe.to_json(), rest
         )

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from patchd.exceptions import PatchdError, StageError
-from patchd.runs import jobqueue, regions
+from patchd.runs import jobqueue
 from patchd.runs.artifacts import SLICE, RunArtifacts
 from patchd.runs.recipe import Recipe
 from patchd.workers import artifacts
@@ -141,9 +141,8 @@ def _fetch_inputs(store: RunArtifacts, recipe: Recipe, run_id: str, stage: str) 
     if stage == jobqueue.STAGES[0] and recipe.slice_sha256:
         store.fetch_file(run_id, SLICE, recipe.slice_sha256)
     if stage == "train":  # a person's Defuse region labels, when serve published them
-        run = store.run_dir(run_id)
-        for path in (regions.labels_path(run), regions.done_path(run)):
-            store.fetch_file(run_id, path.relative_to(run).as_posix())
+        for name in store.label_files(run_id):
+            store.fetch_file(run_id, name)
     earlier = jobqueue.STAGES[: jobqueue.STAGES.index(stage)]
     fetched = store.fetch_run(run_id, earlier)
     log.info("run %s: %s read %s from %s", run_id, stage, fetched, store.blobs.url)

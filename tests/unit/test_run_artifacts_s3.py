@@ -123,3 +123,21 @@ def test_a_run_id_is_a_plain_name_never_a_path(tmp_path: Path, run_id: str) -> N
 
     with pytest.raises(ValidationError, match="not a plain run id"):
         RunArtifacts(tmp_path).run_dir(run_id)
+
+
+def test_region_labels_given_on_one_machine_reach_serve_and_the_train_stage(
+    s3_bucket: dict[str, object], tmp_path: Path
+) -> None:
+    from patchd.runs import regions
+
+    worker, cli, trainer = (_machine(s3_bucket, tmp_path / n) for n in ("w", "cli", "t"))
+    body = {"regions": [{"region": 0, "source": 1, "weight": 0.5}]}
+    _build_stage(worker, "r1", "synthesize", {"regions.json": json.dumps(body).encode()})
+    worker.publish_stage("r1", "synthesize")
+    cli.fetch_regions("r1")  # the person's machine: regions from the bucket
+    run = cli.run_dir("r1")
+    regions.set_labels(run, {"0": "b"}, "ana", ["a", "b"])
+    cli.publish_labels("r1")
+    trainer.fetch_regions("r1")
+    given = regions.read_labels(regions.labels_path(trainer.run_dir("r1")))
+    assert given.labels == {0: "b"} and given.given_by == {0: "ana"}
