@@ -157,12 +157,14 @@ class RunArtifacts:
             blob = self.blobs.get(self._key(run_id, stage, MANIFEST))
         except NotFoundError:
             return None
+        where = f"{self.blobs.url}/{self._key(run_id, stage, MANIFEST)}"
         try:
-            return StageManifest.from_json(blob.data)
+            manifest = StageManifest.from_json(blob.data)
         except (KeyError, ValueError, TypeError) as err:
-            raise IntegrityError(
-                f"{self.blobs.url}/runs/{run_id}/{stage}/{MANIFEST}: {err}"
-            ) from None
+            raise IntegrityError(f"{where} is unreadable: {err}") from None
+        if (manifest.run_id, manifest.stage) != (run_id, stage):
+            raise IntegrityError(f"{where} names {manifest.run_id}/{manifest.stage}")
+        return manifest
 
     def fetch(
         self, run_id: str, stage: str, names: Iterable[str] | None = None
@@ -177,6 +179,10 @@ class RunArtifacts:
         if unknown:
             raise NotFoundError(f"{stage} artifact of run {run_id}", ", ".join(unknown))
         directory = self.stage_dir(run_id, stage)
+        if names is None and self.blobs is not None and directory.is_dir():
+            for stray in stage_files(directory):  # left by an attempt that did not publish
+                if stray.relative_to(directory).as_posix() not in manifest.files:
+                    stray.unlink()
         for name in wanted:
             self._ensure(manifest, name, directory / name)
         if self.blobs is not None:  # beside the files it vouches for (a report reads results)

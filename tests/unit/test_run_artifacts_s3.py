@@ -141,3 +141,29 @@ def test_region_labels_given_on_one_machine_reach_serve_and_the_train_stage(
     trainer.fetch_regions("r1")
     given = regions.read_labels(regions.labels_path(trainer.run_dir("r1")))
     assert given.labels == {0: "b"} and given.given_by == {0: "ana"}
+
+
+def test_a_full_fetch_drops_files_no_manifest_vouches_for(
+    machines: tuple[RunArtifacts, RunArtifacts],
+) -> None:
+    a, b = machines
+    _build_stage(a, "r1", "mine", FILES)
+    a.publish_stage("r1", "mine")
+    stray = b.stage_dir("r1", "mine") / "half-written.bin"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"from an attempt that died")
+    b.fetch("r1", "mine")
+    assert not stray.exists()
+    verify(b.stage_dir("r1", "mine"))
+
+
+def test_a_manifest_naming_another_stage_is_refused(
+    machines: tuple[RunArtifacts, RunArtifacts],
+) -> None:
+    a, b = machines
+    _build_stage(a, "r1", "mine", FILES)
+    published = a.publish_stage("r1", "mine")
+    assert a.blobs is not None
+    a.blobs.put("runs/r1/evaluate/manifest.json", published.to_json().encode())  # copied over
+    with pytest.raises(IntegrityError, match="names r1/mine"):
+        b.fetch("r1", "evaluate")
