@@ -26,7 +26,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -254,7 +253,10 @@ class S3Blobs:
                 f"{url} needs s3fs: pip install 'patchd[s3]' (or use a local path)"
             ) from None
         kwargs = options.s3fs_kwargs() if options is not None else {}
-        return cls(s3fs.S3FileSystem(skip_instance_cache=True, **kwargs), bucket, prefix)
+        # fsspec keeps one client per set of arguments (and per process: a fork starts anew),
+        # so opening the store per use does not leak connections; no cached listings: another
+        # machine writes the same bucket
+        return cls(s3fs.S3FileSystem(use_listings_cache=False, **kwargs), bucket, prefix)
 
     def _key(self, key: str) -> str:
         check_key(key)
@@ -343,7 +345,3 @@ class S3Blobs:
     def delete(self, key: str) -> None:
         with contextlib.suppress(NotFoundError):
             self._call("delete_object", key)
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
