@@ -556,20 +556,38 @@ class Registry:
 
     def _pull(self, model: str, sha: str, path: Path) -> None:
         """Make the cache's copy of a version the bucket's: manifest first, each file checked
-        against it, the complete dir renamed into place (NotFoundError if unpublished)."""
+        against it, the complete dir renamed into place (NotFoundError if unpublished). When
+        the manifest changed while its files were read (a report rewritten), read it again."""
+        for attempt in (1, 2):
+            raw = self._remote_manifest(model, sha)
+            if (path / MANIFEST).is_file() and (path / MANIFEST).read_bytes() == raw:
+                return
+            try:
+                self._pull_once(model, sha, path, raw)
+                return
+            except IntegrityError:
+                if attempt == 2 or self._remote_manifest(model, sha) == raw:
+                    raise
+                log.info("manifest of %s@%s changed while fetching; again", model, sha[:12])
+
+    def _remote_manifest(self, model: str, sha: str) -> bytes:
         assert self.blobs is not None
         try:
-            raw = self.blobs.get(self._key(model, "versions", sha, MANIFEST)).data
+            return self.blobs.get(self._key(model, "versions", sha, MANIFEST)).data
         except NotFoundError:
             raise NotFoundError("model version", f"{model}@{sha} in {self.location}") from None
-        if (path / MANIFEST).is_file() and (path / MANIFEST).read_bytes() == raw:
-            return
+
+    def _pull_once(self, model: str, sha: str, path: Path, raw: bytes) -> None:
         manifest = VersionManifest.from_json(raw)
         self._ensure_dirs(path.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{sha[:16]}-", dir=path.parent))
         try:
             for name, expected in manifest.files.items():
-                self._fetch_file(model, sha, _safe_name(name), expected, tmp / name)
+                cached = path / _safe_name(name)
+                if cached.is_file() and sha256_file(cached) == expected:
+                    _copy_fsync(cached, tmp / name)  # unchanged since the last fetch
+                else:
+                    self._fetch_file(model, sha, name, expected, tmp / name)
             _write_fsync(tmp / MANIFEST, raw)
             if path.is_dir():
                 _remove_dir(path)

@@ -136,3 +136,18 @@ def test_gc_deletes_old_versions_from_the_bucket(
     assert {v.sha256 for v in a.versions("m")} == {shas[0], shas[3]}
     assert a.blobs is not None
     assert Pointer.from_json(a.blobs.get("m/production.json").data).sha256 == shas[0]
+
+
+def test_a_rewritten_report_is_fetched_again_and_the_weights_are_not(
+    machines: tuple[Registry, Registry], tmp_path: Path
+) -> None:
+    a, b = machines
+    sha = _publish(a, tmp_path, 1.0)
+    first = b.get("m", sha)
+    assert a.blobs is not None
+    a.write_files("m", sha, {"report.json": b'{"ok": false}'})
+    a.blobs.delete(f"m/versions/{sha}/model.safetensors")  # b must reuse its checked copy
+    again = b.get("m", sha)
+    assert (again.path / "report.json").read_bytes() == b'{"ok": false}'
+    assert again.manifest.files["report.json"] != first.manifest.files["report.json"]
+    again.verify()
