@@ -225,8 +225,7 @@ class Registry:
 
     def models(self) -> list[str]:
         if self.blobs is not None:
-            names = {key.split("/", 1)[0] for key in self.blobs.list("")}
-            return sorted(n for n in names if _MODEL_RE.match(n))
+            return [n for n in self.blobs.folders("") if _MODEL_RE.match(n)]
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _MODEL_RE.match(p.name))
@@ -611,13 +610,14 @@ class Registry:
     def _remote_versions(self, model: str) -> list[ModelVersion]:
         assert self.blobs is not None
         found = []
-        for key in self.blobs.list(self._key(model, "versions")):
-            parts = key.split("/")
-            if len(parts) == 4 and parts[3] == MANIFEST and _SHA_RE.match(parts[2]):
-                manifest = VersionManifest.from_json(self.blobs.get(key).data)
-                found.append(
-                    ModelVersion(model, parts[2], self.version_dir(model, parts[2]), manifest)
-                )
+        for sha in self.blobs.folders(self._key(model, "versions")):
+            if not _SHA_RE.match(sha):
+                continue
+            try:
+                manifest = self.manifest(model, sha)
+            except NotFoundError:  # files without a manifest: not published (yet)
+                continue
+            found.append(ModelVersion(model, sha, self.version_dir(model, sha), manifest))
         return found
 
     def _remove_remote(self, model: str, version: ModelVersion) -> None:

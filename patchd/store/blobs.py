@@ -61,6 +61,7 @@ class BlobStore(Protocol):
             if_match: str | None = None) -> str: ...  # fmt: skip
     def put_file(self, key: str, path: Path) -> str: ...
     def get_file(self, key: str, dest: Path) -> None: ...  # atomic; NotFoundError when absent
+    def folders(self, prefix: str) -> list[str]: ...  # names one level below ``prefix``
     def list(self, prefix: str) -> list[str]: ...  # keys under ``prefix`` (sorted)
     def delete(self, key: str) -> None: ...  # absent is fine
 
@@ -185,6 +186,12 @@ class LocalBlobs:
         if not src.is_file():
             raise NotFoundError("blob", f"{self.url}/{key}")
         copy_atomic(src, Path(dest))
+
+    def folders(self, prefix: str) -> list[str]:
+        base = self.root / prefix if prefix else self.root
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def list(self, prefix: str) -> list[str]:
         base = self.root / prefix if prefix else self.root
@@ -326,18 +333,27 @@ class S3Blobs:
             raise
         _replace_from(tmp, dest)
 
-    def list(self, prefix: str) -> list[str]:
+    def _pages(self, prefix: str, **kwargs: str) -> Iterator[dict[str, Any]]:
         base = self._key(prefix.rstrip("/")) + "/" if prefix else self._key_root()
-        keys: list[str] = []
         token: dict[str, str] = {}
         while True:
-            resp = self.fs.call_s3("list_objects_v2", Bucket=self.bucket, Prefix=base, **token)
-            keys += [obj["Key"] for obj in resp.get("Contents", [])]
+            resp = self.fs.call_s3(
+                "list_objects_v2", Bucket=self.bucket, Prefix=base, **kwargs, **token
+            )
+            yield resp
             if not resp.get("IsTruncated"):
-                break
+                return
             token = {"ContinuationToken": resp["NextContinuationToken"]}
+
+    def folders(self, prefix: str) -> list[str]:
+        pages = self._pages(prefix, Delimiter="/")
+        found = (p["Prefix"] for page in pages for p in page.get("CommonPrefixes", []))
+        return sorted(name.rstrip("/").rsplit("/", 1)[-1] for name in found)
+
+    def list(self, prefix: str) -> list[str]:
         strip = len(self.prefix) + 1 if self.prefix else 0
-        return sorted(k[strip:] for k in keys)
+        pages = self._pages(prefix)
+        return sorted(obj["Key"][strip:] for page in pages for obj in page.get("Contents", []))
 
     def _key_root(self) -> str:
         return f"{self.prefix}/" if self.prefix else ""

@@ -32,6 +32,7 @@ def test_put_get_list_delete_round_trip(blobs: BlobStore, tmp_path: Path) -> Non
     assert (tmp_path / "out" / "w.bin").read_bytes() == src.read_bytes()
     assert blobs.list("runs/r1") == ["runs/r1/a.json", "runs/r1/sub/w.bin"]
     assert blobs.list("runs/r") == []  # a prefix is a folder, not a string prefix
+    assert blobs.folders("") == ["runs"] and blobs.folders("runs/r1") == ["sub"]
     blobs.delete("runs/r1/a.json")
     blobs.delete("runs/r1/a.json")  # absent is fine
     assert blobs.etag("runs/r1/a.json") is None
