@@ -225,7 +225,8 @@ class Registry:
 
     def models(self) -> list[str]:
         if self.blobs is not None:
-            return [n for n in self.blobs.folders("") if _MODEL_RE.match(n)]
+            folders = self.blobs.folders("")  # not .patchd-probe (patchd.store.blobs)
+            return [n for n in folders if _MODEL_RE.match(n) and not n.startswith(".")]
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _MODEL_RE.match(p.name))

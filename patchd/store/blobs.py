@@ -27,6 +27,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCHEMES = ("s3",)
+PROBE_PREFIX = ".patchd-probe"  # where the conditional-write check puts (and deletes) a key
+_CONDITIONAL_OK: set[str] = set()  # bucket URLs this process has checked
 
 
 @dataclass(frozen=True)
@@ -263,7 +266,30 @@ class S3Blobs:
         # fsspec keeps one client per set of arguments (and per process: a fork starts anew),
         # so opening the store per use does not leak connections; no cached listings: another
         # machine writes the same bucket
-        return cls(s3fs.S3FileSystem(use_listings_cache=False, **kwargs), bucket, prefix)
+        store = cls(s3fs.S3FileSystem(use_listings_cache=False, **kwargs), bucket, prefix)
+        store.check_conditional_writes()
+        return store
+
+    def check_conditional_writes(self) -> None:
+        """ConfigError unless the server refuses a create-only put of an existing key: a server
+        that ignores ``If-None-Match`` / ``If-Match`` would make every compare-and-swap a blind
+        overwrite. Checked once per bucket URL and process (two puts and a delete)."""
+        if self.url in _CONDITIONAL_OK:
+            return
+        key = f"{PROBE_PREFIX}/{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        try:
+            self.put(key, b"1", if_none_match=True)
+            self.put(key, b"2", if_none_match=True)
+        except ConflictError:
+            _CONDITIONAL_OK.add(self.url)
+            return
+        finally:
+            self.delete(key)
+        raise ConfigError(
+            f"{self.url} does not enforce conditional writes (a second If-None-Match: * put of "
+            "one key succeeded); patchd's manifests and production pointer need them: use AWS "
+            "S3 or a server that supports them (recent MinIO, Ceph RGW), or a local path"
+        )
 
     def _key(self, key: str) -> str:
         check_key(key)

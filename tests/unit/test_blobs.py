@@ -101,3 +101,21 @@ def test_local_listing_skips_temp_and_lock_files(tmp_path: Path) -> None:
     blobs.put("a/b.json", b"1", if_none_match=True)  # takes the lock file
     (tmp_path / "a" / ".tmp-b.json-x").write_bytes(b"half")
     assert blobs.list("") == ["a/b.json"]
+
+
+class _IgnoresConditions(S3Blobs):
+    """A server that accepts If-None-Match / If-Match and ignores them (some S3 look-alikes)."""
+
+    def put(
+        self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
+        return super().put(key, data)
+
+
+def test_a_bucket_that_ignores_conditional_writes_is_refused(s3_bucket: dict[str, object]) -> None:
+    options = StorageOptions.model_validate(s3_bucket["storage_options"])
+    real = S3Blobs.open(f"{s3_bucket['url']}/checked", options)  # moto enforces them: accepted
+    lax = _IgnoresConditions(real.fs, real.bucket, "unchecked")
+    with pytest.raises(ConfigError, match="does not enforce conditional writes"):
+        lax.check_conditional_writes()
+    assert real.list("") == [] and lax.list("") == []  # the probe key is gone either way
