@@ -8,10 +8,12 @@ Environment overrides use ``__`` between levels: ``PATCHD_API__PORT=9000`` sets 
 ``PATCHD_GATE__AUTO_PROMOTE=true`` is a boolean.
 
 Paths: every path field is typed :data:`ConfigPath` (``sources.tail.*.glob`` is
-:data:`ConfigGlob`); ``~`` is expanded, URLs are refused, and when :func:`load_config` reads a
-file, a relative path is resolved once, at load time, against that file's directory, whichever
-layer it came from (default, file, ``PATCHD_*`` or ``overrides``), as ``state_dir`` always was.
-Without a config file relative paths stay relative (to the working directory). Free-form
+:data:`ConfigGlob`); ``~`` is expanded, URLs are refused (``artifacts.root`` and
+``registry.root``, :data:`ConfigLocation`, also take an ``s3://`` URL), and when
+:func:`load_config` reads a file, a relative path is resolved once, at load time, against that
+file's directory, whichever layer it came from (default, file, ``PATCHD_*`` or ``overrides``),
+as ``state_dir`` always was. Without a config file relative paths stay relative (to the working
+directory). Free-form
 plugin parameters are rebased for the well-known keys in :data:`PARAM_PATH_KEYS`.
 """
 
@@ -75,6 +77,30 @@ def _config_glob(value: Any, info: ValidationInfo) -> Any:
 # A filesystem path in the config (see the module docstring); a glob pattern, rebased the same way.
 ConfigPath = Annotated[Path, BeforeValidator(_config_path)]
 ConfigGlob = Annotated[str, BeforeValidator(_config_glob)]
+
+OBJECT_STORE_SCHEMES = ("s3",)
+
+
+def _config_location(value: Any, info: ValidationInfo) -> Any:
+    """A path (rebased like :data:`ConfigPath`) or an ``s3://bucket[/prefix]`` URL (a str)."""
+    if not isinstance(value, str) or "://" not in value:
+        return _config_path(value, info)
+    scheme, _, rest = value.partition("://")
+    if scheme not in OBJECT_STORE_SCHEMES:
+        raise ValueError(
+            f"{value!r}: only s3:// URLs (an S3-API bucket) or a filesystem path are supported "
+            f"here, not {scheme}://"
+        )
+    bucket = rest.split("/", 1)[0]
+    if not bucket or "@" in bucket or "?" in value or "#" in value:
+        raise ValueError(
+            f"{value!r} must be s3://<bucket>[/<prefix>] (credentials go in storage_options)"
+        )
+    return value.rstrip("/")
+
+
+# ``artifacts.root`` / ``registry.root``: a local directory (Path) or an object-store URL (str)
+ConfigLocation = Annotated[Path | str, BeforeValidator(_config_location)]
 
 
 class Section(BaseModel):
@@ -372,8 +398,72 @@ class HookConfig(Section):
     timeout_s: float = Field(5.0, gt=0)
 
 
+class StorageOptions(Section):
+    """How to reach the bucket of an ``s3://`` root (unused for a local path).
+
+    Credentials are never in the config: ``key_env``/``secret_env`` name environment variables,
+    ``credentials_file`` a file whose first line is the access key id and second the secret;
+    with neither, the standard AWS chain (``AWS_ACCESS_KEY_ID``, ``~/.aws``, an instance role).
+    """
+
+    endpoint_url: str | None = Field(None, pattern=r"^https?://")  # MinIO, Ceph, moto, ...
+    region: str | None = None
+    key_env: str | None = None  # e.g. S3_ACCESS_KEY_ID (not PATCHD_*: those set config fields)
+    secret_env: str | None = None  # e.g. S3_SECRET_ACCESS_KEY
+    credentials_file: ConfigPath | None = None
+    anon: bool = False  # a public bucket, no credentials
+
+    @model_validator(mode="after")
+    def _key_and_secret_together(self) -> StorageOptions:
+        if (self.key_env is None) != (self.secret_env is None):
+            raise ValueError("key_env and secret_env go together: set both or neither")
+        for name in (self.key_env, self.secret_env):
+            if name is not None and name.upper().startswith(ENV_PREFIX):
+                raise ValueError(
+                    f"{name}: a {ENV_PREFIX}* variable is read as a config override; "
+                    "name one outside that prefix (e.g. S3_ACCESS_KEY_ID)"
+                )
+        return self
+
+    def s3fs_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``s3fs.S3FileSystem`` (credentials read now, not kept)."""
+        kwargs: dict[str, Any] = {"anon": self.anon}
+        if self.endpoint_url:
+            kwargs["endpoint_url"] = self.endpoint_url
+        if self.region:
+            kwargs["client_kwargs"] = {"region_name": self.region}
+        key, secret = self._credentials()
+        if key is not None:
+            kwargs.update(key=key, secret=secret)
+        return kwargs
+
+    def _credentials(self) -> tuple[str | None, str | None]:
+        if self.credentials_file is not None:
+            try:
+                lines = self.credentials_file.read_text().split()
+            except OSError as err:
+                raise ConfigError(
+                    f"storage_options.credentials_file {self.credentials_file}: {err.strerror}"
+                ) from None
+            if len(lines) != 2:
+                raise ConfigError(
+                    f"storage_options.credentials_file {self.credentials_file} must hold two "
+                    "lines: the access key id, then the secret"
+                )
+            return lines[0], lines[1]
+        if self.key_env is None or self.secret_env is None:
+            return None, None
+        missing = [n for n in (self.key_env, self.secret_env) if not os.environ.get(n)]
+        if missing:
+            raise ConfigError(f"storage_options names {missing} but the environment has none")
+        return os.environ[self.key_env], os.environ[self.secret_env]
+
+
 class RegistryConfig(Section):
-    root: ConfigPath | None = None  # default: <state_dir>/registry
+    # a directory, or s3://bucket/prefix (then files are cached under cache_dir)
+    root: ConfigLocation | None = None  # default: <state_dir>/registry
+    cache_dir: ConfigPath | None = None  # default: <state_dir>/cache/registry
+    storage_options: StorageOptions = Field(default_factory=StorageOptions)
     keep_versions: int = Field(10, ge=1)
     hooks: HookConfig = Field(default_factory=HookConfig)
 
@@ -481,7 +571,10 @@ class NotifyConfig(Section):
 
 
 class ArtifactsConfig(Section):
-    root: ConfigPath | None = None  # default: <state_dir>/artifacts
+    # a directory, or s3://bucket/prefix (then files are cached under cache_dir)
+    root: ConfigLocation | None = None  # default: <state_dir>/artifacts
+    cache_dir: ConfigPath | None = None  # default: <state_dir>/cache/artifacts
+    storage_options: StorageOptions = Field(default_factory=StorageOptions)
     # a run whose files (all stages) would pass this fails at the stage that passes it
     max_run_disk_mb: float | None = Field(10240.0, gt=0)  # None: unbounded
     # paired translations / synthesized samples on disk: uint8 (a pixel moves <= 1/510),
@@ -526,13 +619,31 @@ class Config(Section):
     def store_path(self) -> Path:
         return self.store.path or self.state_dir / "patchd.db"
 
+    # With an s3:// root, the *_root paths are the local caches (every file read or written
+    # goes through them) and the *_url properties name the bucket that is the source of truth.
     @property
     def registry_root(self) -> Path:
-        return self.registry.root or self.state_dir / "registry"
+        return _local(self.registry.root, self.registry.cache_dir, self.state_dir, "registry")
+
+    @property
+    def registry_url(self) -> str | None:
+        return self.registry.root if isinstance(self.registry.root, str) else None
 
     @property
     def artifacts_root(self) -> Path:
-        return self.artifacts.root or self.state_dir / "artifacts"
+        return _local(self.artifacts.root, self.artifacts.cache_dir, self.state_dir, "artifacts")
+
+    @property
+    def artifacts_url(self) -> str | None:
+        return self.artifacts.root if isinstance(self.artifacts.root, str) else None
+
+
+def _local(root: Path | str | None, cache: Path | None, state_dir: Path, name: str) -> Path:
+    if isinstance(root, Path):
+        return root
+    if root is None:
+        return state_dir / name
+    return cache or state_dir / "cache" / name
 
 
 def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

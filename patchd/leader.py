@@ -28,8 +28,9 @@ it did in that transaction is kept. On SQLite, write transactions are serialised
 processes (``BEGIN IMMEDIATE``); on Postgres the upsert locks the kv row, so fenced transactions
 are serialised too and a waiting stale one re-checks the condition against the new row and
 fails. The registry's production pointer records the epoch that wrote it, and a promote or
-rollback with a lower epoch than the pointer's is refused under the pointer's lock
-(:meth:`patchd.promotion.registry.Registry.promote`), so a stale leader cannot switch
+rollback with a lower epoch than the pointer's is refused under the pointer's lock (in a bucket:
+checked on the pointer whose etag the conditional put then names,
+:meth:`patchd.promotion.registry.Registry.promote`), so a stale leader cannot switch
 production even between its store check and its pointer write. If Redis lost its epoch counter
 (restarted without persistence) a newly elected leader finds the stored epoch ahead of its own;
 it raises the counter above it (compare-and-set on its lease) before it claims.

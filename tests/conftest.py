@@ -129,3 +129,62 @@ def any_store(backend_store_config: dict[str, object], tmp_path: Path) -> Iterat
     store = open_store(cfg)
     yield store
     store.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real S3-API server process (moto's standalone server) on a free loopback port."""
+    import sys
+
+    import httpx
+
+    if subprocess.run([sys.executable, "-c", "import moto.server"], capture_output=True).returncode:
+        pytest.fail("moto[server] is not installed: run `make setup` (pip install -e '.[dev]')")
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "1"},
+        )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"{endpoint}/moto-api/", timeout=0.5)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail(f"moto server did not start: {log.read_text()[-2000:]}")
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+_BUCKETS = iter(range(1, 1 << 30))
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """A fresh bucket on the private S3 server: ``{"url", "storage_options"}`` for the config.
+
+    The credentials go through the environment variables the storage options name, as in
+    production (moto accepts any key)."""
+    import s3fs
+
+    monkeypatch.setenv("S3_TEST_KEY_ID", "testing")
+    monkeypatch.setenv("S3_TEST_SECRET", "testing")
+    bucket = f"patchd-{os.getpid()}-{next(_BUCKETS)}"
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server, key="testing", secret="testing")
+    fs.call_s3("create_bucket", Bucket=bucket)
+    options = {
+        "endpoint_url": s3_server,
+        "region": "us-east-1",
+        "key_env": "S3_TEST_KEY_ID",
+        "secret_env": "S3_TEST_SECRET",
+    }
+    return {"url": f"s3://{bucket}", "storage_options": options}

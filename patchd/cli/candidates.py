@@ -7,6 +7,7 @@ install the first production model before serve ever ran.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import time
@@ -209,10 +210,15 @@ def rollback(
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report.")
 def report(config: Config, candidate_id: str, open_browser: bool, as_json: bool) -> None:
     """Print the path of a candidate's HTML report (beside its manifest), or open it."""
-    from patchd.promotion.registry import Registry
+    from patchd.exceptions import NotFoundError
+    from patchd.promotion.registry import open_registry
 
     cand = _request(config, "GET", f"/v1/candidates/{candidate_id}")
-    vdir = Registry(config.registry_root).version_dir(cand["model"], cand["digest"])
+    registry = open_registry(config)
+    vdir = registry.version_dir(cand["model"], cand["digest"])
+    if registry.blobs is not None:  # fetched from the bucket, each file checked
+        with contextlib.suppress(NotFoundError):
+            vdir = registry.get(cand["model"], cand["digest"]).path
     if as_json:
         click.echo((vdir / "report.json").read_text())
         return
@@ -246,13 +252,13 @@ def registry(ctx: click.Context, config_path: Path | None) -> None:
 def import_cmd(config: Config, weights: Path, model: str | None, by: str | None) -> None:
     """Import a safetensors file as the production version (the first one, typically)."""
     from patchd.promotion.audit import AuditEntry, AuditLog
-    from patchd.promotion.registry import Registry
+    from patchd.promotion.registry import open_registry
 
     if weights.suffix != ".safetensors":
         raise click.ClickException(f"{weights} is not a .safetensors file (no pickles)")
     name = model or config.model.name
     actor = by or f"cli:{getpass.getuser()}"
-    reg = Registry(config.registry_root)
+    reg = open_registry(config)
     before = reg.pointer(name)
     version = reg.import_model(name, weights, actor)
     AuditLog.in_state_dir(config.state_dir).append(
@@ -273,10 +279,10 @@ def import_cmd(config: Config, weights: Path, model: str | None, by: str | None)
 @click.option("--model", default=None, help="Model name (default: model.name).")
 def list_cmd(config: Config, model: str | None) -> None:
     """Versions of a model; the production one is marked."""
-    from patchd.promotion.registry import Registry
+    from patchd.promotion.registry import open_registry
 
     name = model or config.model.name
-    reg = Registry(config.registry_root)
+    reg = open_registry(config)
     pointer = reg.pointer(name)
     for v in reg.versions(name):
         mark = "*" if pointer and v.sha256 == pointer.sha256 else " "

@@ -29,6 +29,10 @@ from patchd.runs.regions import load_regions
 
 
 def run_dir(config: Config, run_id: str) -> Path:
+    """The run's dir; with the artifacts in a bucket, its regions and labels fetched first."""
+    from patchd.runs.artifacts import RunArtifacts
+
+    RunArtifacts.from_config(config).fetch_regions(run_id)
     return store.run_dir(config.artifacts_root, run_id)
 
 
@@ -61,6 +65,9 @@ def regions(run_id: str, labels: tuple[str, ...], by: str, done: bool, config: C
     given = dict(parse_label(text) for text in labels)
     current = store.set_labels(path, given, by, config.model.class_names or [])
     if labels:
+        from patchd.runs.artifacts import RunArtifacts
+
+        RunArtifacts.from_config(config).publish_labels(run_id)
         click.echo(f"saved {len(labels)} label(s) to {store.labels_path(path)}")
     for line in region_table(found, current, path / "synthesize"):
         click.echo(line)

@@ -37,6 +37,7 @@ from patchd.monitor.engine import ModelMonitor, MonitorSnapshot
 from patchd.monitor.mined import MinedGroups
 from patchd.monitor.mined_source import resolve
 from patchd.monitor.trigger import patch_requests, request_patch
+from patchd.runs.artifacts import RunArtifacts
 from patchd.services import Component, Services
 
 if TYPE_CHECKING:
@@ -214,7 +215,7 @@ class MonitorComponent(Component):
             found = resolve(
                 config.monitor.mined_groups,
                 conn,
-                config.artifacts_root,
+                RunArtifacts.from_config(config),
                 self.model,
                 list(config.model.class_names),
                 _production_digest(self.services, self.model),
@@ -257,25 +258,27 @@ def _same(a: MinedGroups, b: MinedGroups) -> bool:
 def _production_digest(services: Services, model: str) -> str | None:
     """The registry's production digest (None: no promoted version, or an unreadable registry)."""
     try:
-        from patchd.promotion.registry import Registry
+        from patchd.promotion.registry import open_registry
 
-        version = Registry(services.config.registry_root).production(model, verify=False)
+        pointer = open_registry(services.config).pointer(model)
     except Exception as err:  # a broken registry must not stop the monitor
         log.warning("model=%s: cannot read the registry for the mined groups: %s", model, err)
         return None
-    return version.sha256 if version is not None else None
+    return pointer.sha256 if pointer is not None else None
 
 
 def _production_evaluation(services: Services, model: str) -> dict[str, Any] | None:
     """The promoted version's evaluation cells (candidate side of a paired evaluation), if any."""
     try:
-        from patchd.promotion.registry import Registry
+        from patchd.promotion.registry import open_registry
 
-        version = Registry(services.config.registry_root).production(model, verify=False)
+        registry = open_registry(services.config)
+        pointer = registry.pointer(model)
+        manifest = registry.manifest(model, pointer.sha256) if pointer is not None else None
     except Exception as err:  # a broken registry must not stop the monitor
         log.warning("model=%s: cannot read the registry for the new reference: %s", model, err)
         return None
-    evaluation = version.manifest.evaluation if version is not None else None
+    evaluation = manifest.evaluation if manifest is not None else None
     if not isinstance(evaluation, dict):
         return None
     candidate = evaluation.get("candidate")

@@ -21,6 +21,7 @@ from pathlib import Path
 from patchd.digests import sha256_file
 from patchd.exceptions import PatchdError
 from patchd.monitor import mined as minedmod
+from patchd.runs.artifacts import RunArtifacts
 from patchd.runs.records import select_runs
 from patchd.store.backend import Connection
 
@@ -39,17 +40,27 @@ class Resolved:
 def resolve(
     setting: str,
     conn: Connection,
-    artifacts_root: Path,
+    artifacts_root: Path | RunArtifacts,
     model: str,
     classes: list[str],
     production: str | None,
 ) -> Resolved:
-    """The pseudo-groups ``setting`` selects (``production``: the registry's digest, if any)."""
+    """The pseudo-groups ``setting`` selects (``production``: the registry's digest, if any;
+    ``artifacts_root``: a local directory, or the run artifacts, fetched from their bucket)."""
     if setting == "off":
         return Resolved(None, "off")
     if setting != "latest":
         return _load(Path(setting), model, classes, production, f"configured file {setting}")
-    path = latest_path(conn, artifacts_root, model, production)
+    artifacts = (
+        artifacts_root
+        if isinstance(artifacts_root, RunArtifacts)
+        else RunArtifacts(Path(artifacts_root))
+    )
+    try:
+        path = latest_path(conn, artifacts, model, production)
+    except PatchdError as err:  # a bucket that does not answer, an object that does not verify
+        log.error("model=%s: mined groups not used: %s", model, err)
+        return Resolved(None, f"not used: {err}")
     if path is None:
         return Resolved(None, "no succeeded run of the production model has mined groups yet")
     try:
@@ -61,7 +72,7 @@ def resolve(
 
 
 def latest_path(
-    conn: Connection, artifacts_root: Path, model: str, production: str | None
+    conn: Connection, artifacts: RunArtifacts, model: str, production: str | None
 ) -> Path | None:
     """``mined_groups.json`` of the newest succeeded run of ``model`` mined on ``production``."""
     runs = select_runs(
@@ -72,7 +83,12 @@ def latest_path(
     for run in runs:
         if production is not None and run.recipe.get("incumbent_sha256") != production:
             continue
-        path = Path(artifacts_root) / "runs" / run.id / "mine" / minedmod.FILE
+        if artifacts.blobs is not None:
+            manifest = artifacts.manifest(run.id, "mine")
+            if manifest is None or minedmod.FILE not in manifest.files:
+                continue
+            artifacts.fetch(run.id, "mine", [minedmod.FILE])  # checked against the manifest
+        path = artifacts.stage_dir(run.id, "mine") / minedmod.FILE
         if path.is_file():
             return path
     return None

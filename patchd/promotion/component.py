@@ -41,7 +41,7 @@ from patchd.promotion.record import (
     audit_metrics,
     evaluation_summary,
 )
-from patchd.promotion.registry import Registry, VersionManifest, sha256_file
+from patchd.promotion.registry import VersionManifest, open_registry, sha256_file
 from patchd.promotion.store import CandidateStore
 from patchd.services import Component, Services
 
@@ -67,7 +67,7 @@ class CandidatesComponent(Component):
         from prometheus_client import Counter
 
         config = services.config
-        self.registry = Registry(config.registry_root)
+        self.registry = open_registry(config)
         self.clock = services.clock
         self.candidates = CandidateStore(services.store, services.clock)
         self.audit = AuditLog.in_state_dir(config.state_dir)

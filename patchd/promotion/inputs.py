@@ -1,7 +1,9 @@
 """What the gate reads about a finished run: artifacts (verified) and the run record.
 
 Paths come only from ``config.artifacts_root`` and a validated run id; the weights are checked
-against the train stage's manifest before anything is published.
+against the train stage's manifest before anything is published. With the artifacts in a bucket,
+the files are fetched into the local cache first, each checked against its stage's published
+manifest (:mod:`patchd.runs.artifacts`).
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from patchd.exceptions import IntegrityError, NotFoundError, PathNotAllowedError
+from patchd.exceptions import IntegrityError, NotFoundError
 from patchd.promotion.registry import Registry, sha256_file
+from patchd.runs.artifacts import RunArtifacts
+from patchd.runs.jobqueue import STAGES
 
 if TYPE_CHECKING:
     from patchd.config import Config
@@ -24,10 +28,18 @@ log = logging.getLogger(__name__)
 
 
 def run_dir(config: Config, run_id: str) -> Path:
-    root = Path(config.artifacts_root).resolve()
-    path = (root / "runs" / run_id).resolve()
-    if not path.is_relative_to(root):
-        raise PathNotAllowedError(str(path), [str(root)])
+    return RunArtifacts.from_config(config).run_dir(run_id)
+
+
+def stage_file(artifacts: RunArtifacts, run_id: str, stage: str, name: str) -> Path:
+    """A run's file in the local dir; from a bucket, fetched and checked against the stage's
+    published manifest first (an unpublished stage is not found, whatever files exist)."""
+    if artifacts.blobs is not None and artifacts.fetch(run_id, stage, [name]) is None:
+        where = f"{artifacts.location}/runs/{run_id}/{stage}/{name}"
+        raise NotFoundError("run artifact", f"{where} (the {stage} stage is not published)")
+    path = artifacts.stage_dir(run_id, stage) / name
+    if not path.is_file():
+        raise NotFoundError("run artifact", str(path))
     return path
 
 
@@ -76,12 +88,12 @@ def read_run_inputs(
 ) -> RunInputs:
     from patchd.promotion.record import RunInputs
 
-    rdir = run_dir(config, run_id)
-    weights = rdir / "train" / "model.safetensors"
-    evaluation = rdir / "evaluate" / "evaluation.json"
-    for path in (weights, evaluation):
-        if not path.is_file():
-            raise NotFoundError("run artifact", str(path))
+    artifacts = RunArtifacts.from_config(config)
+    rdir = artifacts.run_dir(run_id)
+    weights = stage_file(artifacts, run_id, "train", "model.safetensors")
+    evaluation = stage_file(artifacts, run_id, "evaluate", "evaluation.json")
+    if artifacts.blobs is not None:  # the data digests are the collect manifest's
+        artifacts.fetch(run_id, "collect", [])
     expected = _manifest_files(rdir / "train").get("model.safetensors")
     if expected and sha256_file(weights) != expected:
         raise IntegrityError(f"{weights} does not match the sha256 in its stage manifest")
@@ -110,7 +122,10 @@ def candidate_report(
     if cand.gate is None or evaluation_json is None:
         raise NotFoundError("report of candidate", cand.id)
     record = run_record(store, cand.run_id)
-    rdir = run_dir(config, cand.run_id)
+    artifacts = RunArtifacts.from_config(config)
+    rdir = artifacts.run_dir(cand.run_id)
+    if artifacts.blobs is not None:
+        artifacts.fetch_small(cand.run_id, STAGES)
     return build_report(
         candidate_id=cand.id,
         model=cand.model,

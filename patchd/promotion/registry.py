@@ -20,6 +20,17 @@ Crash safety:
   promote or rollback carrying a lower epoch than the pointer's is refused under the lock, so a
   paused ex-leader cannot switch production after a newer leader did (:mod:`patchd.leader`).
 
+In a bucket (``registry.root: s3://bucket/prefix``, :mod:`patchd.store.blobs`) the layout is the
+same, the local ``root`` is a cache, and the guarantees hold without a shared filesystem:
+
+- publishing uploads a version's files first and its ``manifest.json`` last; a reader fetches the
+  manifest, downloads the files into the cache and checks each sha256 before using any of them.
+- the pointer switch is a conditional put on ``<model>/production.json``: ``If-Match`` the etag
+  that was read (``If-None-Match: *`` for the first one). The local lock serializes only one
+  machine's writers; across machines a lost race is a :class:`ConflictError` (re-read and retry),
+  never a torn pointer. The epoch check is made on the pointer whose etag the put names, so a
+  fenced ex-leader cannot win by racing either.
+
 Torch-free: weights are hashed and copied as bytes (hashlib); nothing here unpickles anything.
 """
 
@@ -38,10 +49,14 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from patchd.digests import CHUNK, sha256_file
 from patchd.exceptions import ConflictError, IntegrityError, NotFoundError, ValidationError
+from patchd.store.blobs import BlobStore, open_blobs
+
+if TYPE_CHECKING:
+    from patchd.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -176,11 +191,27 @@ class ModelVersion:
                 raise IntegrityError(f"{self.path / name} does not match its manifest sha256")
 
 
-class Registry:
-    """Versions and production pointers under ``root`` (see the module docstring)."""
+def open_registry(config: Config) -> Registry:
+    """The configured registry: a directory, or a bucket cached under ``registry_root``."""
+    url = config.registry_url
+    blobs = open_blobs(url, config.registry.storage_options) if url else None
+    return Registry(config.registry_root, blobs)
 
-    def __init__(self, root: Path) -> None:
+
+class Registry:
+    """Versions and production pointers under ``root`` (see the module docstring); with
+    ``blobs``, the versions and pointers live there and ``root`` is the local cache."""
+
+    def __init__(self, root: Path, blobs: BlobStore | None = None) -> None:
         self.root = Path(root)
+        self.blobs = blobs
+
+    @property
+    def location(self) -> str:
+        return self.blobs.url if self.blobs is not None else str(self.root)
+
+    def _key(self, model: str, *parts: str) -> str:
+        return "/".join((check_model_name(model), *parts))
 
     # -- paths ---------------------------------------------------------------------------------
     def model_dir(self, model: str) -> Path:
@@ -193,6 +224,9 @@ class Registry:
         return self.model_dir(model) / POINTER
 
     def models(self) -> list[str]:
+        if self.blobs is not None:
+            folders = self.blobs.folders("")  # not .patchd-probe (patchd.store.blobs)
+            return [n for n in folders if _MODEL_RE.match(n) and not n.startswith(".")]
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _MODEL_RE.match(p.name))
@@ -200,13 +234,30 @@ class Registry:
     # -- versions ------------------------------------------------------------------------------
     def get(self, model: str, sha256: str) -> ModelVersion:
         path = self.version_dir(model, sha256)
+        if self.blobs is not None:
+            self._pull(model, sha256, path)
         try:
             manifest = VersionManifest.from_json((path / MANIFEST).read_bytes())
         except FileNotFoundError:
             raise NotFoundError("model version", f"{model}@{sha256}") from None
         return ModelVersion(model, sha256, path, manifest)
 
+    def manifest(self, model: str, sha256: str) -> VersionManifest:
+        """A version's manifest alone (nothing downloaded but it)."""
+        try:
+            if self.blobs is not None:
+                raw = self.blobs.get(self._key(model, "versions", check_digest(sha256), MANIFEST))
+                return VersionManifest.from_json(raw.data)
+            return VersionManifest.from_json(
+                (self.version_dir(model, sha256) / MANIFEST).read_bytes()
+            )
+        except (NotFoundError, FileNotFoundError):
+            raise NotFoundError("model version", f"{model}@{sha256}") from None
+
     def versions(self, model: str) -> list[ModelVersion]:
+        """Every published version, oldest first (from a bucket: manifests only, not fetched)."""
+        if self.blobs is not None:
+            return sorted(self._remote_versions(model), key=lambda v: v.manifest.created_at)
         vdir = self.model_dir(model) / "versions"
         if not vdir.is_dir():
             return []
@@ -248,7 +299,8 @@ class Registry:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         fsync_dir(final.parent)
-        log.info("published %s@%s", model, sha[:12])
+        self._push(model, sha, final)
+        log.info("published %s@%s to %s", model, sha[:12], self.location)
         return self.get(model, sha)
 
     def _fill(
@@ -266,6 +318,11 @@ class Registry:
         fsync_dir(tmp)
 
     def _republish(self, model: str, sha: str, extras: dict[str, bytes]) -> ModelVersion:
+        if (
+            self.blobs is not None
+            and self.blobs.etag(self._key(model, "versions", sha, MANIFEST)) is None
+        ):
+            self._push(model, sha, self.version_dir(model, sha))  # the upload was cut short
         version = self.get(model, sha)
         version.verify()
         if extras:
@@ -283,6 +340,10 @@ class Registry:
             digests[name] = hashlib.sha256(data).hexdigest()
         manifest = VersionManifest(**{**asdict(version.manifest), "files": digests})
         write_file_atomic(version.path / MANIFEST, manifest.to_json())
+        if self.blobs is not None:
+            for name in files:
+                self.blobs.put_file(self._key(model, "versions", sha256, name), version.path / name)
+            self.blobs.put(self._key(model, "versions", sha256, MANIFEST), manifest.to_json())
 
     def _ensure_dirs(self, versions: Path) -> None:
         for path in (self.root, versions.parent, versions):
@@ -292,10 +353,38 @@ class Registry:
 
     # -- the pointer ---------------------------------------------------------------------------
     def pointer(self, model: str) -> Pointer | None:
+        return self._read_pointer(model)[0]
+
+    def _read_pointer(self, model: str) -> tuple[Pointer | None, str | None]:
+        """The pointer and the etag a conditional put must name (None, None: no pointer)."""
+        if self.blobs is None:
+            try:
+                return Pointer.from_json(self.pointer_path(model).read_bytes()), None
+            except FileNotFoundError:
+                return None, None
         try:
-            return Pointer.from_json(self.pointer_path(model).read_bytes())
-        except FileNotFoundError:
-            return None
+            blob = self.blobs.get(self._key(model, POINTER))
+        except NotFoundError:
+            return None, None
+        return Pointer.from_json(blob.data), blob.etag
+
+    def _write_pointer(self, model: str, pointer: Pointer, etag: str | None) -> None:
+        """Replace the pointer atomically; in a bucket only if it still has ``etag``."""
+        if self.blobs is not None:
+            try:
+                self.blobs.put(
+                    self._key(model, POINTER),
+                    pointer.to_json(),
+                    if_none_match=etag is None,
+                    if_match=etag,
+                )
+            except ConflictError:
+                raise ConflictError(
+                    f"production of {model} at {self.location} changed meanwhile (another "
+                    "serve or CLI switched it first); nothing changed here: re-read and retry"
+                ) from None
+        self.model_dir(model).mkdir(parents=True, exist_ok=True)
+        write_file_atomic(self.pointer_path(model), pointer.to_json())  # local copy / cache
 
     def production(self, model: str, verify: bool = True) -> ModelVersion | None:
         """The production version (weights sha256 checked when ``verify``), None if none yet."""
@@ -332,7 +421,7 @@ class Registry:
         version = self.get(model, sha256)
         version.verify()
         with self.locked(model):
-            current = self.pointer(model)
+            current, etag = self._read_pointer(model)
             _check_epoch(model, current, epoch, "promote")
             current_sha = current.sha256 if current else None
             if expect is not ... and expect != current_sha:
@@ -350,7 +439,7 @@ class Registry:
                 "promote",
                 epoch=_next_epoch(current, epoch),
             )
-            write_file_atomic(self.pointer_path(model), pointer.to_json())
+            self._write_pointer(model, pointer, etag)
         log.info(
             "promoted %s to %s (previous %s) by %s",
             model,
@@ -365,7 +454,7 @@ class Registry:
     ) -> Pointer:
         """One step back: production becomes the pointer's ``previous`` (which is then cleared)."""
         with self.locked(model):
-            current = self.pointer(model)
+            current, etag = self._read_pointer(model)
             _check_epoch(model, current, epoch, "roll back")
             if current is None or current.previous is None:
                 raise ConflictError(
@@ -386,7 +475,7 @@ class Registry:
                 "rollback",
                 epoch=_next_epoch(current, epoch),
             )
-            write_file_atomic(self.pointer_path(model), pointer.to_json())
+            self._write_pointer(model, pointer, etag)
         log.info(
             "rolled back %s from %s to %s by %s",
             model,
@@ -404,7 +493,7 @@ class Registry:
         manifest = VersionManifest(model=model, sha256=sha, recipe={"imported": str(weights_path)})
         version = self.publish(model, Path(weights_path), manifest)
         with self.locked(model):
-            current = self.pointer(model)
+            current, etag = self._read_pointer(model)
             if current is not None and current.sha256 == sha:
                 return version
             pointer = Pointer(
@@ -415,7 +504,7 @@ class Registry:
                 "import",
                 epoch=_next_epoch(current, None),
             )
-            write_file_atomic(self.pointer_path(model), pointer.to_json())
+            self._write_pointer(model, pointer, etag)
         log.info("imported %s@%s as production by %s", model, sha[:12], approved_by)
         return version
 
@@ -434,7 +523,9 @@ class Registry:
             newest_first = list(reversed(self.versions(model)))
             doomed = [v for v in newest_first[keep:] if v.sha256 not in keep_set]
             for version in doomed:
-                _remove_dir(version.path)
+                self._remove_remote(model, version)
+                if version.path.is_dir():
+                    _remove_dir(version.path)
             self._clear_tmp(model)
         if doomed:
             log.info("gc removed %d versions of %s", len(doomed), model)
@@ -447,6 +538,96 @@ class Registry:
         for path in self.model_dir(model).glob(".tmp-*"):
             with contextlib.suppress(OSError):
                 path.unlink()
+
+    # -- the bucket (``blobs``) -----------------------------------------------------------------
+    def _push(self, model: str, sha: str, path: Path) -> None:
+        """Upload a published local version: its files, then its manifest (create-only)."""
+        if self.blobs is None:
+            return
+        manifest = VersionManifest.from_json((path / MANIFEST).read_bytes())
+        for name in manifest.files:
+            self.blobs.put_file(self._key(model, "versions", sha, name), path / name)
+        with contextlib.suppress(ConflictError):  # the same bytes were published meanwhile
+            self.blobs.put(
+                self._key(model, "versions", sha, MANIFEST),
+                (path / MANIFEST).read_bytes(),
+                if_none_match=True,
+            )
+
+    def _pull(self, model: str, sha: str, path: Path) -> None:
+        """Make the cache's copy of a version the bucket's: manifest first, each file checked
+        against it, the complete dir renamed into place (NotFoundError if unpublished). When
+        the manifest changed while its files were read (a report rewritten), read it again."""
+        for attempt in (1, 2):
+            raw = self._remote_manifest(model, sha)
+            if (path / MANIFEST).is_file() and (path / MANIFEST).read_bytes() == raw:
+                return
+            try:
+                self._pull_once(model, sha, path, raw)
+                return
+            except IntegrityError:
+                if attempt == 2 or self._remote_manifest(model, sha) == raw:
+                    raise
+                log.info("manifest of %s@%s changed while fetching; again", model, sha[:12])
+
+    def _remote_manifest(self, model: str, sha: str) -> bytes:
+        assert self.blobs is not None
+        try:
+            return self.blobs.get(self._key(model, "versions", sha, MANIFEST)).data
+        except NotFoundError:
+            raise NotFoundError("model version", f"{model}@{sha} in {self.location}") from None
+
+    def _pull_once(self, model: str, sha: str, path: Path, raw: bytes) -> None:
+        manifest = VersionManifest.from_json(raw)
+        self._ensure_dirs(path.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{sha[:16]}-", dir=path.parent))
+        try:
+            for name, expected in manifest.files.items():
+                cached = path / _safe_name(name)
+                if cached.is_file() and sha256_file(cached) == expected:
+                    _copy_fsync(cached, tmp / name)  # unchanged since the last fetch
+                else:
+                    self._fetch_file(model, sha, name, expected, tmp / name)
+            _write_fsync(tmp / MANIFEST, raw)
+            if path.is_dir():
+                _remove_dir(path)
+            os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fsync_dir(path.parent)
+        log.info("fetched %s@%s from %s", model, sha[:12], self.location)
+
+    def _fetch_file(self, model: str, sha: str, name: str, expected: str, dest: Path) -> None:
+        assert self.blobs is not None
+        self.blobs.get_file(self._key(model, "versions", sha, name), dest)
+        actual = sha256_file(dest)
+        if actual != expected:
+            raise IntegrityError(
+                f"{self.location}/{self._key(model, 'versions', sha, name)} has sha256 "
+                f"{actual}, its manifest says {expected}: changed after publication"
+            )
+
+    def _remote_versions(self, model: str) -> list[ModelVersion]:
+        assert self.blobs is not None
+        found = []
+        for sha in self.blobs.folders(self._key(model, "versions")):
+            if not _SHA_RE.match(sha):
+                continue
+            try:
+                manifest = self.manifest(model, sha)
+            except NotFoundError:  # files without a manifest: not published (yet)
+                continue
+            found.append(ModelVersion(model, sha, self.version_dir(model, sha), manifest))
+        return found
+
+    def _remove_remote(self, model: str, version: ModelVersion) -> None:
+        """Delete a version from the bucket: the manifest first, so it is never half there."""
+        if self.blobs is None:
+            return
+        self.blobs.delete(self._key(model, "versions", version.sha256, MANIFEST))
+        for name in version.manifest.files:
+            self.blobs.delete(self._key(model, "versions", version.sha256, name))
 
 
 def _remove_dir(path: Path) -> None:

@@ -36,6 +36,7 @@ from patchd.exceptions import ConflictError, NotFoundError, PatchdError, StageEr
 from patchd.plugins import catalog as plugin_catalog
 from patchd.runs import jobqueue
 from patchd.runs import regions as region_store
+from patchd.runs.artifacts import SLICE, RunArtifacts
 from patchd.runs.recipe import Recipe, apply_overrides, build_recipe
 from patchd.runs.records import (
     AWAITING_LABELS,
@@ -66,22 +67,28 @@ STAGE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, float
 
 def resolve_incumbent(config: Config) -> tuple[Path, str, str]:
     """(weights path, sha256, source) of the model the run fine-tunes; StageError when none."""
-    from patchd.promotion.registry import Registry
+    from patchd.promotion.registry import open_registry
 
-    version = Registry(config.registry_root).production(config.model.name)
+    version = open_registry(config).production(config.model.name)
     if version is not None:
         return Path(version.weights_path), version.sha256, "registry"
     weights = config.model.weights
     if weights is None:
         raise StageError(
             f"no incumbent model for {config.model.name!r}: the registry at "
-            f"{config.registry_root} has no production version and model.weights is not set; "
+            f"{config.registry_url or config.registry_root} has no production version and "
+            "model.weights is not set; "
             "set model.weights to a safetensors file or import one into the registry"
         )
     path = Path(weights).resolve()
     if not path.is_file():
         raise StageError(f"model.weights {str(weights)!r} does not exist ({path}); fix the path")
     return path, sha256_file(path), "config"
+
+
+def _location(config: Config) -> str:
+    """The artifacts root a job is handed: the bucket URL, or the local directory."""
+    return config.artifacts_url or str(config.artifacts_root)
 
 
 # --- deciding a run's state from its jobs -----------------------------------------------------
@@ -299,7 +306,7 @@ class RunsComponent(Component):
             rec = self._save(replace(rec, recipe=json.loads(recipe.to_json())))
             stages = jobqueue.first_stages(config)
             ids = jobqueue.enqueue_run(
-                self.redis, config, rec.id, str(config.artifacts_root), recipe.to_json(), stages
+                self.redis, config, rec.id, _location(config), recipe.to_json(), stages
             )
             if config.patch.augmenter == "vae" and stages == jobqueue.STAGES:
                 log.warning(
@@ -321,11 +328,13 @@ class RunsComponent(Component):
         from patchd.store.predictions import export_slice
 
         incumbent = resolve_incumbent(config)
-        path = config.artifacts_root / "runs" / rec.id / "slice.jsonl"
+        artifacts = RunArtifacts.from_config(config)
+        path = config.artifacts_root / "runs" / rec.id / SLICE
         with self.services.store.read() as conn:
             rows = export_slice(conn, rec.model, path, config.patch.slice_limit)
-        log.info("run %s: exported %d labeled events to %s", rec.id, rows, path)
-        return build_recipe(config, incumbent, path, int(rows))
+        artifacts.publish_file(rec.id, SLICE)
+        log.info("run %s: exported %d labeled events to %s", rec.id, rows, artifacts.location)
+        return build_recipe(config, incumbent, path, int(rows), sha256_file(path))
 
     # following
     def tick(self) -> None:
@@ -411,7 +420,7 @@ class RunsComponent(Component):
             self.redis,
             config,
             rec.id,
-            str(config.artifacts_root),
+            _location(config),
             recipe.to_json(),
             enqueued_stages(rec),
         )
@@ -422,6 +431,9 @@ class RunsComponent(Component):
         """Synthesize is done: wait for labels when it found regions, else go on to train."""
         config = Recipe(**rec.recipe).effective_config()
         try:
+            artifacts = RunArtifacts.from_config(config)
+            if artifacts.blobs is not None:  # the regions and their grids, for the pages
+                artifacts.fetch(rec.id, "synthesize")
             run = region_store.run_dir(config.artifacts_root, rec.id)
             count = len(region_store.load_regions(run))
         except PatchdError:
@@ -479,6 +491,7 @@ class RunsComponent(Component):
                     f"run {run_id} is {rec.state}; only a run awaiting labels can be resumed"
                 )
             config = Recipe(**rec.recipe).effective_config()
+            RunArtifacts.from_config(config).fetch_regions(rec.id)  # labels given elsewhere
             region_store.close_labelling(region_store.run_dir(config.artifacts_root, rec.id), by)
             return self._enqueue_rest(rec, by, time.time())
 
@@ -486,8 +499,9 @@ class RunsComponent(Component):
         recipe = Recipe(**rec.recipe)
         config = recipe.effective_config()
         rest = jobqueue.STAGES[len(enqueued_stages(rec)) :]
+        RunArtifacts.from_config(config).publish_labels(rec.id)
         ids = jobqueue.enqueue_run(
-            self.redis, config, rec.id, str(config.artifacts_root), recipe.to_json(), rest
+            self.redis, config, rec.id, _location(config), recipe.to_json(), rest
         )
         labels = {**(rec.labels or {}), "by": by, "at": round(now, 3)}
         result = {**(rec.result or {}), "labels": labels}

@@ -32,6 +32,7 @@ class Recipe:
     slice_rows: int
     config: dict[str, Any]  # the effective Config (JSON dump)
     schema: int = SCHEMA
+    slice_sha256: str = ""  # what a worker checks the slice it reads against ("": not checked)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -82,7 +83,11 @@ def apply_overrides(config: Config, overrides: dict[str, Any] | None) -> Config:
 
 
 def build_recipe(
-    config: Config, incumbent: tuple[Path, str, str], slice_path: Path, slice_rows: int
+    config: Config,
+    incumbent: tuple[Path, str, str],
+    slice_path: Path,
+    slice_rows: int,
+    slice_sha256: str = "",
 ) -> Recipe:
     path, sha, source = incumbent
     return Recipe(
@@ -96,4 +101,5 @@ def build_recipe(
         slice_path=str(slice_path),
         slice_rows=slice_rows,
         config=config.model_dump(mode="json"),
+        slice_sha256=slice_sha256,
     )

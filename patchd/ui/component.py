@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from patchd.exceptions import NotFoundError
 from patchd.monitor.component import MonitorComponent
 from patchd.promotion.component import CandidatesComponent
+from patchd.runs.artifacts import RunArtifacts
 from patchd.runs.component import RunsComponent
 from patchd.services import Component, Services
 from patchd.ui.session import SessionStore, origin_of
@@ -50,6 +51,7 @@ class UiComponent(Component):
         self.model_name = config.model.name
         self.monitor_config = config.monitor
         self.artifacts_root = config.artifacts_root
+        self.artifacts = RunArtifacts.from_config(config)  # fetches regions from a bucket
         self.class_names = tuple(config.model.class_names or ())
         self.sessions = SessionStore(config.ui.session_ttl_s)
         self.allowed_origins = origin_of(config.ui.public_url)

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from patchd.config import MonitorConfig, UiConfig
     from patchd.monitor.component import MonitorComponent
     from patchd.promotion.component import CandidatesComponent
+    from patchd.runs.artifacts import RunArtifacts
     from patchd.runs.component import RunsComponent
     from patchd.runs.records import RunRecord
 
@@ -83,6 +84,7 @@ class UiBackend(Protocol):
     model_name: str
     monitor_config: MonitorConfig
     artifacts_root: Path
+    artifacts: RunArtifacts
     class_names: tuple[str, ...]
 
     def templates(self) -> Environment: ...
@@ -363,6 +365,7 @@ def build_router(ui: UiBackend) -> APIRouter:
         status: int = 200,
     ) -> HTMLResponse:
         try:
+            ui.artifacts.fetch_regions(run_id)
             run = region_store.run_dir(ui.artifacts_root, run_id)
             shown = views.regions_page(run, ui.class_names)
         except (NotFoundError, ValidationError) as err:
@@ -447,9 +450,11 @@ def build_router(ui: UiBackend) -> APIRouter:
         ``patchd regions RUN --label REGION=CLASS --by NAME`` does."""
 
         def run(session: Session, form: dict[str, str]) -> None:
+            ui.artifacts.fetch_regions(run_id)  # labels given elsewhere (a bucket)
             path = region_store.run_dir(ui.artifacts_root, run_id)
             label = form.get("label", "")
             region_store.set_labels(path, {region: label}, session.actor, ui.class_names)
+            ui.artifacts.publish_labels(run_id)
             log.info("ui: %s labelled run %r region %s %r", session.actor, run_id, region, label)
 
         def failed(session: Session, err: PatchdError, status: int) -> Response:

@@ -1,7 +1,9 @@
 """Run artifacts: one directory per stage, published atomically with a verified manifest.
 
 Layout: ``<artifacts>/runs/<run_id>/<stage>/`` holding the stage's files and ``manifest.json``
-(``{"schema": 1, "stage", "run_id", "files": {relative name: sha256}, "result": {...}}``).
+(``{"schema": 1, "stage", "run_id", "files": {relative name: sha256}, "result": {...}}``; the
+manifest format and its verification are :mod:`patchd.runs.artifacts`, which serve reads too and
+which publishes a stage to a bucket when ``artifacts.root`` is one).
 
 A stage builds into ``<run_dir>/.tmp-<stage>-<random>/``, fsyncs every file, writes the manifest
 last, renames the directory into place and fsyncs the run directory, so a reader sees either no
@@ -31,12 +33,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from patchd.digests import sha256_file
 from patchd.exceptions import IntegrityError
+from patchd.runs.artifacts import MANIFEST, SCHEMA, StageManifest, stage_files, verify
 
 if TYPE_CHECKING:
     import torch
@@ -46,35 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCHEMA = 1
-MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
-
-
-@dataclass(frozen=True)
-class StageManifest:
-    stage: str
-    run_id: str
-    files: dict[str, str]  # relative posix name -> sha256 hex
-    result: dict[str, Any] = field(default_factory=dict)
-    schema: int = SCHEMA
-
-    def to_json(self) -> str:
-        body = {
-            "schema": self.schema,
-            "stage": self.stage,
-            "run_id": self.run_id,
-            "files": self.files,
-            "result": self.result,
-        }
-        return json.dumps(body, indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> StageManifest:
-        data = json.loads(text)
-        if data.get("schema") != SCHEMA:
-            raise IntegrityError(f"manifest schema {data.get('schema')!r} is not {SCHEMA}")
-        return cls(data["stage"], data["run_id"], dict(data["files"]), dict(data["result"]))
 
 
 def run_dir(artifacts_root: Path, run_id: str) -> Path:
@@ -83,33 +58,6 @@ def run_dir(artifacts_root: Path, run_id: str) -> Path:
 
 def stage_dir(artifacts_root: Path, run_id: str, stage: str) -> Path:
     return run_dir(artifacts_root, run_id) / stage
-
-
-def _files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
-def verify(directory: Path) -> StageManifest:
-    """The manifest of a stage directory after checking every file's sha256 (IntegrityError)."""
-    directory = Path(directory)
-    try:
-        manifest = StageManifest.from_json((directory / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise IntegrityError(f"{directory} has no {MANIFEST}") from None
-    except (KeyError, ValueError, TypeError) as err:
-        raise IntegrityError(f"{directory / MANIFEST} is unreadable: {err}") from None
-    present = {p.relative_to(directory).as_posix() for p in _files(directory)}
-    if present != set(manifest.files):
-        extra, missing = present - set(manifest.files), set(manifest.files) - present
-        raise IntegrityError(
-            f"{directory}: files differ from manifest (extra {sorted(extra)}, "
-            f"missing {sorted(missing)})"
-        )
-    for name, expected in manifest.files.items():
-        actual = sha256_file(directory / name)
-        if actual != expected:
-            raise IntegrityError(f"{directory / name}: sha256 {actual} != manifest {expected}")
-    return manifest
 
 
 def existing(directory: Path) -> StageManifest | None:
@@ -162,7 +110,7 @@ def building(final: Path) -> Iterator[Path]:
 def publish(tmp: Path, final: Path, run_id: str, result: dict[str, Any]) -> StageManifest:
     """fsync the files, write the manifest, rename ``tmp`` to ``final``, fsync the parent."""
     files = {}
-    for path in _files(tmp):
+    for path in stage_files(tmp):
         _fsync_path(path)
         files[path.relative_to(tmp).as_posix()] = sha256_file(path)
     manifest = StageManifest(final.name, run_id, files, result)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from patchd.abc import StageContext
-from patchd.exceptions import IntegrityError, PatchdError, StageError
+from patchd.exceptions import IntegrityError, NotFoundError, PatchdError, StageError
 from patchd.runs import jobqueue
 
 if TYPE_CHECKING:
@@ -91,7 +91,21 @@ def load_weights(model: torch.nn.Module, path: Path, expected_sha256: str = "") 
     return model
 
 
+def incumbent_path(recipe: Recipe, config: Config) -> Path:
+    """The incumbent's weights here: from a bucket registry, fetched into the local cache and
+    checked; otherwise the file the recipe names (on a filesystem this machine shares)."""
+    if recipe.incumbent_source == "registry" and config.registry_url:
+        from patchd.promotion.registry import open_registry
+
+        try:
+            version = open_registry(config).get(recipe.model, recipe.incumbent_sha256)
+        except NotFoundError as err:
+            raise StageError(f"the incumbent is not in the registry: {err}") from err
+        return version.weights_path
+    return Path(recipe.incumbent_path)
+
+
 def load_incumbent(recipe: Recipe, config: Config) -> torch.nn.Module:
     model = build_model(config)
-    load_weights(model, Path(recipe.incumbent_path), recipe.incumbent_sha256)
+    load_weights(model, incumbent_path(recipe, config), recipe.incumbent_sha256)
     return model.eval()

@@ -108,6 +108,9 @@ def preload(config: Config) -> None:
 def run_worker(config: Config, queues: list[str] | None = None, burst: bool = False) -> bool:
     """Work until stopped (or until the queues are empty with ``burst``)."""
     worker = build_worker(config, queues)
+    from patchd.workers.jobs import export_caches
+
+    export_caches(config, os.environ)  # this machine's caches of a bucket, for every horse
     preload(config)
     log.info("worker %s listening on %s", worker.name, [q.name for q in worker.queues])
     return bool(worker.work(burst=burst, with_scheduler=True, logging_level=config.log_level))

@@ -230,8 +230,9 @@ def test_ha_patchd_config_is_valid_with_two_models_postgres_and_a_bucket() -> No
     from patchd.config import build_config
 
     data = yaml.safe_load((DEPLOY / "compose" / "patchd-ha.yaml").read_text())
-    environ = {"PATCHD_S3_KEY": "k", "PATCHD_S3_SECRET": "s"}
-    config = build_config(data, environ=environ)
+    # the bucket's keys are read when it is opened, from the variables storage_options names
+    # (not PATCHD_*: those are config overrides, which the config refuses as key names)
+    config = build_config(data, environ={"S3_ACCESS_KEY_ID": "k", "S3_SECRET_ACCESS_KEY": "s"})
     assert config.store.url == "postgresql://patchd@postgres:5432/patchd"
     assert str(config.store.password_file) == "/run/secrets/patchd-db-password"
     assert config.leader.enabled and config.redis.url.startswith("redis://redis:")
@@ -243,7 +244,7 @@ def test_ha_patchd_config_is_valid_with_two_models_postgres_and_a_bucket() -> No
         assert view.monitor.n_min == 30 and view.monitor.accuracy_floor == 0.6  # = the rules
     assert config.for_model("fashion").patch.trainer == "camel"
     env = (DEPLOY / "compose" / "patchd-ha.env.example").read_text()
-    assert {"PATCHD_TOKEN=", "PATCHD_S3_KEY=", "PATCHD_S3_SECRET="} <= {
+    assert {"PATCHD_TOKEN=", "S3_ACCESS_KEY_ID=", "S3_SECRET_ACCESS_KEY="} <= {
         line.split("=", 1)[0] + "=" for line in env.splitlines() if "=" in line
     }
 

@@ -7,6 +7,10 @@ labelled with the CLI, another on the regions page; a read-only token cannot res
 "Labels done, train" button (same-origin form with the session's CSRF token) resumes it, and the
 defuse trainer trains with those labels (its ``region_labels.json`` names them and who gave them);
 ``patchd regions RUN --done`` and ``--label`` are refused afterwards.
+
+With ``bucket``, the artifacts live in a bucket on a real S3-API server (moto, a process) and
+serve, the worker and the person's CLI each have their own cache: the regions reach the pages and
+the CLI, and the labels reach the train stage, only through the bucket.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from tests.integration import pipeline_support as ps
 from tests.procs import start_serve, write_config
@@ -46,7 +51,18 @@ def _cli(config_path: Path, env: dict[str, str], *args: str) -> subprocess.Compl
     )
 
 
-def test_defuse_run_waits_for_labels_and_trains_with_them(tmp_path: Path, clean_redis: str) -> None:
+def _in_bucket(s3: dict[str, Any], cache: Path) -> dict[str, Any]:
+    return {
+        "root": f"{s3['url']}/artifacts",
+        "cache_dir": str(cache),
+        "storage_options": s3["storage_options"],
+    }
+
+
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_defuse_run_waits_for_labels_and_trains_with_them(
+    tmp_path: Path, clean_redis: str, where: str, request: pytest.FixtureRequest
+) -> None:
     incumbent = tmp_path / "incumbent.safetensors"
     ps.make_incumbent(incumbent, epochs=2)
     patch: dict[str, Any] = {
@@ -59,8 +75,19 @@ def test_defuse_run_waits_for_labels_and_trains_with_them(tmp_path: Path, clean_
     tokens.chmod(0o600)
     config = ps.base_config(tmp_path, clean_redis, incumbent, **patch)
     config.update({"ui": {"enabled": True}, "api": {"token_file": str(tokens)}})
-    config_path = write_config(tmp_path, config)
-    worker = ps.worker(config_path, tmp_path / "worker.log")
+    cli_path = config_path = write_config(tmp_path, config)
+    worker_path = config_path
+    if where == "bucket":
+        s3 = request.getfixturevalue("s3_bucket")
+        config["api"]["port"] = yaml.safe_load(config_path.read_text())["api"]["port"]
+        config["artifacts"] = _in_bucket(s3, tmp_path / "serve-cache")
+        config_path = write_config(tmp_path, config)
+        for machine in ("worker", "person"):  # their own config: their own cache
+            (tmp_path / machine).mkdir()
+            mine = {**config, "artifacts": _in_bucket(s3, tmp_path / machine / "cache")}
+            path = write_config(tmp_path / machine, mine)
+            worker_path, cli_path = (path, cli_path) if machine == "worker" else (worker_path, path)
+    worker = ps.worker(worker_path, tmp_path / "worker.log")
     serve = start_serve(tmp_path, {}, config_path=config_path)
     try:
         client = serve.client()
@@ -72,7 +99,8 @@ def test_defuse_run_waits_for_labels_and_trains_with_them(tmp_path: Path, clean_
         paused = ps.wait_run(client, run["id"], ("awaiting_labels",), timeout=120)
         n_regions = paused["labels"]["regions"]
         assert n_regions >= 1 and paused["stage"] == "synthesize" and paused["error"] is None
-        run_dir = serve.state_dir / "artifacts" / "runs" / run["id"]
+        run_dir = tmp_path / ("serve-cache" if where == "bucket" else "state/artifacts")
+        run_dir = run_dir / "runs" / run["id"]
         assert not (run_dir / "train").exists()
 
         listed = _cli(config_path, {**serve.env, "COLUMNS": "220"}, "runs")
@@ -92,7 +120,7 @@ def test_defuse_run_waits_for_labels_and_trains_with_them(tmp_path: Path, clean_
         region, on_page = regions[0], regions[-1]
         other = next(c for c in ps.CLASS_NAMES if c != region["source_name"])
         labelled = _cli(
-            config_path, serve.env, "regions", run["id"], "--label", f"{region['region']}={other}"
+            cli_path, serve.env, "regions", run["id"], "--label", f"{region['region']}={other}"
         )
         assert labelled.returncode == 0, labelled.stderr
         assert f"{other} (by person)" in labelled.stdout
@@ -125,10 +153,10 @@ def test_defuse_run_waits_for_labels_and_trains_with_them(tmp_path: Path, clean_
             assert "Labelling done" in after and "Resumed to train by Ana Lee" in after
             assert "Labels done, train" not in after
 
-        done = _cli(config_path, serve.env, "regions", run["id"], "--done")
+        done = _cli(cli_path, serve.env, "regions", run["id"], "--done")
         assert done.returncode == 1 and "only a run awaiting labels" in done.stderr
         late = _cli(
-            config_path, serve.env, "regions", run["id"], "--label", f"{region['region']}=invalid"
+            cli_path, serve.env, "regions", run["id"], "--label", f"{region['region']}=invalid"
         )
         assert late.returncode == 1 and "past labelling" in late.stderr
 
@@ -140,6 +168,14 @@ def test_defuse_run_waits_for_labels_and_trains_with_them(tmp_path: Path, clean_
     assert finished["labels"]["by"] == "Ana Lee (token alice)"
     assert finished["labels"]["regions"] == n_regions
     assert set(finished["stage_times"]) == {"collect", "mine", "synthesize", "train", "evaluate"}
+    if where == "bucket":  # the worker's output, read from the bucket as a third machine would
+        from patchd.config import build_config
+        from patchd.runs.artifacts import RunArtifacts
+
+        reader = build_config({"artifacts": _in_bucket(s3, tmp_path / "reader")})
+        RunArtifacts.from_config(reader).fetch(run["id"], "train", ["region_labels.json"])
+        run_dir = tmp_path / "reader" / "runs" / run["id"]
+        assert not (tmp_path / "person" / "cache" / "runs" / run["id"] / "train").exists()
     used = json.loads((run_dir / "train" / "region_labels.json").read_text())["regions"]
     assert used[str(region["region"])] == {"label": other, "by": "person", "source_class": False}
     if on_page["region"] != region["region"]:
@@ -147,6 +183,8 @@ def test_defuse_run_waits_for_labels_and_trains_with_them(tmp_path: Path, clean_
         assert used[str(on_page["region"])] == page_label
     for r in regions[1:-1]:
         assert used[str(r["region"])]["source_class"] is True
-    done_by = json.loads((run_dir / "regions" / "done.json").read_text())["by"]
+    serve_run = tmp_path / ("serve-cache" if where == "bucket" else "state/artifacts")
+    done_path = serve_run / "runs" / run["id"] / "regions" / "done.json"
+    done_by = json.loads(done_path.read_text())["by"]
     assert done_by == "Ana Lee (token alice)"
     assert "resumed by Ana Lee (token alice)" in serve.log()

@@ -103,8 +103,8 @@ def test_defaults_follow_the_config_dir(cfg_dir: Path) -> None:
     ("text", "field"),
     [
         ("store: {path: 'postgresql://u@db/patchd'}\n", "store.path"),
-        ("artifacts: {root: 's3://bucket/artifacts'}\n", "artifacts.root"),
         ("sources: {tail: [{glob: 's3://bucket/*.jsonl'}]}\n", "sources.tail.0.glob"),
+        ("artifacts: {cache_dir: 's3://bucket/cache'}\n", "artifacts.cache_dir"),
     ],
 )
 def test_a_url_in_a_path_field_is_a_config_error_naming_it(
@@ -112,6 +112,49 @@ def test_a_url_in_a_path_field_is_a_config_error_naming_it(
 ) -> None:
     with pytest.raises(ConfigError, match=rf"{field}: .*not a URL"):
         load(cfg_dir, text)
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "why"),
+    [
+        ("artifacts: {root: 'gs://bucket/a'}\n", "artifacts.root", "only s3:// URLs"),
+        ("registry: {root: 'https://host/reg'}\n", "registry.root", "not https://"),
+        ("registry: {root: 's3:///nobucket'}\n", "registry.root", r"s3://<bucket>"),
+        ("artifacts: {root: 's3://k:s@bucket/a'}\n", "artifacts.root", "credentials go in"),
+    ],
+)
+def test_an_unsupported_object_store_url_is_a_config_error_naming_it(
+    cfg_dir: Path, text: str, field: str, why: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"{field}: .*{why}"):
+        load(cfg_dir, text)
+
+
+def test_an_s3_root_is_kept_as_a_url_and_the_cache_is_local(cfg_dir: Path) -> None:
+    text = (
+        "artifacts: {root: 's3://bucket/patchd/artifacts/', cache_dir: cache/a}\n"
+        "registry: {root: 's3://bucket/registry', storage_options: "
+        "{endpoint_url: 'http://127.0.0.1:9000', key_env: K, secret_env: S}}\n"
+    )
+    config = load(cfg_dir, text)
+    assert config.artifacts_url == "s3://bucket/patchd/artifacts"
+    assert config.artifacts_root == cfg_dir / "cache" / "a"
+    assert config.registry_url == "s3://bucket/registry"
+    assert config.registry_root == cfg_dir / ".patchd" / "cache" / "registry"
+    assert config.registry.storage_options.endpoint_url == "http://127.0.0.1:9000"
+
+
+def test_storage_credentials_come_from_the_named_environment_never_the_config(
+    cfg_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = "artifacts: {root: 's3://b/a', storage_options: {key_env: K1, secret_env: S1}}\n"
+    options = load(cfg_dir, text).artifacts.storage_options
+    with pytest.raises(ConfigError, match=r"\['K1', 'S1'\]"):
+        options.s3fs_kwargs()
+    monkeypatch.setenv("K1", "id")
+    monkeypatch.setenv("S1", "hunter2")
+    assert options.s3fs_kwargs() == {"anon": False, "key": "id", "secret": "hunter2"}
+    assert "hunter2" not in options.model_dump_json()
 
 
 def test_url_fields_are_untouched(cfg_dir: Path) -> None:

@@ -19,9 +19,9 @@ SUBSYSTEMS = ("api", "ingest", "store", "monitor", "runs", "promotion", "notify"
 PUBLIC = {
     "api": {"auth", "client"},
     "ingest": {"records", "pipeline", "tailer"},
-    "store": {"backend", "db", "predictions"},
+    "store": {"backend", "db", "predictions", "blobs"},
     "monitor": {"engine", "window", "component", "estimate", "sequential", "mined"},
-    "runs": {"component", "jobqueue", "recipe", "records", "regions"},
+    "runs": {"artifacts", "component", "jobqueue", "recipe", "records", "regions"},
     "promotion": {"audit", "component", "registry"},
     "notify": {"component"},
     "ui": {"component"},

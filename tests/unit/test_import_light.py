@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 HEAVY = ("torch", "torchvision", "diffusers", "sklearn", "open_clip", "transformers")
+# the object-store client comes in only when an s3:// root is configured (patchd.store.blobs)
+HEAVY += ("s3fs", "botocore", "aiobotocore")
 SERVE_MODULES = [
     "patchd.cli",
     "patchd.cli.serve",
