@@ -502,7 +502,9 @@ def _model_view(base: Mapping[str, Any], entry: object, index: int) -> dict[str,
     """
     where = f"models[{index}]"
     if not isinstance(entry, Mapping):
-        raise ValueError(f"{where} must be a mapping (name, factory, ...), got {type(entry).__name__}")
+        raise ValueError(
+            f"{where} must be a mapping (name, factory, ...), got {type(entry).__name__}"
+        )
     name = entry.get("name")
     if not isinstance(name, str) or not name:
         raise ValueError(f"{where} needs a name (the `model` field events carry)")
@@ -577,7 +579,9 @@ class Config(Section):
         names = [m.model.name for m in self.models]
         dups = sorted({n for n in names if names.count(n) > 1})
         if dups:
-            raise ValueError(f"models: the name(s) {', '.join(map(repr, dups))} appear more than once")
+            raise ValueError(
+                f"models: the name(s) {', '.join(map(repr, dups))} appear more than once"
+            )
         return self
 
     @model_validator(mode="after")
@@ -603,7 +607,7 @@ class Config(Section):
         return len(self.models) > 1
 
     def for_model(self, name: str | None) -> Config:
-        """The one-model view of ``name``; None: the only model (an error naming them if several)."""
+        """The one-model view of ``name``; None: the only model (several: an error naming them)."""
         views = self.per_model()
         if name is None:
             if len(views) == 1:

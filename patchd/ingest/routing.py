@@ -55,7 +55,8 @@ class ModelRouter:
         names = ", ".join(self.names)
         if model is None:
             raise ValidationError(
-                "missing_field", f"is required: this serve watches several models ({names})",
+                "missing_field",
+                f"is required: this serve watches several models ({names})",
                 field="model",
             )
         if type(model) is not str:

@@ -54,6 +54,7 @@ DRIFT_JOB_ID = "monitor-drift"
 
 class MonitorComponent(Component):
     name = "monitor"
+    per_model = True
 
     def __init__(self, services: Services) -> None:
         super().__init__(services)
