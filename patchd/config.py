@@ -501,6 +501,10 @@ def _model_view(base: Mapping[str, Any], entry: object, index: int) -> dict[str,
     and optional overrides of :data:`MODEL_SECTIONS`.
     """
     where = f"models[{index}]"
+    if isinstance(entry, BaseModel):
+        return entry.model_dump()
+    if isinstance(entry, Mapping) and isinstance(entry.get("model"), Mapping):
+        return dict(entry)  # already a one-model config (what ``model_dump`` writes)
     if not isinstance(entry, Mapping):
         raise ValueError(
             f"{where} must be a mapping (name, factory, ...), got {type(entry).__name__}"
@@ -563,12 +567,12 @@ class Config(Section):
     @classmethod
     def _expand_models(cls, data: Any) -> Any:
         """``models:`` entries become full one-model configs over the top-level sections."""
-        if not isinstance(data, Mapping) or data.get("models") is None:
-            return data
+        if not isinstance(data, Mapping) or data.get("models") in (None, []):
+            return data  # [] is what a one-model config dumps
         entries = data["models"]
-        if not isinstance(entries, list) or not entries:
+        if not isinstance(entries, list):
             raise ValueError(
-                "models must be a non-empty list of model sections "
+                "models must be a list of model sections "
                 "(- name: ..., factory: ..., class_names: [...]); leave it out for one `model`"
             )
         base = {k: v for k, v in data.items() if k != "models"}
