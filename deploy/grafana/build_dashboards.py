@@ -316,37 +316,42 @@ def subgroups() -> dict[str, Any]:
 def pipeline() -> dict[str, Any]:
     runs = [
         Panel("Runs finished by result (range)", "bargauge", (Query(
-            "sum by (result) (increase(patchd_runs_total[$__range]))", "{{result}}",
+            "sum by (result) (increase(patchd_runs_total{model=~\"$model\"}[$__range]))", "{{result}}",
             instant=True),), width=8, options={"displayMode": "basic"}),
         Panel("Runs finished per hour", "timeseries", (Query(
-            "sum by (result) (increase(patchd_runs_total[1h]))", "{{result}}"),), width=16),
+            "sum by (result) (increase(patchd_runs_total{model=~\"$model\"}[1h]))", "{{result}}"),), width=16),
         Panel("Stages completed per hour", "timeseries", (Query(
-            "sum by (stage) (increase(patchd_run_stage_seconds_count[1h]))", "{{stage}}"),),
+            "sum by (stage) (increase(patchd_run_stage_seconds_count{model=~\"$model\"}[1h]))", "{{stage}}"),),
             width=8),
         Panel("Mean stage duration (range)", "bargauge", (Query(
-            "sum by (stage) (increase(patchd_run_stage_seconds_sum[$__range]))"
-            " / sum by (stage) (increase(patchd_run_stage_seconds_count[$__range]))",
+            "sum by (stage) (increase(patchd_run_stage_seconds_sum{model=~\"$model\"}[$__range]))"
+            " / sum by (stage) (increase(patchd_run_stage_seconds_count{model=~\"$model\"}[$__range]))",
             "{{stage}}", instant=True),), width=8, unit="s",
             options={"displayMode": "basic", "orientation": "horizontal"}),
         Panel("Stage duration p90 (6h window)", "timeseries", (Query(
             "histogram_quantile(0.9, sum by (stage, le) "
-            "(increase(patchd_run_stage_seconds_bucket[6h])))", "{{stage}}"),), width=8, unit="s"),
+            "(increase(patchd_run_stage_seconds_bucket{model=~\"$model\"}[6h])))", "{{stage}}"),), width=8, unit="s"),
+        Panel("Scheduler job errors per hour (monitor, runs, candidates)", "timeseries", (Query(
+            "sum by (model, job) (increase(patchd_job_errors_total{model=~\"$model\"}[1h]))",
+            "{{model}} {{job}}"),), width=24),
     ]  # fmt: skip
     gate = [
         Panel("Candidates by state", "timeseries", (Query(
-            "sum by (state) (patchd_candidates)", "{{state}}"),), width=12,
+            "sum by (state) (patchd_candidates{model=~\"$model\"})", "{{state}}"),), width=12,
             options={"tooltip": {"mode": "multi"}}),
         Panel("Longest wait for approval", "stat", (Query(
-            "max(patchd_awaiting_approval_seconds)"),), width=4, unit="s",
+            "max(patchd_awaiting_approval_seconds{model=~\"$model\"})"),), width=4, unit="s",
             thresholds=(("green", None), ("orange", 172800))),
         Panel("Promotions by result (range)", "bargauge", (Query(
-            "sum by (result) (increase(patchd_promotions_total[$__range]))", "{{result}}",
+            "sum by (result) (increase(patchd_promotions_total{model=~\"$model\"}[$__range]))", "{{result}}",
             instant=True),), width=8, options={"displayMode": "basic"}),
     ]  # fmt: skip
     return dashboard(
         "patchd-pipeline", "patchd / Patch pipeline",
-        [("Runs and stages", runs), ("Gate and promotion", gate)], [],
-        "Patch runs by result and stage, stage durations, candidates and promotions.",
+        [("Runs and stages", runs), ("Gate and promotion", gate)],
+        [_variable("model", "label_values(patchd_runs_total, model)", multi=True)],
+        "Patch runs by result and stage, stage durations, candidates and promotions"
+        " (of the models picked in `model`).",
     )  # fmt: skip
 
 
