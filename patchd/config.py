@@ -503,7 +503,11 @@ def _model_view(base: Mapping[str, Any], entry: object, index: int) -> dict[str,
     where = f"models[{index}]"
     if isinstance(entry, BaseModel):
         return entry.model_dump()
-    if isinstance(entry, Mapping) and isinstance(entry.get("model"), Mapping):
+    if (
+        isinstance(entry, Mapping)
+        and isinstance(entry.get("model"), Mapping)
+        and "name" not in entry
+    ):
         return dict(entry)  # already a one-model config (what ``model_dump`` writes)
     if not isinstance(entry, Mapping):
         raise ValueError(

@@ -101,10 +101,15 @@ def test_two_models_route_monitor_and_fail_apart(served: ServeProcess) -> None:
     r = client.get("/v1/groups")
     assert r.status_code == 400 and "cats, dogs" in r.json()["error"], r.text
     r = client.get("/v1/models/nope/groups")
-    assert r.status_code == 404 and "'nope'" in r.json()["error"] and r.json()["models"] == [
-        "cats",
-        "dogs",
-    ]
+    assert (
+        r.status_code == 404
+        and "'nope'" in r.json()["error"]
+        and r.json()["models"]
+        == [
+            "cats",
+            "dogs",
+        ]
+    )
     assert client.get("/v1/models").json() == {"models": ["cats", "dogs"]}
     status = client.get("/v1/status").json()
     assert status["models"]["cats"]["labeled"] == 600
