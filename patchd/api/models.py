@@ -18,15 +18,9 @@ from fastapi.routing import APIRoute
 from starlette.routing import compile_path
 
 from patchd.api.auth import require_scope
+from patchd.api.client import scoped_path
 
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
-
-
-def model_path(model: str, path: str) -> str:
-    """``/v1/<rest>`` of a model-scoped route as ``/v1/models/<model>/<rest>``."""
-    if not path.startswith("/v1/"):
-        raise ValueError(f"a model-scoped route must start with /v1/, got {path!r}")
-    return f"/v1/models/{model}/{path[len('/v1/') :]}"
 
 
 def scoped_router(model: str, routers: Sequence[APIRouter]) -> APIRouter:
@@ -37,7 +31,7 @@ def scoped_router(model: str, routers: Sequence[APIRouter]) -> APIRouter:
             if not isinstance(route, APIRoute):
                 continue
             moved = copy.copy(route)
-            moved.path = model_path(model, route.path)
+            moved.path = scoped_path(model, route.path)
             moved.path_regex, moved.path_format, moved.param_convertors = compile_path(moved.path)
             out.routes.append(moved)
     return out

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from patchd.cli.options import config_option
+from patchd.cli.options import config_option, model_option
 from patchd.cli.safe import cell, markup, printable
 
 if TYPE_CHECKING:
@@ -24,10 +24,11 @@ STATE_STYLE = {"ok": "green", "warning": "yellow", "degraded": "bold red"}
 
 
 def fetch(config: Config) -> dict[str, Any]:
-    from patchd.api.client import ApiClient
+    from patchd.api.client import ApiClient, scoped_path
 
     with ApiClient.from_config(config) as client:
-        return {"status": client.get("/v1/status"), "groups": client.get("/v1/groups")}
+        groups = client.get(scoped_path(config.model.name, "/v1/groups"))
+        return {"status": client.get("/v1/status"), "groups": groups}
 
 
 def _pct(x: float | None) -> str:
@@ -141,6 +142,7 @@ def mined_lines(groups: dict[str, Any]) -> list[Any]:
 
 @click.command()
 @config_option
+@model_option
 @click.option("--watch", is_flag=True, help="Refresh until interrupted.")
 @click.option("--interval", default=2.0, show_default=True, help="Seconds between refreshes.")
 @click.option("--json", "as_json", is_flag=True, help="Print /v1/status and /v1/groups as JSON.")

@@ -123,6 +123,7 @@ def test_two_models_route_monitor_and_fail_apart(served: ServeProcess) -> None:
     cats = wait_n(client, "cats", 1000)
     assert not [c for c in cats["cells"] if c["state"] == "degraded"], cats["cells"]
 
+    _assert_cli(served)
     metrics = client.get("/metrics").text
     assert 'patchd_group_samples{class="*",group="site=A",model="cats"}' in metrics
     assert 'patchd_group_samples{class="*",group="site=A",model="dogs"}' in metrics
@@ -147,3 +148,23 @@ def _sample(metrics: str, series: str) -> float:
         if line.startswith(series + " "):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{series} not exported")
+
+
+def _assert_cli(served: ServeProcess) -> None:
+    """Model-scoped commands need --model with several models, and use that model's routes."""
+    import json
+
+    from click.testing import CliRunner
+
+    from patchd.cli import cli
+
+    env = {"PATCHD_CONFIG": str(served.config_path), "PATCHD_TOKEN": served.token}
+    missing = CliRunner().invoke(cli, ["status", "--json"], env=env)
+    assert missing.exit_code == 2 and "cats, dogs" in missing.output, missing.output
+    unknown = CliRunner().invoke(cli, ["runs", "--model", "nope"], env=env)
+    assert unknown.exit_code == 2 and "unknown model 'nope'" in unknown.output, unknown.output
+    ok = CliRunner().invoke(cli, ["status", "--json", "--model", "dogs"], env=env)
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output)["groups"]["model"] == "dogs"
+    runs = CliRunner().invoke(cli, ["runs", "--json", "--model", "dogs"], env=env)
+    assert runs.exit_code == 0 and json.loads(runs.output)[0]["model"] == "dogs", runs.output
