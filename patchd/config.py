@@ -254,6 +254,10 @@ def _mined_groups(value: Any, info: ValidationInfo) -> Any:
 class MonitorConfig(Section):
     interval_s: float = Field(10.0, gt=0)
     window: int = Field(5000, ge=10)  # labeled events per model in the sliding window
+    # a fresh monitor (a start, a new leader) reads the window it starts from at most this many
+    # labeled events per tick, oldest first, so one model's first tick stays short; the events
+    # labeled since are read in full once it caught up
+    catch_up_events_per_tick: int = Field(20_000, ge=1000)
     window_seconds: float | None = Field(None, gt=0)
     n_min: int = Field(30, ge=1)  # a cell needs this many samples to count toward worst-group
     accuracy_floor: float = Field(0.6, ge=0, le=1)
