@@ -59,6 +59,7 @@ def served(tmp_path: Path, clean_redis: str) -> Any:
         "groups": {"attributes": ["site"], "values": {"site": ["A", "B"]}},
         "monitor": {"interval_s": 0.2, "window": 5000, "reference_window": 200, "n_min": 20},
         "trigger": {"min_interval_s": 0},
+        "ui": {"enabled": True, "anonymous_read": True},
         "models": [
             {"name": "cats", "class_names": MODELS["cats"]},
             {
@@ -124,6 +125,9 @@ def test_two_models_route_monitor_and_fail_apart(served: ServeProcess) -> None:
     assert not [c for c in cats["cells"] if c["state"] == "degraded"], cats["cells"]
 
     _assert_cli(served)
+    for page in ("/ui/runs", "/ui/candidates", "/ui/models"):  # one model shown, and said so
+        r = client.get(page)
+        assert r.status_code == 200 and "watches 2 models (cats, dogs)" in r.text, (page, r.text)
     metrics = client.get("/metrics").text
     assert 'patchd_group_samples{class="*",group="site=A",model="cats"}' in metrics
     assert 'patchd_group_samples{class="*",group="site=A",model="dogs"}' in metrics
