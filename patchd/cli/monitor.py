@@ -105,11 +105,13 @@ def status_view(doc: dict[str, Any]) -> RenderableType:
     from rich.text import Text
 
     st = doc["status"]
-    store = st.get("store", {})
+    model = doc["groups"].get("model") or st.get("model", "?")
+    # this model's counts (several models: `models`), else the store's
+    store = (st.get("models") or {}).get(model) or st.get("store", {})
     head = Text(
         printable(
             f"patchd {st.get('version', '?')} {st.get('state', '?')}, model "
-            f"{st.get('model', '?')}: {store.get('predictions', '?')} predictions, "
+            f"{model}: {store.get('predictions', '?')} predictions, "
             f"{store.get('labeled', '?')} labeled"
         )
     )

@@ -170,5 +170,8 @@ def _assert_cli(served: ServeProcess) -> None:
     ok = CliRunner().invoke(cli, ["status", "--json", "--model", "dogs"], env=env)
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.output)["groups"]["model"] == "dogs"
+    table = CliRunner().invoke(cli, ["status", "--model", "cats"], env=env, terminal_width=200)
+    assert table.exit_code == 0 and "model cats: " in table.output, table.output
+    assert "1001 predictions" in table.output, table.output  # 1000 + the one accepted above
     runs = CliRunner().invoke(cli, ["runs", "--json", "--model", "dogs"], env=env)
     assert runs.exit_code == 0 and json.loads(runs.output)[0]["model"] == "dogs", runs.output
