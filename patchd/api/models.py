@@ -42,12 +42,19 @@ def models_router(names: Sequence[str], unscoped: Sequence[APIRoute]) -> APIRout
     unprefixed model-scoped routes in ``unscoped``. Include it after the scoped routers."""
     router = APIRouter(tags=["models"])
     listed = ", ".join(names)
+    # these answers name the models: only to a caller that may read
+    read = [Depends(require_scope("read"))]
 
-    @router.get("/v1/models", dependencies=[Depends(require_scope("read"))])
+    @router.get("/v1/models", dependencies=read)
     def models() -> dict[str, list[str]]:
         return {"models": list(names)}
 
-    @router.api_route("/v1/models/{model}/{rest:path}", methods=METHODS, include_in_schema=False)
+    @router.api_route(
+        "/v1/models/{model}/{rest:path}",
+        methods=METHODS,
+        include_in_schema=False,
+        dependencies=read,
+    )
     def unknown(model: str, rest: str) -> JSONResponse:
         if model in names:
             return JSONResponse(
@@ -75,7 +82,11 @@ def models_router(names: Sequence[str], unscoped: Sequence[APIRoute]) -> APIRout
 
     for route in unscoped:
         router.add_api_route(
-            route.path, several, methods=sorted(route.methods or ()), include_in_schema=False
+            route.path,
+            several,
+            methods=sorted(route.methods or ()),
+            include_in_schema=False,
+            dependencies=read,
         )
     return router
 

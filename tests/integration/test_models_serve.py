@@ -112,6 +112,7 @@ def test_two_models_route_monitor_and_fail_apart(served: ServeProcess) -> None:
         ]
     )
     assert client.get("/v1/models").json() == {"models": ["cats", "dogs"]}
+    assert httpx.get(served.url + "/v1/models/nope/groups").status_code == 401  # no token
     status = client.get("/v1/status").json()
     assert status["models"]["cats"]["labeled"] == 600
     assert status["models"]["dogs"]["labeled"] == 400
