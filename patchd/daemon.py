@@ -49,11 +49,11 @@ from patchd.api.metrics import (
     metrics_router,
     patchd_version,
 )
-from patchd.api.models import model_scoped_routes, models_router, scoped_router
+from patchd.api.models import ModelDispatch, model_scoped_routes, models_router, scoped_router
 from patchd.api.status import status_router
 from patchd.config import Config
 from patchd.domain import EventBus
-from patchd.exceptions import ConfigError, DiskFullError, PatchdError, PluginError
+from patchd.exceptions import ConfigError, DiskFullError, NotFoundError, PatchdError, PluginError
 from patchd.ingest.api import ingest_router
 from patchd.ingest.metrics import IngestCollector
 from patchd.ingest.pipeline import IngestPipeline
@@ -520,12 +520,30 @@ class Daemon:
         unscoped = model_scoped_routes(scoped[names[0]]) if self.config.several_models else []
         routers.append(models_router(names, unscoped))
         tokens = TokenStore.from_config(self.config, self.environ)
+        dispatch = [(ModelDispatch, {"routes": unscoped, "resolve": self._model_of})]
         self.app = create_app(
             routers,
             allowed_hosts=self.config.api.allowed_hosts,
             max_body_bytes=self.config.api.max_body_bytes,
             state={"tokens": tokens, "services": services, "daemon": self},
+            middleware=dispatch if self.config.several_models else (),
         )
+
+    def _model_of(self, kind: str, ident: str) -> str | None:
+        """The model of run or candidate ``ident`` (None: no such record)."""
+        from patchd.promotion.component import CandidatesComponent
+        from patchd.runs.component import RunsComponent
+
+        first = self.config.model_names[0]  # any model's component reads every record by id
+        try:
+            if kind == "run":
+                return self.services.component_for("runs", first, RunsComponent).get(ident).model
+            if kind == "candidate":
+                found = self.services.component_for("candidates", first, CandidatesComponent)
+                return found.get(ident).model
+        except NotFoundError:
+            return None
+        return None
 
     def _start_parts(self) -> None:
         from patchd.store.retention import Retention

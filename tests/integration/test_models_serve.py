@@ -136,6 +136,15 @@ def test_two_models_route_monitor_and_fail_apart(served: ServeProcess) -> None:
     assert _sample(metrics, 'patchd_runs_total{model="cats",result="failed"}') == 0
     assert 'reason="unknown_model"' in metrics and 'reason="missing_field"' in metrics
 
+    # the unprefixed form, when the request names the model: ?model=, a run's id, a body field
+    assert client.get("/v1/groups", params={"model": "cats"}).json()["model"] == "cats"
+    assert client.get(f"/v1/runs/{run['id']}").json()["model"] == "dogs"
+    assert client.get("/v1/runs/no-such-run").status_code == 400  # names no model
+    r = client.post("/v1/runs", json={"model": "cats", "reason": "manual"})
+    assert r.status_code == 201 and r.json()["model"] == "cats", r.text
+    r = client.get("/v1/groups", params={"model": "nope"})
+    assert r.status_code == 404 and r.json()["models"] == ["cats", "dogs"], r.text
+
 
 def _wait_failed_run(client: httpx.Client, model: str, timeout: float = 30) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
