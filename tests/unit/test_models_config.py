@@ -200,13 +200,3 @@ def test_model_label_collector_merges_families() -> None:
         registry.get_sample_value("patchd_runs_total", {"model": "cats", "result": "failed"}) == 0
     )
 
-
-def test_the_compose_two_model_example_is_valid() -> None:
-    import yaml
-
-    path = Path(__file__).parents[2] / "deploy" / "compose" / "patchd.models.yaml"
-    config = build_config(yaml.safe_load(path.read_text()))
-    assert config.model_names == ("digits", "fashion")
-    fashion = config.for_model("fashion")
-    assert len(fashion.model.class_names) == 10 and fashion.monitor.accuracy_floor == 0.5
-    assert config.for_model("digits").monitor.accuracy_floor == 0.6
