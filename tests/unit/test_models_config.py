@@ -199,4 +199,3 @@ def test_model_label_collector_merges_families() -> None:
     assert (
         registry.get_sample_value("patchd_runs_total", {"model": "cats", "result": "failed"}) == 0
     )
-
