@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3.11}
-APT_PACKAGES=(redis-server dataset-fashion-mnist prometheus chromium)
+# postgresql: initdb + pg_ctl for the tests' private Postgres (no server is started here)
+APT_PACKAGES=(redis-server postgresql dataset-fashion-mnist prometheus chromium)
 
 need_apt=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -15,8 +15,13 @@
    slower joining kind to plain (target: within 2x).
 
 Each of ``--repeat`` runs starts a fresh serve on an empty store; the table shows the median run
-and the JSON keeps every run. Writes ``benchmarks/results/ingest.json`` and prints a markdown table
-row. The client runs on the same machine and competes with serve for the CPU; the load average is
+and the JSON keeps every run. ``--store postgres`` puts the store in PostgreSQL: a private server
+(initdb + pg_ctl in a temp dir, production durability: fsync and synchronous_commit on) or the
+one ``--store-url`` names, a fresh database per run. ``--replicas N`` (Postgres only) then also
+times the batched HTTP phase against N serve replicas on one database, the client threads spread
+over them, beside one replica in the same run: the scale-out ratio. Writes
+``benchmarks/results/ingest.json`` (``ingest-postgres.json``) and prints a markdown table row.
+The client runs on the same machine and competes with serve for the CPU; the load average is
 recorded alongside, and events per serve CPU-second are reported as a load-independent figure.
 """
 
@@ -31,10 +36,14 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from itertools import count
 from pathlib import Path
 from statistics import median
+from urllib.parse import urlsplit, urlunsplit
 
 import click
 import httpx
@@ -49,6 +58,8 @@ LATE_BATCHES, LATE_BATCH = 20, 1000  # the late-label phase: joining and plain b
 FEW_PENDING = 25  # labels waiting before each few-pending joining batch (< LATE_BATCH)
 LATE_BACKLOG = 200_000  # labels waiting for their predictions in the backlog phase
 TARGET_JOIN_RATIO = 2.0  # joining batches within 2x the latency of plain ones
+TARGET_POSTGRES_EVENTS_PER_S = 80_000  # per replica, batched HTTP, issue 16
+TARGET_REPLICA_SCALING = 1.6  # N replicas on one Postgres against one
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,9 @@ class IngestBench:
     join_ratio: float  # the slower joining p50 / the plain p50
     targets_met: dict[str, bool]
     runs: list[dict[str, float]]  # per run: both rates, serve CPU rates, RSS
+    store: str = "sqlite"  # "sqlite" or "postgres"
+    replicas: int = 1
+    replica_events_per_s: dict[str, float] | None = None  # HTTP events/s by replica count
 
 
 def machine() -> str:
@@ -126,30 +140,37 @@ class RssSampler(threading.Thread):
                 return
 
 
-def start_serve(workdir: Path, port: int) -> subprocess.Popen[bytes]:
-    config = {
-        "state_dir": str(workdir / "state"),
+def start_serve(
+    workdir: Path, port: int, *, store_url: str | None = None, name: str = "serve"
+) -> subprocess.Popen[bytes]:
+    """A serve process on ``port``; the tailed directory only for the first of several."""
+    config: dict[str, object] = {
+        "state_dir": str(workdir / f"state-{name}"),
         "model": {"name": "model"},
         "groups": {"attributes": ["site"]},
         "redis": {"embedded": "never"},
         "api": {"port": port, "max_body_bytes": 64 << 20},
-        "sources": {
+        "monitor": {"interval_s": 3600},
+        "leader": {"key": f"patchd-bench-leader-{os.getpid()}-{port}"},
+    }
+    if store_url is not None:
+        config["store"] = {"url": store_url}
+    if name == "serve":
+        config["sources"] = {
             "allowed_roots": [str(workdir / "logs")],
             "tail": [{"glob": str(workdir / "logs" / "*.jsonl"), "poll_interval_s": 0.05}],
-        },
-        "monitor": {"interval_s": 3600},
-    }
-    path = workdir / "patchd.yaml"
+        }
+    path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "PATCHD_TOKEN": TOKEN}
-    log = open(workdir / "serve.log", "wb")  # noqa: SIM115 - kept open for the process
+    log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 - kept open for the process
     exe = str(Path(sys.executable).with_name("patchd"))
     proc = subprocess.Popen([exe, "serve", "-c", str(path)], stdout=log, stderr=log, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise click.ClickException(f"serve exited; see {workdir / 'serve.log'}")
+            raise click.ClickException(f"serve exited; see {workdir / f'{name}.log'}")
         try:
             if httpx.get(url + "/readyz", timeout=1).status_code == 200:
                 return proc
@@ -160,7 +181,11 @@ def start_serve(workdir: Path, port: int) -> subprocess.Popen[bytes]:
     raise click.ClickException("serve did not become ready")
 
 
-def run_http(url: str, events: int, batch: int, concurrency: int) -> tuple[float, list[float]]:
+def run_http(
+    url: str | list[str], events: int, batch: int, concurrency: int
+) -> tuple[float, list[float]]:
+    """Send ``events`` in batches; client thread ``i`` posts to ``urls[i % len(urls)]``."""
+    urls = [url] if isinstance(url, str) else url
     bodies = [
         orjson.dumps([_event(i, "h") for i in range(start, min(start + batch, events))])
         for start in range(0, events, batch)
@@ -169,9 +194,9 @@ def run_http(url: str, events: int, batch: int, concurrency: int) -> tuple[float
     lock = threading.Lock()
     next_body = iter(range(len(bodies)))
 
-    def worker() -> None:
+    def worker(base_url: str) -> None:
         headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
-        with httpx.Client(base_url=url, headers=headers, timeout=300) as client:
+        with httpx.Client(base_url=base_url, headers=headers, timeout=300) as client:
             while True:
                 with lock:
                     index = next(next_body, None)
@@ -186,7 +211,9 @@ def run_http(url: str, events: int, batch: int, concurrency: int) -> tuple[float
                 with lock:
                     latencies.append(time.perf_counter() - t0)
 
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    threads = [
+        threading.Thread(target=worker, args=(urls[i % len(urls)],)) for i in range(concurrency)
+    ]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -296,22 +323,131 @@ def percentile(values: list[float], q: float) -> float:
     help="Runs, each with a fresh serve and store; the median is reported.",
 )  # fmt: skip
 @click.option(
+    "--store", "store_kind", type=click.Choice(["sqlite", "postgres"]), default="sqlite",
+    show_default=True, help="The store serve writes to.",
+)  # fmt: skip
+@click.option(
+    "--store-url", default=None, metavar="URL",
+    help="With --store postgres: a server to use (needs CREATEDB; a database per run is created "
+    "and dropped) instead of a private one.",
+)  # fmt: skip
+@click.option(
+    "--replicas", type=click.IntRange(1, 8), default=1, show_default=True,
+    help="With --store postgres and N > 1: also time batched HTTP against N replicas on one "
+    "database, beside one replica.",
+)  # fmt: skip
+@click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("benchmarks/results/ingest.json"),
-    show_default=True,
+    default=None,
+    help="Results JSON  [default: benchmarks/results/ingest.json, ingest-postgres.json]",
 )
-def ingest(events: int, batch: int, concurrency: int, repeat: int, out: Path) -> None:
+def ingest(
+    events: int,
+    batch: int,
+    concurrency: int,
+    repeat: int,
+    store_kind: str,
+    store_url: str | None,
+    replicas: int,
+    out: Path | None,
+) -> None:
     """Batched HTTP and JSONL tail throughput, p99 request latency, serve's peak RSS."""
+    if store_kind != "postgres" and (store_url or replicas > 1):
+        raise click.UsageError("--store-url and --replicas need --store postgres")
+    out = out or Path(
+        f"benchmarks/results/ingest{'' if store_kind == 'sqlite' else '-postgres'}.json"
+    )
     load = os.getloadavg()[0]
     runs = []
-    for _ in range(repeat):
-        with tempfile.TemporaryDirectory(prefix="patchd-bench-") as tmp:
-            runs.append(_measure(Path(tmp), events, batch, concurrency))
-    result = _result(load, events, batch, concurrency, runs)
+    scaling = None
+    with tempfile.TemporaryDirectory(prefix="patchd-bench-") as tmp, _databases(
+        store_kind, store_url, Path(tmp)
+    ) as new_database:  # fmt: skip
+        for _ in range(repeat):
+            with tempfile.TemporaryDirectory(prefix="patchd-bench-run-") as run_dir:
+                runs.append(_measure(Path(run_dir), events, batch, concurrency, new_database()))
+        if replicas > 1:
+            scaling = _measure_replicas(events, batch, concurrency, replicas, new_database)
+    result = _result(load, events, batch, concurrency, runs, store_kind, scaling)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(orjson.dumps(asdict(result), option=orjson.OPT_INDENT_2) + b"\n")
     _print(result, out)
+
+
+@contextmanager
+def _databases(
+    store_kind: str, store_url: str | None, workdir: Path
+) -> Iterator[Callable[[], str | None]]:
+    """A factory of fresh, empty stores: ``None`` (SQLite in the run's dir) or a Postgres URL."""
+    if store_kind == "sqlite":
+        yield lambda: None
+        return
+    if store_url is not None:
+        with _ServerDatabases(store_url) as server:
+            yield server.create
+        return
+    from patchd.store.pg_local import PrivatePostgres
+
+    names = (f"bench{k}" for k in count())
+    with PrivatePostgres(workdir / "postgres", durable=True) as server:
+        yield lambda: server.create_database(next(names))
+
+
+class _ServerDatabases:
+    """Databases created on the server ``url`` names, dropped again on exit."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.created: list[str] = []
+
+    def create(self) -> str:
+        import psycopg
+
+        name = f"patchd_bench_{os.getpid()}_{len(self.created)}"
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        self.created.append(name)
+        return urlunsplit(urlsplit(self.url)._replace(path=f"/{name}"))
+
+    def __enter__(self) -> _ServerDatabases:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            for name in self.created:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _measure_replicas(
+    events: int, batch: int, concurrency: int, replicas: int, new_database: Callable[[], str | None]
+) -> dict[str, float]:
+    """Batched HTTP events/s against 1 and ``replicas`` serves on one fresh database each."""
+    rates: dict[str, float] = {}
+    for n in (1, replicas):
+        with tempfile.TemporaryDirectory(prefix="patchd-bench-replicas-") as tmp:
+            url = new_database()
+            procs = [
+                start_serve(Path(tmp), port, store_url=url, name=f"replica{i}")
+                for i, port in enumerate(_free_port() for _ in range(n))
+            ]
+            try:
+                urls = [_url_of(Path(tmp), i) for i in range(n)]
+                rates[str(n)], _ = run_http(urls, events, batch, concurrency * n)
+            finally:
+                for proc in procs:
+                    proc.send_signal(signal.SIGTERM)
+                for proc in procs:
+                    proc.wait(120)
+        rates[str(n)] = round(rates[str(n)])
+    return rates
+
+
+def _url_of(workdir: Path, index: int) -> str:
+    config = yaml.safe_load((workdir / f"replica{index}.yaml").read_text())
+    return f"http://127.0.0.1:{config['api']['port']}"
 
 
 @dataclass(frozen=True)
@@ -328,11 +464,13 @@ class _Measured:
     late: LateLabels
 
 
-def _measure(workdir: Path, events: int, batch: int, concurrency: int) -> _Measured:
+def _measure(
+    workdir: Path, events: int, batch: int, concurrency: int, store_url: str | None
+) -> _Measured:
     (workdir / "logs").mkdir()
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_serve(workdir, port)
+    proc = start_serve(workdir, port, store_url=store_url)
     sampler = RssSampler(proc.pid)
     sampler.start()
     try:
@@ -386,9 +524,16 @@ def _join_ratio(late: LateLabels) -> float:
 
 
 def _result(
-    load: float, events: int, batch: int, concurrency: int, runs: list[_Measured]
+    load: float,
+    events: int,
+    batch: int,
+    concurrency: int,
+    runs: list[_Measured],
+    store_kind: str = "sqlite",
+    scaling: dict[str, float] | None = None,
 ) -> IngestBench:
     mib = 1 << 20
+    target = TARGET_EVENTS_PER_S if store_kind == "sqlite" else TARGET_POSTGRES_EVENTS_PER_S
     m = _median_run(runs)
     tail_rate = median(r.tail_rate for r in runs)
     peak = max(max(r.rss_peak, r.rss_after_http) for r in runs) / mib
@@ -417,16 +562,37 @@ def _result(
         backlog_batch_p50_ms=round(percentile(m.late.backlog, 0.5) * 1000, 1),
         join_ratio=round(_join_ratio(m.late), 2),
         targets_met={
-            "http_events_per_s": m.http_rate >= TARGET_EVENTS_PER_S,
-            "tail_events_per_s": tail_rate >= TARGET_EVENTS_PER_S,
+            "http_events_per_s": m.http_rate >= target,
+            "tail_events_per_s": tail_rate >= target,
             "rss_mib": peak < TARGET_RSS_MIB,
             "join_within_2x": _join_ratio(m.late) <= TARGET_JOIN_RATIO,
+            **(
+                {}
+                if scaling is None
+                else {"replica_scaling": _scaling(scaling) >= TARGET_REPLICA_SCALING}
+            ),
         },
         runs=[_run_summary(events, r) for r in runs],
+        store=store_kind,
+        replicas=max((int(n) for n in scaling), default=1) if scaling else 1,
+        replica_events_per_s=scaling,
     )
 
 
+def _scaling_target(scaling: dict[str, float] | None) -> dict[str, bool]:
+    return (
+        {} if scaling is None else {"replica_scaling": _scaling(scaling) >= TARGET_REPLICA_SCALING}
+    )
+
+
+def _scaling(rates: dict[str, float]) -> float:
+    """Events/s of the most replicas over one replica's."""
+    most = max(rates, key=int)
+    return rates[most] / max(rates["1"], 1e-9)
+
+
 def _print(r: IngestBench, out: Path) -> None:
+    click.echo(f"store: {r.store}")
     click.echo("| date | machine | events | HTTP events/s (batch) | p50 / p99 request ms "
                "| tail events/s | serve RSS after 1M / peak MiB |")  # fmt: skip
     click.echo("|---|---|---|---|---|---|---|")
@@ -458,4 +624,10 @@ def _print(r: IngestBench, out: Path) -> None:
         f"(ratio {r.join_ratio}, target <= {TARGET_JOIN_RATIO}); backlog labels stored at "
         f"{r.pending_labels_per_s:,.0f}/s"
     )
+    if r.replica_events_per_s:
+        rates = ", ".join(f"{n} replica(s) {v:,.0f}" for n, v in r.replica_events_per_s.items())
+        click.echo(
+            f"batched HTTP on one Postgres: {rates} events/s "
+            f"(x{_scaling(r.replica_events_per_s):.2f}, target >= {TARGET_REPLICA_SCALING})"
+        )
     click.echo(f"results: {out}")

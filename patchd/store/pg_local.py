@@ -2,7 +2,8 @@
 
 ``with PrivatePostgres(workdir) as pg: pg.url`` gives ``postgresql://patchd@127.0.0.1:<port>/patchd``
 on a free loopback port, its unix socket inside ``workdir``, trust authentication, ``fsync=off``
-(speed: the data is thrown away). :meth:`PrivatePostgres.create_database` adds more databases.
+(speed: the data is thrown away; ``durable=True`` keeps Postgres' defaults, for benches).
+:meth:`PrivatePostgres.create_database` adds more databases.
 Run as root (initdb refuses root), the server runs as the ``postgres`` (else ``nobody``) user in
 a fresh directory under the system temp dir owned by that user, removed on stop.
 Never for production (see docs/operating.md, "Production Postgres").
@@ -23,7 +24,7 @@ from types import TracebackType
 from patchd.exceptions import StoreError
 
 START_TIMEOUT_S = 30.0
-SEARCH_DIRS = ("/usr/local/bin", "/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin")
+DEBIAN_DIRS = Path("/usr/lib/postgresql")  # Debian's versioned bin dirs: <version>/bin
 
 
 def find_binary(name: str) -> str:
@@ -31,14 +32,19 @@ def find_binary(name: str) -> str:
     found = shutil.which(name)
     if found:
         return found
-    for folder in SEARCH_DIRS:
-        candidate = Path(folder) / name
+    versions = sorted(DEBIAN_DIRS.glob("*/bin"), key=lambda p: _version(p.parent.name))
+    for folder in reversed(versions):  # the newest installed first
+        candidate = folder / name
         if candidate.exists():
             return str(candidate)
     raise StoreError(
         f"{name} is not installed: run scripts/setup.sh (apt-get install postgresql) "
         "or pass --store-url for an existing server"
     )
+
+
+def _version(name: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in name.split(".") if part.isdigit())
 
 
 def _unprivileged_user() -> str:
@@ -60,8 +66,18 @@ def _free_port() -> int:
 class PrivatePostgres:
     """A Postgres server process owned by this object (stopped, data kept, on exit)."""
 
-    def __init__(self, workdir: Path, *, user: str = "patchd", database: str = "patchd") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        user: str = "patchd",
+        database: str = "patchd",
+        durable: bool = False,
+    ) -> None:
+        """``durable``: Postgres' production defaults (fsync, synchronous commit) for benches;
+        off (the default, for tests), commits skip the disk flush."""
         self._as: str | None = None
+        self.durable = durable
         if os.geteuid() == 0:
             self._as = _unprivileged_user()
             workdir = Path(tempfile.mkdtemp(prefix="patchd-pg-"))
@@ -89,10 +105,10 @@ class PrivatePostgres:
                 [self._initdb, "-D", str(self.data), "-U", self.user, "-A", "trust", "-E", "UTF8"]
             )
         self.port = _free_port()
-        options = (
-            f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
-        )
+        options = f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1"
+        options += " -c max_connections=200"
+        if not self.durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         log = self.workdir / "postgres.log"
         self._run(
             [self._pg_ctl, "-D", str(self.data), "-l", str(log), "-o", options, "-w", "start"]

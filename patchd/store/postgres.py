@@ -98,6 +98,7 @@ class PgConnection:
 
     def __init__(self, raw: psycopg.Connection[Any]) -> None:
         self.raw = raw
+        self.expect_duplicates = False  # the last prediction batch repeated stored ids
 
     def execute(self, sql: str, parameters: Any = (), /) -> Any:
         return self.raw.cursor().execute(to_native(sql), parameters or None)
@@ -287,24 +288,63 @@ def _mapped(location: str) -> Iterator[None]:
         raise StoreError(f"the store {location} failed: {err}") from err
 
 
+# the predictions columns' Postgres types, for binary COPY (schema.PG_MIGRATIONS)
+_COLUMN_TYPES = {
+    "model": "text", "id": "text", "ts": "float8", "model_version": "text", "pred": "int8",
+    "confidence": "float8", "probs": "bytea", "group_key": "text", "groups": "text",
+    "input_uri": "text", "embedding": "bytea", "source": "text", "ingested_at": "float8",
+    "label": "int8", "labeled_at": "float8",
+}  # fmt: skip
+
+
 def copy_predictions(
     conn: PgConnection, rows: Iterable[Sequence[Any]], columns: Sequence[str]
 ) -> int:
-    """COPY ``rows`` into the staging table, then ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``
-    into ``predictions``; the number of rows inserted."""
-    raw = conn.raw
+    """Insert ``rows`` (ignoring ids already stored); the number inserted.
+
+    Fast path: binary COPY straight into ``predictions`` inside a savepoint, twice the rate of
+    staging on the bench (no second write of every row). A batch that repeats a stored id fails
+    that COPY with a unique violation; it is rolled back to the savepoint and the batch goes
+    through the staging table (COPY, then ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``). After
+    a batch with duplicates the next one is staged directly (replays repeat ids batch after
+    batch), until a staged batch finds none.
+    """
+    batch = rows if isinstance(rows, list) else list(rows)
+    if not conn.expect_duplicates:
+        try:
+            with conn.raw.transaction():
+                _copy(conn, "predictions", batch, columns)
+            return len(batch)
+        except psycopg.errors.UniqueViolation:
+            conn.expect_duplicates = True
+    inserted = _stage_and_insert(conn, batch, columns)
+    conn.expect_duplicates = inserted < len(batch)
+    return inserted
+
+
+def _copy(
+    conn: PgConnection, table: str, rows: list[Sequence[Any]], columns: Sequence[str]
+) -> None:
     names = pgsql.SQL(", ").join(map(pgsql.Identifier, columns))
-    with raw.cursor() as cur:
-        with cur.copy(
-            pgsql.SQL("COPY {} ({}) FROM STDIN").format(pgsql.Identifier(STAGE_TABLE), names)
-        ) as copy:
-            for row in rows:
-                copy.write_row(row)
+    statement = pgsql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)")
+    with conn.raw.cursor() as cur, cur.copy(
+        statement.format(pgsql.Identifier(table), names)
+    ) as copy:  # fmt: skip
+        copy.set_types([_COLUMN_TYPES[c] for c in columns])
+        for row in rows:
+            copy.write_row(row)
+
+
+def _stage_and_insert(conn: PgConnection, rows: list[Sequence[Any]], columns: Sequence[str]) -> int:
+    names = pgsql.SQL(", ").join(map(pgsql.Identifier, columns))
+    stage = pgsql.Identifier(STAGE_TABLE)
+    _copy(conn, STAGE_TABLE, rows, columns)
+    with conn.raw.cursor() as cur:
         cur.execute(
             pgsql.SQL(
                 "INSERT INTO predictions ({}) SELECT {} FROM {} ON CONFLICT (model, id) DO NOTHING"
-            ).format(names, names, pgsql.Identifier(STAGE_TABLE))
+            ).format(names, names, stage)
         )
         inserted = cur.rowcount
-        cur.execute(pgsql.SQL("TRUNCATE {}").format(pgsql.Identifier(STAGE_TABLE)))
+        cur.execute(pgsql.SQL("TRUNCATE {}").format(stage))  # one transaction may stage twice
     return inserted

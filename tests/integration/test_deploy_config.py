@@ -188,6 +188,79 @@ def test_shipped_patchd_configs_are_valid_for_patchd() -> None:
         assert config.api.host == "0.0.0.0"
 
 
+HA = DEPLOY / "docker-compose.ha.yml"
+
+
+def test_ha_compose_has_two_replicas_postgres_redis_a_bucket_and_workers() -> None:
+    compose = yaml.safe_load(HA.read_text())
+    services = compose["services"]
+    wanted = {
+        "postgres", "redis", "minio", "bucket", "patchd-serve-a", "patchd-serve-b",
+        "patchd-worker", "prometheus", "alertmanager",
+    }  # fmt: skip
+    assert wanted <= set(services), sorted(wanted - set(services))
+    for name, service in services.items():
+        assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("./"):
+                assert (DEPLOY / source).exists(), f"{name} mounts missing {source}"
+            elif not source.startswith("$"):
+                assert source in compose["volumes"], f"{name}: undeclared volume {source}"
+    replicas = [services["patchd-serve-a"], services["patchd-serve-b"]]
+    configs = {
+        v for r in replicas for v in r["volumes"] if v.endswith(":/etc/patchd/patchd.yaml:ro")
+    }
+    assert configs == {"./compose/patchd-ha.yaml:/etc/patchd/patchd.yaml:ro"}  # one config
+    states = [next(v for v in r["volumes"] if v.endswith(":/var/lib/patchd")) for r in replicas]
+    assert len(set(states)) == 2  # no shared state directory: the store is Postgres
+    urls = {r["environment"]["PATCHD_LEADER__ADVERTISE_URL"] for r in replicas}
+    assert urls == {"http://patchd-serve-a:8321", "http://patchd-serve-b:8321"}
+    for replica in replicas:
+        assert set(replica["build"]["args"]["EXTRAS"].split(",")) == {"postgres", "s3"}
+        assert replica["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert replica["depends_on"]["bucket"]["condition"] == "service_completed_successfully"
+    worker = services["patchd-worker"]
+    assert "s3" in worker["build"]["args"]["EXTRAS"].split(",")
+    assert not any(v.endswith(":/var/lib/patchd") for v in worker["volumes"])  # bucket only
+    assert compose["secrets"]["patchd-db-password"]["file"] == "./compose/secrets/db-password"
+
+
+def test_ha_patchd_config_is_valid_with_two_models_postgres_and_a_bucket() -> None:
+    from patchd.config import build_config
+
+    data = yaml.safe_load((DEPLOY / "compose" / "patchd-ha.yaml").read_text())
+    environ = {"PATCHD_S3_KEY": "k", "PATCHD_S3_SECRET": "s"}
+    config = build_config(data, environ=environ)
+    assert config.store.url == "postgresql://patchd@postgres:5432/patchd"
+    assert str(config.store.password_file) == "/run/secrets/patchd-db-password"
+    assert config.leader.enabled and config.redis.url.startswith("redis://redis:")
+    assert str(config.artifacts.root).startswith("s3://patchd/")
+    assert str(config.registry.root).startswith("s3://patchd/")
+    assert config.artifacts.storage_options.endpoint_url == "http://minio:9000"
+    assert config.model_names == ("digits", "fashion")
+    for view in config.per_model():
+        assert view.monitor.n_min == 30 and view.monitor.accuracy_floor == 0.6  # = the rules
+    assert config.for_model("fashion").patch.trainer == "camel"
+    env = (DEPLOY / "compose" / "patchd-ha.env.example").read_text()
+    assert {"PATCHD_TOKEN=", "PATCHD_S3_KEY=", "PATCHD_S3_SECRET="} <= {
+        line.split("=", 1)[0] + "=" for line in env.splitlines() if "=" in line
+    }
+
+
+def test_ha_prometheus_scrapes_every_replica(tmp_path: Path) -> None:
+    shutil.copy(DEPLOY / "prometheus" / "prometheus-ha.yml", tmp_path / "prometheus.yml")
+    (tmp_path / "rules").mkdir()
+    shutil.copy(DEPLOY / "monitoring" / "rules" / "patchd.rules.yml", tmp_path / "rules")
+    result = run_promtool("check", "config", str(tmp_path / "prometheus.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    config = yaml.safe_load((tmp_path / "prometheus.yml").read_text())
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == "patchd")
+    targets = {t for c in job["static_configs"] for t in c["targets"]}
+    services = yaml.safe_load(HA.read_text())["services"]
+    assert targets == {f"{name}:8321" for name in services if name.startswith("patchd-serve")}
+
+
 def test_dockerfiles_serve_without_torch_worker_with_extra() -> None:
     serve = (DEPLOY / "docker" / "Dockerfile.serve").read_text()
     worker = (DEPLOY / "docker" / "Dockerfile.worker").read_text()
@@ -195,6 +268,7 @@ def test_dockerfiles_serve_without_torch_worker_with_extra() -> None:
     assert "[worker]" not in serve and '".[worker]"' in worker
     assert "USER patchd" in serve and "USER patchd" in worker
     assert "HEALTHCHECK" in serve
+    assert 'ARG EXTRAS=""' in serve and 'ARG EXTRAS=""' in worker  # postgres,s3 for the HA stack
 
 
 def _requirement_closure(dist: str) -> set[str]:
@@ -223,10 +297,25 @@ def _requirement_closure(dist: str) -> set[str]:
     return seen
 
 
+def _requirement_closure_with_extras(dist: str, extras: tuple[str, ...]) -> set[str]:
+    """As :func:`_requirement_closure`, for ``pip install DIST[extras]`` (the HA serve image)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    out: set[str] = set()
+    for text in metadata.requires(dist) or []:
+        req = Requirement(text)
+        if req.marker is not None and any(req.marker.evaluate({"extra": e}) for e in extras):
+            out |= _requirement_closure(req.name)
+    return out
+
+
 def test_serve_image_install_pulls_no_heavy_ml_stack() -> None:
     """Dockerfile.serve runs `pip install .`: its dependency closure (from this venv's
     metadata) must hold no torch, torchvision, diffusers, transformers or open_clip."""
     closure = _requirement_closure("patchd")
+    closure |= _requirement_closure_with_extras("patchd", ("postgres", "s3"))
     assert "fastapi" in closure and "prometheus-client" in closure  # the walk works
     heavy = {"torch", "torchvision", "diffusers", "transformers", "open-clip-torch"}
     assert not closure & heavy, sorted(closure & heavy)

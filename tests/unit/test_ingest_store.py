@@ -126,6 +126,19 @@ def test_insert_dedups_by_model_and_id(store: Store, tmp_path: Path) -> None:
         assert ev.count_predictions(conn, "m") == (3, 0)
 
 
+def test_batches_after_a_replay_go_back_to_the_fast_insert(store: Store, tmp_path: Path) -> None:
+    """Postgres copies a batch straight into the table and stages it only once it repeats
+    stored ids; every batch stores exactly its new rows either way."""
+    batches = [["a", "b"], ["b", "c"], ["c", "d"], ["e", "f"], ["g"]]
+    with store.write() as conn:
+        results = [ev.insert_predictions(conn, preds(tmp_path, ids)) for ids in batches]
+        staged_next = getattr(conn, "expect_duplicates", False)
+    assert [(r.inserted, r.duplicates) for r in results] == [(2, 0), (1, 1), (1, 1), (2, 0), (1, 0)]
+    assert staged_next is False
+    with store.read() as conn:
+        assert ev.count_predictions(conn, "m") == (7, 0)
+
+
 def test_label_after_prediction_joins_in_place(store: Store, tmp_path: Path) -> None:
     with store.write() as conn:
         ev.insert_predictions(conn, preds(tmp_path, ["a", "b"]))
