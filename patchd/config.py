@@ -689,10 +689,17 @@ def _where(loc: tuple[int | str, ...]) -> str:
 
 
 def format_errors(err: PydanticValidationError) -> str:
-    """One line per error: ``field.path: message (got value)``."""
+    """One line per error: ``field.path: message (got value)``.
+
+    A shared section's error is reported once, not again for each ``models`` entry's view."""
     lines = []
-    for e in err.errors():
-        where = _where(e["loc"])
+    errors = err.errors()
+    top = {(tuple(e["loc"]), e["msg"]) for e in errors}
+    for e in errors:
+        loc = tuple(e["loc"])
+        if len(loc) > 2 and loc[0] == "models" and (loc[2:], e["msg"]) in top:
+            continue
+        where = _where(loc)
         got = e.get("input")
         shown = f" (got {got!r})" if not isinstance(got, dict | list) else ""
         lines.append(f"{where}: {e['msg']}{shown}")

@@ -199,3 +199,10 @@ def test_model_label_collector_merges_families() -> None:
     assert (
         registry.get_sample_value("patchd_runs_total", {"model": "cats", "result": "failed"}) == 0
     )
+
+
+def test_a_shared_sections_error_is_reported_once() -> None:
+    with pytest.raises(ConfigError) as err:
+        build_config({"store": {"batch_size": 0}, "models": [{"name": "a"}, {"name": "b"}]})
+    lines = str(err.value).splitlines()[1:]
+    assert lines == ["store.batch_size: Input should be greater than or equal to 1 (got 0)"]
