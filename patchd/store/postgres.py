@@ -21,8 +21,9 @@ psycopg is imported here only, so serve without Postgres never loads it.
 from __future__ import annotations
 
 import logging
+import re
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -91,6 +92,32 @@ def to_native(sql: str) -> str:
     return "".join(out)
 
 
+_NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+
+
+@lru_cache(maxsize=256)
+def _named_sql(sql: str) -> tuple[str, tuple[str, ...]]:
+    """``sql`` with SQLite's ``:name`` placeholders as ``?N``, and the names in ``N`` order."""
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in names:
+            names.append(name)
+        return f"?{names.index(name) + 1}"
+
+    return _NAMED.sub(number, sql), tuple(names)
+
+
+def positional(sql: str, parameters: Any) -> tuple[str, Any]:
+    """Named parameters (a mapping, as SQLite takes them) as positional ones: psycopg's raw
+    queries (``$N``) take only a sequence."""
+    if not isinstance(parameters, Mapping):
+        return sql, parameters
+    native, names = _named_sql(sql)
+    return native, [parameters[name] for name in names]
+
+
 class PgConnection:
     """A psycopg connection speaking the store's :class:`~patchd.store.backend.Connection`."""
 
@@ -101,11 +128,15 @@ class PgConnection:
         self.expect_duplicates = False  # the last prediction batch repeated stored ids
 
     def execute(self, sql: str, parameters: Any = (), /) -> Any:
+        sql, parameters = positional(sql, parameters)
         return self.raw.cursor().execute(to_native(sql), parameters or None)
 
     def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> Any:
+        rows = list(parameters)
+        if rows and isinstance(rows[0], Mapping):  # named parameters (rare: not ingest's rows)
+            sql, rows = positional(sql, rows[0])[0], [positional(sql, r)[1] for r in rows]
         cur = self.raw.cursor()
-        cur.executemany(to_native(sql), list(parameters))
+        cur.executemany(to_native(sql), rows)
         return cur
 
 

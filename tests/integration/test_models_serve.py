@@ -52,9 +52,11 @@ def wait_n(client: httpx.Client, model: str, n: int, timeout: float = 30) -> dic
     raise AssertionError(f"the {model} monitor did not reach {n} labeled events: {doc}")
 
 
-@pytest.fixture
-def served(tmp_path: Path, clean_redis: str) -> Any:
+@pytest.fixture(params=["sqlite", "postgres"])
+def served(request: pytest.FixtureRequest, tmp_path: Path, clean_redis: str) -> Any:
+    store = {"url": request.getfixturevalue("postgres_url")} if request.param == "postgres" else {}
     overrides = {
+        "store": store,
         "redis": {"url": clean_redis, "embedded": "never"},
         "groups": {"attributes": ["site"], "values": {"site": ["A", "B"]}},
         "monitor": {"interval_s": 0.2, "window": 5000, "reference_window": 200, "n_min": 20},
@@ -118,7 +120,7 @@ def test_two_models_route_monitor_and_fail_apart(served: ServeProcess) -> None:
     assert status["models"]["dogs"]["labeled"] == 400
 
     # dogs: degraded below its floor, a run requested that fails; cats keeps its monitor
-    run = _wait_failed_run(client, "dogs")
+    run = _wait_failed_run(client, "dogs", served)
     assert run["model"] == "dogs" and run["state"] == "failed", run
     assert client.get("/v1/models/cats/runs").json()["runs"] == []
     post(client, *events("cats", 600, 400, 0.9, 3))
@@ -146,7 +148,9 @@ def test_two_models_route_monitor_and_fail_apart(served: ServeProcess) -> None:
     assert r.status_code == 404 and r.json()["models"] == ["cats", "dogs"], r.text
 
 
-def _wait_failed_run(client: httpx.Client, model: str, timeout: float = 30) -> dict[str, Any]:
+def _wait_failed_run(
+    client: httpx.Client, model: str, served: ServeProcess, timeout: float = 30
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     runs: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
@@ -154,7 +158,7 @@ def _wait_failed_run(client: httpx.Client, model: str, timeout: float = 30) -> d
         if runs and runs[0]["state"] == "failed":
             return runs[0]
         time.sleep(0.2)
-    raise AssertionError(f"no failed {model} run: {runs}")
+    raise AssertionError(f"no failed {model} run: {runs}\n{served.log()[-4000:]}")
 
 
 def _sample(metrics: str, series: str) -> float:
