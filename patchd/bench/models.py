@@ -5,9 +5,10 @@ values of one group attribute, ``monitor.window`` = ``--events``), and a SQLite 
 ``--events`` labeled events per model (the bench stream of :mod:`patchd.bench.stream`, recent
 timestamps). Measured:
 
-- the first monitor tick of every model after a restart (a fresh :class:`ModelMonitor` per model,
-  reading the start of its window from the store: ``monitor.catch_up_events_per_tick``), summed
-  over the models, and each model's; then the ticks until every window is read in full;
+- the first monitor tick of every model after a restart (monitors that ran once, learning and
+  saving their references, are replaced by fresh ones, which read the start of their windows
+  from the store: ``monitor.catch_up_events_per_tick``), summed over the models, and each
+  model's; then the ticks until every window is read in full;
 - the steady-state tick of every model with 1,000 new labeled events per model (``--ticks``
   rounds, the median of the per-round sums);
 - a real ``patchd serve`` on that state directory: the time from ``/readyz`` until every model's
@@ -92,6 +93,10 @@ def tick_all(config: Config, store: Store, monitors: dict[str, ModelMonitor]) ->
 def in_process(config: Config, ticks: int) -> dict[str, Any]:
     store = open_store(config)
     try:
+        # a first serve: learns and saves each model's reference, then is "restarted"
+        monitors = {v.model.name: ModelMonitor(v, v.model.name) for v in config.per_model()}
+        while any(m.snapshot is None or m.catch_up is not None for m in monitors.values()):
+            tick_all(config, store, monitors)
         monitors = {v.model.name: ModelMonitor(v, v.model.name) for v in config.per_model()}
         first = tick_all(config, store, monitors)
         catch_up = [sum(first.values())]

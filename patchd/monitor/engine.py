@@ -133,7 +133,12 @@ class ModelMonitor:
             traffic = fetch_traffic(
                 conn, self.model, self.config.monitor.drift_window, self.groups, self.epoch
             )
-            if self.estimator is None and isinstance(self.reference, Reference):
+            # calibrated once the starting window is read (a catching-up tick stays short)
+            if (
+                self.estimator is None
+                and isinstance(self.reference, Reference)
+                and self.catch_up is None
+            ):
                 self._fit_estimator(conn)
         snapshot, events = self.advance(new, traffic, now, store)
         self.snapshot = snapshot = _timed(snapshot, time.perf_counter() - started)
