@@ -280,6 +280,10 @@ def _mined_groups(value: Any, info: ValidationInfo) -> Any:
 class MonitorConfig(Section):
     interval_s: float = Field(10.0, gt=0)
     window: int = Field(5000, ge=10)  # labeled events per model in the sliding window
+    # a fresh monitor (a start, a new leader) reads the window it starts from at most this many
+    # labeled events per tick, oldest first, so one model's first tick stays short; the events
+    # labeled since are read in full once it caught up
+    catch_up_events_per_tick: int = Field(20_000, ge=1000)
     window_seconds: float | None = Field(None, gt=0)
     n_min: int = Field(30, ge=1)  # a cell needs this many samples to count toward worst-group
     accuracy_floor: float = Field(0.6, ge=0, le=1)
@@ -582,6 +586,58 @@ class ArtifactsConfig(Section):
     augmentation_dtype: Literal["uint8", "float16", "float32"] = "uint8"
 
 
+# Sections an entry of ``models:`` may override (deep-merged over the top-level section of the
+# same name, which is the shared default); every other section belongs to the whole process.
+MODEL_SECTIONS = ("groups", "data", "monitor", "trigger", "patch", "gate")
+
+
+def _model_view(base: Mapping[str, Any], entry: object, index: int) -> dict[str, Any]:
+    """The raw one-model config of ``models[index]``: ``base`` with the entry merged over it.
+
+    An entry holds the ``model`` fields (name, factory, weights, class_names...) at its top level
+    and optional overrides of :data:`MODEL_SECTIONS`.
+    """
+    where = f"models[{index}]"
+    if isinstance(entry, BaseModel):
+        return entry.model_dump()
+    if (
+        isinstance(entry, Mapping)
+        and isinstance(entry.get("model"), Mapping)
+        and "name" not in entry
+    ):
+        return dict(entry)  # already a one-model config (what ``model_dump`` writes)
+    if not isinstance(entry, Mapping):
+        raise ValueError(
+            f"{where} must be a mapping (name, factory, ...), got {type(entry).__name__}"
+        )
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where} needs a name (the `model` field events carry)")
+    where = f"{where} ({name})"
+    model_fields = set(ModelConfig.model_fields)
+    unknown = sorted(str(k) for k in entry if k not in model_fields and k not in MODEL_SECTIONS)
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; an entry takes the model "
+            f"fields ({', '.join(sorted(model_fields))}) and overrides of the sections "
+            f"{', '.join(MODEL_SECTIONS)}; other sections are shared by every model"
+        )
+    view = {k: v for k, v in base.items() if k != "models"}
+    fields = {k: v for k, v in entry.items() if k in model_fields}
+    view["model"] = _merge(dict(base.get("model") or {}), fields)
+    for section in MODEL_SECTIONS:
+        override = entry.get(section)
+        if override is None:
+            continue
+        if not isinstance(override, Mapping):
+            raise ValueError(
+                f"{where}.{section} must be a mapping that overrides the top-level {section}, "
+                f"got {type(override).__name__}"
+            )
+        view[section] = _merge(dict(base.get(section) or {}), override)
+    return view
+
+
 class Config(Section):
     state_dir: ConfigPath = Field(Path(".patchd"), validate_default=True)
     # set by load_config: the file this configuration was read from (SIGHUP and
@@ -604,6 +660,34 @@ class Config(Section):
     artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)
     ui: UiConfig = Field(default_factory=UiConfig)
     notify: NotifyConfig = Field(default_factory=NotifyConfig)
+    # several models in one serve: each a one-model view (see :meth:`per_model`); empty: the one
+    # model of the ``model`` section
+    models: list[Config] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_models(cls, data: Any) -> Any:
+        """``models:`` entries become full one-model configs over the top-level sections."""
+        if not isinstance(data, Mapping) or data.get("models") in (None, []):
+            return data  # [] is what a one-model config dumps
+        entries = data["models"]
+        if not isinstance(entries, list):
+            raise ValueError(
+                "models must be a list of model sections "
+                "(- name: ..., factory: ..., class_names: [...]); leave it out for one `model`"
+            )
+        base = {k: v for k, v in data.items() if k != "models"}
+        return {**base, "models": [_model_view(base, e, i) for i, e in enumerate(entries)]}
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> Config:
+        names = [m.model.name for m in self.models]
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:
+            raise ValueError(
+                f"models: the name(s) {', '.join(map(repr, dups))} appear more than once"
+            )
+        return self
 
     @model_validator(mode="after")
     def _groups_bounded(self) -> Config:
@@ -613,6 +697,36 @@ class Config(Section):
             if len(vals) > self.groups.max_values:
                 raise ValueError(f"groups.values.{attr} has {len(vals)} values > max_values")
         return self
+
+    # The models this serve watches.
+    def per_model(self) -> tuple[Config, ...]:
+        """One plain one-model :class:`Config` per model (just this one without ``models:``)."""
+        return tuple(self.models) if self.models else (self,)
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return tuple(c.model.name for c in self.per_model())
+
+    @property
+    def several_models(self) -> bool:
+        return len(self.models) > 1
+
+    def for_model(self, name: str | None) -> Config:
+        """The one-model view of ``name``; None: the only model (several: an error naming them)."""
+        views = self.per_model()
+        if name is None:
+            if len(views) == 1:
+                return views[0]
+            raise ConfigError(
+                f"several models are configured ({', '.join(self.model_names)}); name one "
+                "(--model, or /v1/models/<model>/...)"
+            )
+        for view in views:
+            if view.model.name == name:
+                return view
+        raise ConfigError(
+            f"unknown model {name!r}: this configuration has {', '.join(self.model_names)}"
+        )
 
     # Resolved paths: every component asks here rather than joining state_dir itself.
     @property
@@ -674,11 +788,29 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+def _where(loc: tuple[int | str, ...]) -> str:
+    """``models.0.monitor.window`` as ``models[0].monitor.window``."""
+    out = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int) and i > 0 and loc[i - 1] == "models":
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(root)"
+
+
 def format_errors(err: PydanticValidationError) -> str:
-    """One line per error: ``field.path: message (got value)``."""
+    """One line per error: ``field.path: message (got value)``.
+
+    A shared section's error is reported once, not again for each ``models`` entry's view."""
     lines = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(root)"
+    errors = err.errors()
+    top = {(tuple(e["loc"]), e["msg"]) for e in errors}
+    for e in errors:
+        loc = tuple(e["loc"])
+        if len(loc) > 2 and loc[0] == "models" and (loc[2:], e["msg"]) in top:
+            continue
+        where = _where(loc)
         got = e.get("input")
         shown = f" (got {got!r})" if not isinstance(got, dict | list) else ""
         lines.append(f"{where}: {e['msg']}{shown}")

@@ -43,16 +43,22 @@ from prometheus_client import CollectorRegistry
 from patchd.api.admin import admin_router
 from patchd.api.app import create_app
 from patchd.api.auth import TokenStore
-from patchd.api.metrics import BuildInfoCollector, metrics_router, patchd_version
+from patchd.api.metrics import (
+    BuildInfoCollector,
+    ModelLabelCollector,
+    metrics_router,
+    patchd_version,
+)
+from patchd.api.models import ModelDispatch, model_scoped_routes, models_router, scoped_router
 from patchd.api.status import status_router
 from patchd.config import Config
 from patchd.domain import EventBus
-from patchd.exceptions import ConfigError, DiskFullError, PatchdError, PluginError
+from patchd.exceptions import ConfigError, DiskFullError, NotFoundError, PatchdError, PluginError
 from patchd.ingest.api import ingest_router
 from patchd.ingest.metrics import IngestCollector
 from patchd.ingest.pipeline import IngestPipeline
 from patchd.leader import Leadership
-from patchd.services import Component, Services
+from patchd.services import Component, Services, job_errors_counter
 from patchd.store.backend import open_store
 from patchd.store.predictions import count_pending, count_predictions
 
@@ -119,6 +125,15 @@ def tune_gil() -> None:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
 
+def _construct(cls: type[Component], target: str, services: Services) -> Component:
+    try:
+        return cls(services)
+    except PatchdError:
+        raise
+    except Exception as err:
+        raise PluginError(f"component {target}: construction failed: {err!r}") from err
+
+
 class _Server(uvicorn.Server):
     """uvicorn without its own signal handling (the daemon owns SIGTERM/SIGINT)."""
 
@@ -179,17 +194,29 @@ class ReloadResult:
 
 
 def _changes(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted field, old value, new value) for every leaf that differs (JSON dumps)."""
+    """(dotted field, old value, new value) for every leaf that differs (JSON dumps); the
+    entries of ``models`` compare one by one (``models.0.monitor.margin``)."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for key in sorted(set(old) | set(new)):
             out += _changes(old.get(key), new.get(key), f"{prefix}{key}.")
         return out
+    if (
+        prefix == "models."
+        and isinstance(old, list)
+        and isinstance(new, list)
+        and [m["model"]["name"] for m in old] == [m["model"]["name"] for m in new]
+    ):
+        pairs = enumerate(zip(old, new, strict=True))
+        return [c for i, (a, b) in pairs for c in _changes(a, b, f"models.{i}.")]
     return [] if old == new else [(prefix.rstrip("."), old, new)]
 
 
 def _reloadable(field: str) -> bool:
     section, _, name = field.partition(".")
+    if section == "models":  # models.<i>.<section>.<field>: the same rule per model
+        index, _, rest = name.partition(".")
+        return index.isdigit() and _reloadable(rest)
     if section not in RELOADABLE:
         return False
     names = RELOADABLE[section]
@@ -205,7 +232,10 @@ def plan_reload(old: Config, new: Config) -> tuple[Config, ReloadResult]:
     ]
     applied = [c for c in changes if _reloadable(c[0])]
     update: dict[str, Any] = {}
-    for section in {field.partition(".")[0] for field, _, _ in applied}:
+    if any(field.startswith("models.") for field, _, _ in applied):  # same names, same order
+        pairs = zip(old.models, new.models, strict=True)
+        update["models"] = [plan_reload(a, b)[0] for a, b in pairs]
+    for section in {field.partition(".")[0] for field, _, _ in applied} - {"models"}:
         names = {
             field.partition(".")[2].split(".")[0]
             for field, _, _ in applied
@@ -236,6 +266,7 @@ class Daemon:
         self.started_monotonic = time.monotonic()
         self.services: Services = None  # type: ignore[assignment]  # set by start()
         self.components: list[Component] = []
+        self.model_services: dict[str, Services] = {}  # per model: its components' services
         self.tailers: list[Any] = []
         self.redis: Any = None  # EmbeddedRedis when serve started one
         self._server: _Server | None = None
@@ -315,8 +346,10 @@ class Daemon:
             merged, result = plan_reload(self.config, new)
             if result.applied:
                 self.config = self.services.config = merged
+                for name, scoped in self.model_services.items():
+                    scoped.config = merged.for_model(name)
                 for component in self.components:
-                    component.reconfigure(merged)
+                    component.reconfigure(component.services.config)
             log.info(
                 "config reloaded from %s by %s: applied %s; changed but needing a restart: %s",
                 path,
@@ -345,19 +378,24 @@ class Daemon:
         """The ``GET /v1/status`` document: state, store counts, ingest counters, sources."""
         services = self.services
         config = services.config
+        per_model: dict[str, dict[str, int]] = {}
         with services.store.read() as conn:
-            stored, labeled = count_predictions(conn, config.model.name)
+            for name in config.model_names:
+                stored, labeled = count_predictions(conn, name)
+                per_model[name] = {"predictions": stored, "labeled": labeled}
             pending = count_pending(conn)
         ingested, rejected, joined = services.ingest.stats.snapshot()
         return {
             "version": patchd_version(),
             "state": self.state.value,
             "uptime_s": round(time.monotonic() - self.started_monotonic, 3),
-            "model": config.model.name,
+            # one model: its name; several: null (see `models`)
+            "model": None if config.several_models else config.model_names[0],
+            "models": per_model,
             "store": {
                 "path": services.store.location,
-                "predictions": stored,
-                "labeled": labeled,
+                "predictions": sum(m["predictions"] for m in per_model.values()),
+                "labeled": sum(m["labeled"] for m in per_model.values()),
                 "pending_labels": pending,
             },
             "ingest": {
@@ -412,20 +450,39 @@ class Daemon:
         return url
 
     def _build_components(self) -> list[Component]:
+        """Every component of :data:`COMPONENTS`; a ``per_model`` one once per model (its
+        metrics as one collector with a ``model`` label, its jobs and events that model's)."""
+        services = self.services
+        errors = job_errors_counter()
+        services.metrics.register(errors)
+        self.model_services = {
+            view.model.name: services.for_model(view, errors) for view in self.config.per_model()
+        }
+        several = self.config.several_models
         built: list[Component] = []
         for target in COMPONENTS:
             cls = component_class(target)
-            try:
-                component = cls(self.services)
-            except PatchdError:
-                raise
-            except Exception as err:
-                raise PluginError(f"component {target}: construction failed: {err!r}") from err
-            self.services.components[component.name] = component
-            for collector in component.collectors():
-                self.services.metrics.register(collector)
-            built.append(component)
-            log.info("component %s (%s) loaded", component.name, target)
+            if not cls.per_model:
+                component = _construct(cls, target, services)
+                for scoped in self.model_services.values():
+                    scoped.components.setdefault(component.name, component)
+                services.components[component.name] = component
+                for collector in component.collectors():
+                    services.metrics.register(collector)
+                built.append(component)
+                log.info("component %s (%s) loaded", component.name, target)
+                continue
+            by_model: dict[str, list[Any]] = {}
+            for model, scoped in self.model_services.items():
+                component = _construct(cls, target, scoped)
+                scoped.components[component.name] = component
+                services.components[f"{component.name}:{model}" if several else component.name] = (
+                    component
+                )
+                by_model[model] = list(component.collectors())
+                built.append(component)
+                log.info("component %s of model %s (%s) loaded", component.name, model, target)
+            services.metrics.register(ModelLabelCollector(by_model))
         return built
 
     def _build_tailers(self) -> list[Any]:
@@ -450,15 +507,43 @@ class Daemon:
         ]
         routers.append(metrics_router(services.metrics))
         routers.append(admin_router(lambda who: self.reload(who).to_dict()))
+        scoped: dict[str, list[Any]] = {name: [] for name in self.model_services}
         for component in self.components:
-            routers.extend(component.routers())
+            if component.per_model:
+                scoped[component.services.config.model.name].extend(component.routers())
+            else:
+                routers.extend(component.routers())
+        names = list(scoped)
+        if not self.config.several_models:  # one model: the unprefixed routes stay
+            routers.extend(scoped[names[0]])
+        routers.extend(scoped_router(name, found) for name, found in scoped.items())
+        unscoped = model_scoped_routes(scoped[names[0]]) if self.config.several_models else []
+        routers.append(models_router(names, unscoped))
         tokens = TokenStore.from_config(self.config, self.environ)
+        dispatch = [(ModelDispatch, {"routes": unscoped, "resolve": self._model_of})]
         self.app = create_app(
             routers,
             allowed_hosts=self.config.api.allowed_hosts,
             max_body_bytes=self.config.api.max_body_bytes,
             state={"tokens": tokens, "services": services, "daemon": self},
+            middleware=dispatch if self.config.several_models else (),
         )
+
+    def _model_of(self, kind: str, ident: str) -> str | None:
+        """The model of run or candidate ``ident`` (None: no such record)."""
+        from patchd.promotion.component import CandidatesComponent
+        from patchd.runs.component import RunsComponent
+
+        first = self.config.model_names[0]  # any model's component reads every record by id
+        try:
+            if kind == "run":
+                return self.services.component_for("runs", first, RunsComponent).get(ident).model
+            if kind == "candidate":
+                found = self.services.component_for("candidates", first, CandidatesComponent)
+                return found.get(ident).model
+        except NotFoundError:
+            return None
+        return None
 
     def _start_parts(self) -> None:
         from patchd.store.retention import Retention
@@ -494,7 +579,11 @@ class Daemon:
         )
         self._server = _Server(uv_config)
         log.info(
-            "serving the API on http://%s:%d (model %s)", api.host, api.port, self.config.model.name
+            "serving the API on http://%s:%d (model%s %s)",
+            api.host,
+            api.port,
+            "s" if self.config.several_models else "",
+            ", ".join(self.config.model_names),
         )
         try:
             self._server.run()

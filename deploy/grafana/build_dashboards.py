@@ -313,40 +313,50 @@ def subgroups() -> dict[str, Any]:
     )  # fmt: skip
 
 
+_PICKED = '{model=~"$model"}'  # the models picked in the `model` variable
+
+
 def pipeline() -> dict[str, Any]:
     runs = [
         Panel("Runs finished by result (range)", "bargauge", (Query(
-            "sum by (result) (increase(patchd_runs_total[$__range]))", "{{result}}",
+            f"sum by (result) (increase(patchd_runs_total{_PICKED}[$__range]))", "{{result}}",
             instant=True),), width=8, options={"displayMode": "basic"}),
         Panel("Runs finished per hour", "timeseries", (Query(
-            "sum by (result) (increase(patchd_runs_total[1h]))", "{{result}}"),), width=16),
+            f"sum by (result) (increase(patchd_runs_total{_PICKED}[1h]))", "{{result}}"),),
+            width=16),
         Panel("Stages completed per hour", "timeseries", (Query(
-            "sum by (stage) (increase(patchd_run_stage_seconds_count[1h]))", "{{stage}}"),),
-            width=8),
+            f"sum by (stage) (increase(patchd_run_stage_seconds_count{_PICKED}[1h]))",
+            "{{stage}}"),), width=8),
         Panel("Mean stage duration (range)", "bargauge", (Query(
-            "sum by (stage) (increase(patchd_run_stage_seconds_sum[$__range]))"
-            " / sum by (stage) (increase(patchd_run_stage_seconds_count[$__range]))",
+            f"sum by (stage) (increase(patchd_run_stage_seconds_sum{_PICKED}[$__range]))"
+            f" / sum by (stage) (increase(patchd_run_stage_seconds_count{_PICKED}[$__range]))",
             "{{stage}}", instant=True),), width=8, unit="s",
             options={"displayMode": "basic", "orientation": "horizontal"}),
         Panel("Stage duration p90 (6h window)", "timeseries", (Query(
             "histogram_quantile(0.9, sum by (stage, le) "
-            "(increase(patchd_run_stage_seconds_bucket[6h])))", "{{stage}}"),), width=8, unit="s"),
+            f"(increase(patchd_run_stage_seconds_bucket{_PICKED}[6h])))", "{{stage}}"),), width=8,
+            unit="s"),
+        Panel("Scheduler job errors per hour (monitor, runs, candidates)", "timeseries", (Query(
+            f"sum by (model, job) (increase(patchd_job_errors_total{_PICKED}[1h]))",
+            "{{model}} {{job}}"),), width=24),
     ]  # fmt: skip
     gate = [
         Panel("Candidates by state", "timeseries", (Query(
-            "sum by (state) (patchd_candidates)", "{{state}}"),), width=12,
+            f"sum by (state) (patchd_candidates{_PICKED})", "{{state}}"),), width=12,
             options={"tooltip": {"mode": "multi"}}),
         Panel("Longest wait for approval", "stat", (Query(
-            "max(patchd_awaiting_approval_seconds)"),), width=4, unit="s",
+            f"max(patchd_awaiting_approval_seconds{_PICKED})"),), width=4, unit="s",
             thresholds=(("green", None), ("orange", 172800))),
         Panel("Promotions by result (range)", "bargauge", (Query(
-            "sum by (result) (increase(patchd_promotions_total[$__range]))", "{{result}}",
+            f"sum by (result) (increase(patchd_promotions_total{_PICKED}[$__range]))", "{{result}}",
             instant=True),), width=8, options={"displayMode": "basic"}),
     ]  # fmt: skip
     return dashboard(
         "patchd-pipeline", "patchd / Patch pipeline",
-        [("Runs and stages", runs), ("Gate and promotion", gate)], [],
-        "Patch runs by result and stage, stage durations, candidates and promotions.",
+        [("Runs and stages", runs), ("Gate and promotion", gate)],
+        [_variable("model", "label_values(patchd_runs_total, model)", multi=True)],
+        "Patch runs by result and stage, stage durations, candidates and promotions"
+        " (of the models picked in `model`).",
     )  # fmt: skip
 
 

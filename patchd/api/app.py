@@ -130,14 +130,18 @@ def create_app(
     allowed_hosts: Sequence[str],
     max_body_bytes: int,
     state: dict[str, Any] | None = None,
+    middleware: Sequence[tuple[Any, dict[str, Any]]] = (),
 ) -> FastAPI:
-    """Build the app; ``state`` items are set on ``app.state`` (tokens, services, daemon)."""
+    """Build the app; ``state`` items are set on ``app.state`` (tokens, services, daemon);
+    ``middleware`` (class, options) runs inside the Host check and the body limit."""
     app = FastAPI(title="patchd", version=patchd_version(), docs_url="/docs", redoc_url=None)
     for key, value in (state or {}).items():
         setattr(app.state, key, value)
     app.add_exception_handler(PatchdError, _patchd_error)
     for router in routers:
         app.include_router(router)
+    for cls, options in middleware:
+        app.add_middleware(cls, **options)
     # Added last = outermost: the Host check runs before anything reads the body.
     app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)
     app.add_middleware(HostAllowListMiddleware, allowed=list(allowed_hosts))

@@ -28,6 +28,14 @@ class ApiError(PatchdError):
         super().__init__(message)
 
 
+def scoped_path(model: str, path: str) -> str:
+    """``/v1/<rest>`` of a model-scoped route as ``/v1/models/<model>/<rest>`` (serve answers
+    both forms with one model, only this one with several)."""
+    if not path.startswith("/v1/"):
+        raise ValueError(f"a model-scoped route must start with /v1/, got {path!r}")
+    return f"/v1/models/{model}/{path[len('/v1/') :]}"
+
+
 def base_url(config: Config) -> str:
     host = config.api.host
     if host in ("0.0.0.0", ""):

@@ -13,6 +13,7 @@ import click
 BENCHES: dict[str, str] = {
     "ingest": "patchd.bench.ingest:ingest",
     "monitor": "patchd.bench.monitor:monitor",
+    "models": "patchd.bench.models:models",
     "client": "patchd.bench.client:client",
     "quality": "patchd.bench.quality:quality",
     "mining": "patchd.bench.mining:mining",

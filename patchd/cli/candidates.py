@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from patchd.cli.options import config_option, config_path_option, store_group_config
+from patchd.api.client import scoped_path
+from patchd.cli.options import (
+    config_option,
+    config_path_option,
+    model_option,
+    model_view,
+    store_group_config,
+)
 from patchd.cli.safe import cells, printable
 
 if TYPE_CHECKING:
@@ -57,13 +64,22 @@ def _row(c: dict[str, Any]) -> tuple[str, ...]:
 
 @click.command()
 @config_option
-@click.option("--model", default=None, help="Only candidates of this model.")
+@click.option(
+    "--model",
+    default=None,
+    envvar="PATCHD_MODEL",
+    help="Only candidates of this model (required when several are configured).",
+)
 @click.option("--state", default=None, help="Only candidates in this state.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def candidates(config: Config, model: str | None, state: str | None, as_json: bool) -> None:
     """List candidates with their gate verdict and worst-group / average accuracy."""
     params = {k: v for k, v in (("model", model), ("state", state)) if v}
-    body = _request(config, "GET", "/v1/candidates", params=params)["candidates"]
+    path = "/v1/candidates"
+    if config.several_models:
+        path = scoped_path(model_view(config, model).model.name, path)
+        params = {"state": state} if state else {}
+    body = _request(config, "GET", path, params=params)["candidates"]
     if as_json:
         click.echo(json.dumps(body, indent=2))
         return
@@ -117,7 +133,7 @@ yes_option = click.option("--yes", is_flag=True, help="Do not ask for confirmati
 
 def _awaiting(config: Config, candidate_id: str, digest: str | None, verb: str) -> dict[str, Any]:
     """The candidate, shown; a ClickException (before any question) unless it awaits approval."""
-    cand = _request(config, "GET", f"/v1/candidates/{candidate_id}")
+    cand = _request(config, "GET", scoped_path(config.model.name, f"/v1/candidates/{candidate_id}"))
     shown = digest or cand["digest"]
     click.echo(
         f"{candidate_id}: {cand['state']}, verdict {cand.get('verdict')}, digest {shown[:16]}"
@@ -135,6 +151,7 @@ def _awaiting(config: Config, candidate_id: str, digest: str | None, verb: str) 
 
 @click.command()
 @config_option
+@model_option
 @click.argument("candidate_id")
 @click.option("--digest", default=None, help="Pin the digest you reviewed (default: fetch it).")
 @yes_option
@@ -148,7 +165,8 @@ def approve(
     if not yes:
         click.confirm(f"promote {cand['model']}@{digest[:12]} to production?", abort=True)
     body = {"digest": digest, "by": _person(by)}
-    done = _request(config, "POST", f"/v1/candidates/{candidate_id}/approve", json=body)
+    path = scoped_path(config.model.name, f"/v1/candidates/{candidate_id}/approve")
+    done = _request(config, "POST", path, json=body)
     click.secho(
         f"promoted {done['model']}@{done['digest'][:12]} ({done['id']}), "
         f"recorded as {printable(done.get('decided_by'))}",
@@ -158,6 +176,7 @@ def approve(
 
 @click.command()
 @config_option
+@model_option
 @click.argument("candidate_id")
 @click.option("--reason", default="", help="Why (goes to the audit log).")
 @yes_option
@@ -168,22 +187,22 @@ def reject(config: Config, candidate_id: str, reason: str, yes: bool, by: str | 
     if not yes:
         click.confirm(f"reject {cand['model']}@{cand['digest'][:12]} for good?", abort=True)
     body = {"reason": reason, "by": _person(by)}
-    done = _request(config, "POST", f"/v1/candidates/{candidate_id}/reject", json=body)
+    path = scoped_path(config.model.name, f"/v1/candidates/{candidate_id}/reject")
+    done = _request(config, "POST", path, json=body)
     click.echo(f"rejected {done['id']} ({done['model']}@{done['digest'][:12]})")
 
 
 @click.command()
 @config_option
-@click.option("--model", default=None, help="Model to roll back (default: model.name).")
+@model_option
 @click.option("--digest", default=None, help="Only if this digest is production now.")
 @yes_option
 @by_option
-def rollback(
-    config: Config, model: str | None, digest: str | None, yes: bool, by: str | None
-) -> None:
+def rollback(config: Config, digest: str | None, yes: bool, by: str | None) -> None:
     """Roll production back one step (to the previous pointer)."""
-    name = model or config.model.name
-    pointer = _request(config, "GET", "/v1/production")["production"].get(name)
+    name = config.model.name
+    production = _request(config, "GET", scoped_path(name, "/v1/production"))["production"]
+    pointer = production.get(name)
     if not pointer:
         raise click.ClickException(f"model {name!r} has no production version to roll back")
     if not pointer.get("previous"):
@@ -197,7 +216,7 @@ def rollback(
     if not yes:
         click.confirm(f"roll {name} back to {pointer['previous'][:12]}?", abort=True)
     body = {"model": name, "digest": digest or pointer["sha256"], "by": _person(by)}
-    done = _request(config, "POST", "/v1/rollback", json=body)
+    done = _request(config, "POST", scoped_path(name, "/v1/rollback"), json=body)
     click.secho(
         f"rolled back {done['model']}: production is now {done['production'][:12]}", fg="yellow"
     )
@@ -205,6 +224,7 @@ def rollback(
 
 @click.command()
 @config_option
+@model_option
 @click.argument("candidate_id")
 @click.option("--open", "open_browser", is_flag=True, help="Open the HTML in a browser.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report.")
@@ -213,7 +233,7 @@ def report(config: Config, candidate_id: str, open_browser: bool, as_json: bool)
     from patchd.exceptions import NotFoundError
     from patchd.promotion.registry import open_registry
 
-    cand = _request(config, "GET", f"/v1/candidates/{candidate_id}")
+    cand = _request(config, "GET", scoped_path(config.model.name, f"/v1/candidates/{candidate_id}"))
     registry = open_registry(config)
     vdir = registry.version_dir(cand["model"], cand["digest"])
     if registry.blobs is not None:  # fetched from the bucket, each file checked
@@ -226,7 +246,8 @@ def report(config: Config, candidate_id: str, open_browser: bool, as_json: bool)
     if not path.is_file():  # serve runs elsewhere: fetch the live report
         import tempfile
 
-        html = _request(config, "GET", f"/v1/candidates/{candidate_id}/report").text
+        route = scoped_path(config.model.name, f"/v1/candidates/{candidate_id}/report")
+        html = _request(config, "GET", route).text
         path = Path(tempfile.mkdtemp(prefix="patchd-report-")) / f"{candidate_id}.html"
         path.write_text(html)
     click.echo(str(path))
@@ -247,7 +268,9 @@ def registry(ctx: click.Context, config_path: Path | None) -> None:
 @click.option(
     "--weights", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
 )
-@click.option("--model", default=None, help="Model name (default: model.name).")
+@click.option(
+    "--model", default=None, help="Model name (default: the only model; several: required)."
+)
 @click.option("--by", default=None, help="Who approves (default: the OS user).")
 def import_cmd(config: Config, weights: Path, model: str | None, by: str | None) -> None:
     """Import a safetensors file as the production version (the first one, typically)."""
@@ -256,7 +279,7 @@ def import_cmd(config: Config, weights: Path, model: str | None, by: str | None)
 
     if weights.suffix != ".safetensors":
         raise click.ClickException(f"{weights} is not a .safetensors file (no pickles)")
-    name = model or config.model.name
+    name = model or model_view(config, None).model.name
     actor = by or f"cli:{getpass.getuser()}"
     reg = open_registry(config)
     before = reg.pointer(name)
@@ -276,12 +299,14 @@ def import_cmd(config: Config, weights: Path, model: str | None, by: str | None)
 
 @registry.command("list")
 @config_option
-@click.option("--model", default=None, help="Model name (default: model.name).")
+@click.option(
+    "--model", default=None, help="Model name (default: the only model; several: required)."
+)
 def list_cmd(config: Config, model: str | None) -> None:
     """Versions of a model; the production one is marked."""
     from patchd.promotion.registry import open_registry
 
-    name = model or config.model.name
+    name = model or model_view(config, None).model.name
     reg = open_registry(config)
     pointer = reg.pointer(name)
     for v in reg.versions(name):

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from patchd.cli.options import config_option
+from patchd.cli.options import config_option, model_option
 from patchd.cli.safe import cell, markup, printable
 
 if TYPE_CHECKING:
@@ -24,10 +24,11 @@ STATE_STYLE = {"ok": "green", "warning": "yellow", "degraded": "bold red"}
 
 
 def fetch(config: Config) -> dict[str, Any]:
-    from patchd.api.client import ApiClient
+    from patchd.api.client import ApiClient, scoped_path
 
     with ApiClient.from_config(config) as client:
-        return {"status": client.get("/v1/status"), "groups": client.get("/v1/groups")}
+        groups = client.get(scoped_path(config.model.name, "/v1/groups"))
+        return {"status": client.get("/v1/status"), "groups": groups}
 
 
 def _pct(x: float | None) -> str:
@@ -104,11 +105,13 @@ def status_view(doc: dict[str, Any]) -> RenderableType:
     from rich.text import Text
 
     st = doc["status"]
-    store = st.get("store", {})
+    model = doc["groups"].get("model") or st.get("model", "?")
+    # this model's counts (several models: `models`), else the store's
+    store = (st.get("models") or {}).get(model) or st.get("store", {})
     head = Text(
         printable(
             f"patchd {st.get('version', '?')} {st.get('state', '?')}, model "
-            f"{st.get('model', '?')}: {store.get('predictions', '?')} predictions, "
+            f"{model}: {store.get('predictions', '?')} predictions, "
             f"{store.get('labeled', '?')} labeled"
         )
     )
@@ -141,6 +144,7 @@ def mined_lines(groups: dict[str, Any]) -> list[Any]:
 
 @click.command()
 @config_option
+@model_option
 @click.option("--watch", is_flag=True, help="Refresh until interrupted.")
 @click.option("--interval", default=2.0, show_default=True, help="Seconds between refreshes.")
 @click.option("--json", "as_json", is_flag=True, help="Print /v1/status and /v1/groups as JSON.")

@@ -13,6 +13,7 @@ import click
 from click.core import ParameterSource
 
 from patchd.config import Config, load_config
+from patchd.exceptions import ConfigError
 
 config_path_option = click.option(
     "-c",
@@ -69,3 +70,31 @@ def with_overrides(config: Config, **sections: dict[str, Any]) -> Config:
         if given:
             data[section] = {**data.get(section, {}), **given}
     return build_config(data)
+
+
+def model_view(config: Config, model: str | None) -> Config:
+    """The one-model view of ``--model`` (the only model without it); a usage error naming the
+    configured models when it is missing with several, or names none of them."""
+    try:
+        return config.for_model(model)
+    except ConfigError as err:
+        raise click.UsageError(str(err)) from None
+
+
+def model_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Adds ``--model NAME`` (env ``PATCHD_MODEL``) under :func:`config_option`: the command gets
+    that model's one-model ``config`` (required when several models are configured)."""
+
+    @click.option(
+        "--model",
+        "model_name",
+        default=None,
+        envvar="PATCHD_MODEL",
+        metavar="NAME",
+        help="The model (required when several are configured; env PATCHD_MODEL).",
+    )
+    @functools.wraps(func)
+    def wrapper(*args: Any, config: Config, model_name: str | None, **kwargs: Any) -> Any:
+        return func(*args, config=model_view(config, model_name), **kwargs)
+
+    return wrapper

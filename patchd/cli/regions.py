@@ -21,7 +21,7 @@ from typing import Any
 
 import click
 
-from patchd.cli.options import config_option
+from patchd.cli.options import config_option, model_option
 from patchd.config import Config
 from patchd.exceptions import ValidationError
 from patchd.runs import regions as store
@@ -58,6 +58,7 @@ def parse_label(text: str) -> tuple[str, str]:
     "--done", is_flag=True, help="Labelling is done: resume the run awaiting labels (via serve)."
 )
 @config_option
+@model_option
 def regions(run_id: str, labels: tuple[str, ...], by: str, done: bool, config: Config) -> None:
     """List a run's failure regions and their sample PNGs; label them with --label."""
     path = run_dir(config, run_id)

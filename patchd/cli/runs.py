@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from patchd.cli.options import config_option, config_path_option, store_group_config
+from patchd.api.client import scoped_path
+from patchd.cli.options import (
+    config_option,
+    config_path_option,
+    model_option,
+    model_view,
+    store_group_config,
+)
 from patchd.cli.safe import cells
 from patchd.config import load_config
 
@@ -89,7 +96,8 @@ def awaiting_text(run: dict[str, Any]) -> str:
 
 def resume_run(config: Config, run_id: str) -> dict[str, Any]:
     """``POST /v1/runs/{id}/resume``: the run goes on to train with the labels given."""
-    body: dict[str, Any] = _request(config, "POST", f"/v1/runs/{run_id}/resume")
+    path = scoped_path(config.model.name, f"/v1/runs/{run_id}/resume")
+    body: dict[str, Any] = _request(config, "POST", path)
     return body
 
 
@@ -121,7 +129,12 @@ def print_runs(runs: list[dict[str, Any]], now: float | None = None) -> None:
 
 @click.group(invoke_without_command=True)
 @config_path_option
-@click.option("--model", default=None, help="Only runs of this model.")
+@click.option(
+    "--model",
+    default=None,
+    envvar="PATCHD_MODEL",
+    help="Only runs of this model (required when several are configured).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_context
 def runs(ctx: click.Context, config_path: Path | None, model: str | None, as_json: bool) -> None:
@@ -130,8 +143,11 @@ def runs(ctx: click.Context, config_path: Path | None, model: str | None, as_jso
     if ctx.invoked_subcommand is not None:
         return
     config = load_config(config_path, os.environ)
-    params = {"model": model} if model else {}
-    body = _request(config, "GET", "/v1/runs", params=params)
+    if config.several_models:
+        path, params = scoped_path(model_view(config, model).model.name, "/v1/runs"), {}
+    else:
+        path, params = "/v1/runs", {"model": model} if model else {}
+    body = _request(config, "GET", path, params=params)
     if as_json:
         import json
 
@@ -143,11 +159,12 @@ def runs(ctx: click.Context, config_path: Path | None, model: str | None, as_jso
 @runs.command("show")
 @click.argument("run_id")
 @config_option
+@model_option
 def show(config: Config, run_id: str) -> None:
     """Show one run as JSON (a run that kept the incumbent says so first, on stderr)."""
     import json
 
-    body = _request(config, "GET", f"/v1/runs/{run_id}")
+    body = _request(config, "GET", scoped_path(config.model.name, f"/v1/runs/{run_id}"))
     kept = _outcome(body)
     if kept:
         click.echo(f"run {body['id']}: {kept}", err=True)
@@ -159,15 +176,17 @@ def show(config: Config, run_id: str) -> None:
 @runs.command("cancel")
 @click.argument("run_id")
 @config_option
+@model_option
 def cancel(config: Config, run_id: str) -> None:
     """Cancel a run: queued stages are cancelled, the running one is stopped."""
-    body = _request(config, "POST", f"/v1/runs/{run_id}/cancel")
+    body = _request(config, "POST", scoped_path(config.model.name, f"/v1/runs/{run_id}/cancel"))
     click.echo(f"run {body['id']}: {body['state']}")
 
 
 @runs.command("resume")
 @click.argument("run_id")
 @config_option
+@model_option
 def resume(config: Config, run_id: str) -> None:
     """Resume a run awaiting region labels: it trains with the labels given so far."""
     body = resume_run(config, run_id)
@@ -176,6 +195,7 @@ def resume(config: Config, run_id: str) -> None:
 
 @click.command()
 @config_option
+@model_option
 @click.option("--reason", default="manual (patchd patch)", help="Recorded on the run.")
 @click.option("--miner", default=None)
 @click.option("--augmenter", default=None)
@@ -201,7 +221,12 @@ def patch(
     }
     if epochs is not None:
         recipe["budget"] = {"epochs": epochs}
-    body = _request(config, "POST", "/v1/runs", json={"reason": reason, "recipe": recipe or None})
+    body = _request(
+        config,
+        "POST",
+        scoped_path(config.model.name, "/v1/runs"),
+        json={"reason": reason, "recipe": recipe or None},
+    )
     click.echo(
         f"run {body['id']} {body['state']}" + (f": {body['error']}" if body.get("error") else "")
     )
@@ -213,7 +238,7 @@ def _follow(config: Config, run: dict[str, Any]) -> None:
     last = None
     while run["state"] not in TERMINAL:
         time.sleep(2)
-        run = _request(config, "GET", f"/v1/runs/{run['id']}")
+        run = _request(config, "GET", scoped_path(config.model.name, f"/v1/runs/{run['id']}"))
         shown = (run["state"], run.get("stage"))
         if shown != last:
             click.echo(f"  {run['state']:<10} {run.get('stage') or ''}")

@@ -30,8 +30,6 @@ import orjson
 from patchd.config import Config
 from patchd.exceptions import PatchdError, QueueFullError, StoreError
 from patchd.ingest.records import (
-    EventParser,
-    GroupCap,
     InlineInput,
     Label,
     Prediction,
@@ -39,12 +37,12 @@ from patchd.ingest.records import (
     Validated,
     validate_each,
 )
+from patchd.ingest.routing import ModelRouter
 from patchd.store import predictions as store_predictions
 from patchd.store.backend import Store
 
 log = logging.getLogger(__name__)
 
-GROUPS_KV_KEY = "ingest:group_values"
 PENDING_RECOUNT_S = 60.0  # the pending-label count is exact again after retention within this
 
 
@@ -156,7 +154,8 @@ class IngestPipeline:
         self.config = config
         self.store = store
         self.stats = IngestStats()
-        self.parser = EventParser(config, GroupCap(config.groups, self._load_groups()))
+        # one parser per model; events route by their `model` field (patchd.ingest.routing)
+        self.parser = ModelRouter(config, self._load_groups)
         self.max_queued = config.api.ingest_queue_max
         self.batch_size = config.store.batch_size
         self._queue: deque[_Work] = deque()
@@ -165,7 +164,7 @@ class IngestPipeline:
         self._accepting = False
         self._stopping = False
         self._busy = False
-        self._groups_version = self.parser.groups.version
+        self._groups_versions = {k: cap.version for k, cap in self.parser.groups().items()}
         self._stamp = self._last_stamp()  # labeled_at of the newest label in the store
         self.max_pending_labels = config.store.max_pending_labels
         self._pending_labels = 0  # labels waiting in the store, recounted every PENDING_RECOUNT_S
@@ -382,28 +381,33 @@ class IngestPipeline:
         return self._pending_labels
 
     def _persist_groups(self, conn: Any) -> None:
-        version = self.parser.groups.version
-        if version == self._groups_version:
-            return
-        value = orjson.dumps(self.parser.groups.snapshot()).decode()
-        conn.execute(
-            "INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?) ON CONFLICT (key) "
-            "DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-            (GROUPS_KV_KEY, value, time.time()),
-        )
-        self._groups_version = version
+        for key, cap in self.parser.groups().items():
+            version = cap.version
+            if version == self._groups_versions.get(key):
+                continue
+            value = orjson.dumps(cap.snapshot()).decode()
+            conn.execute(
+                "INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?) ON CONFLICT (key) "
+                "DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                (key, value, time.time()),
+            )
+            self._groups_versions[key] = version
 
     def _last_stamp(self) -> float:
+        """The newest ``labeled_at`` of any model this serve watches (stamps are per process)."""
+        stamp = 0.0
         with self.store.read() as conn:
-            row = conn.execute(
-                "SELECT MAX(labeled_at) FROM predictions WHERE model = ? AND label IS NOT NULL",
-                (self.config.model.name,),
-            ).fetchone()
-        return float(row[0] or 0.0)
+            for name in self.config.model_names:
+                row = conn.execute(
+                    "SELECT MAX(labeled_at) FROM predictions WHERE model = ? AND label IS NOT NULL",
+                    (name,),
+                ).fetchone()
+                stamp = max(stamp, float(row[0] or 0.0))
+        return stamp
 
-    def _load_groups(self) -> dict[str, list[str]]:
+    def _load_groups(self, key: str) -> dict[str, list[str]]:
         with self.store.read() as conn:
-            row = conn.execute("SELECT value FROM kv WHERE key = ?", (GROUPS_KV_KEY,)).fetchone()
+            row = conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
         return orjson.loads(row[0]) if row else {}
 
     def _fail_queued(self, err: Exception) -> None:

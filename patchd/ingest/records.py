@@ -8,7 +8,8 @@ A prediction event::
 
 Required: ``id`` (string or integer) and ``pred`` (class index, or class name; a decimal string
 that is not a class name is read as an index). ``model`` defaults
-to ``config.model.name`` and must equal it (a serve instance watches one model); ``ts`` (ISO 8601
+to ``config.model.name`` and must equal it (this parser is one model's; :mod:`patchd.ingest.routing`
+routes events by ``model`` when several are configured); ``ts`` (ISO 8601
 or unix seconds) defaults to the arrival time. Unknown top-level fields are ignored; ``schema``,
 when present, must be 1. A label is ``{"id": ..., "label": ..., "model"?: ...}``.
 

@@ -50,11 +50,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 JOB_ID = "monitor-tick"
+CATCH_UP_DELAY_S = 0.2  # while a fresh monitor reads its starting window, the next tick comes soon
 DRIFT_JOB_ID = "monitor-drift"
 
 
 class MonitorComponent(Component):
     name = "monitor"
+    per_model = True
 
     def __init__(self, services: Services) -> None:
         super().__init__(services)
@@ -138,7 +140,10 @@ class MonitorComponent(Component):
             self._apply_mined()  # first: a promotion's evaluation reference must fit its groups
             self._apply_promotion()
             snap, events = self.engine.tick(self.services.store)
+            catching_up = self.engine.catch_up is not None
         self._publish(events)
+        if catching_up:
+            self._tick_soon()
         log.debug(
             "model=%s: tick %.3fs, %d labeled events in window",
             self.model,
@@ -146,6 +151,13 @@ class MonitorComponent(Component):
             snap.n,
         )
         return snap
+
+    def _tick_soon(self) -> None:
+        """Run the next tick in :data:`CATCH_UP_DELAY_S` rather than ``monitor.interval_s``."""
+        job = self.services.scheduler.get_job(JOB_ID)
+        if job is not None:
+            soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=CATCH_UP_DELAY_S)
+            job.modify(next_run_time=soon)
 
     def reconfigure(self, config: Config) -> None:
         """New monitor thresholds (a reload): every cell is re-judged over the window now."""

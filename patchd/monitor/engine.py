@@ -38,6 +38,7 @@ from patchd.monitor.window import (
     fetch_labeled,
     fetch_reference,
     fetch_traffic,
+    newest_cursor,
     newest_cursor_before,
 )
 
@@ -86,6 +87,8 @@ class ModelMonitor:
     window: Window = field(init=False)
     policy: AlertPolicy = field(init=False)
     cursor: Cursor | None = None
+    # while a fresh monitor reads the window it starts from: the newest labeled event then
+    catch_up: Cursor | None = None
     reference: Reference | Learning | None = None
     learned: LabeledEvents = field(default_factory=LabeledEvents.empty)
     drifting: set[tuple[str, str]] = field(default_factory=set)
@@ -125,11 +128,17 @@ class ModelMonitor:
                 self._register_reference_groups()
             if self.cursor is None:
                 self.cursor = newest_cursor_before(conn, self.model, self.config.monitor.window)
+                self.catch_up = newest_cursor(conn, self.model)
             new = self._fetch_new(conn)
             traffic = fetch_traffic(
                 conn, self.model, self.config.monitor.drift_window, self.groups, self.epoch
             )
-            if self.estimator is None and isinstance(self.reference, Reference):
+            # calibrated once the starting window is read (a catching-up tick stays short)
+            if (
+                self.estimator is None
+                and isinstance(self.reference, Reference)
+                and self.catch_up is None
+            ):
                 self._fit_estimator(conn)
         snapshot, events = self.advance(new, traffic, now, store)
         self.snapshot = snapshot = _timed(snapshot, time.perf_counter() - started)
@@ -153,12 +162,22 @@ class ModelMonitor:
         cursor = self.cursor
         assert cursor is not None  # tick sets it before fetching
         batches = []
+        # catching up: at most monitor.catch_up_events_per_tick, oldest first (see the config)
+        left = self.config.monitor.catch_up_events_per_tick if self.catch_up is not None else None
         while True:
-            batch, cursor = fetch_labeled(conn, self.model, cursor, FETCH_LIMIT, self.groups)
+            limit = FETCH_LIMIT if left is None else min(FETCH_LIMIT, left)
+            batch, cursor = fetch_labeled(conn, self.model, cursor, limit, self.groups)
             self.cursor = cursor
             batches.append(batch)
-            if len(batch) < FETCH_LIMIT:
+            if left is not None:
+                left -= len(batch)
+            if len(batch) < limit or left == 0:
                 break
+        end = self.catch_up
+        if end is not None and (
+            len(batches[-1]) < limit or (cursor.labeled_at, cursor.id) >= (end.labeled_at, end.id)
+        ):
+            self.catch_up = None  # the window it started from is read: no bound from now on
         out = LabeledEvents.empty()
         for b in batches:
             out = LabeledEvents.concat(out, b)

@@ -196,6 +196,16 @@ def fetch_labeled(
     return _columns(rows, groups), Cursor(float(rows[-1][2]), str(rows[-1][0]))
 
 
+def newest_cursor(conn: Connection, model: str) -> Cursor:
+    """The cursor of the newest labeled event (None: no labeled event yet)."""
+    row = conn.execute(
+        "SELECT labeled_at, id FROM predictions WHERE model = ? AND label IS NOT NULL "
+        "ORDER BY labeled_at DESC, id DESC LIMIT 1",
+        (model,),
+    ).fetchone()
+    return Cursor(float(row[0]), str(row[1])) if row else Cursor()
+
+
 def newest_cursor_before(conn: Connection, model: str, limit: int) -> Cursor:
     """The cursor just before the newest ``limit`` labeled events (where a fresh monitor starts)."""
     row = conn.execute(

@@ -85,9 +85,8 @@ class NotifyComponent(Component):
         if not hooks:
             return
         try:
-            cand = self.services.component("candidates", CandidatesComponent).get(
-                event.candidate_id
-            )
+            candidates = self.services.component_for("candidates", event.model, CandidatesComponent)
+            cand = candidates.get(event.candidate_id)
         except PatchdError as err:
             log.warning("notify: candidate %s not readable: %s", event.candidate_id, err)
             return

@@ -61,6 +61,7 @@ class CandidatesComponent(Component):
     """Gate, registry publication, approval lifecycle, audit, hooks (see the module docstring)."""
 
     name = "candidates"
+    per_model = True
 
     def __init__(self, services: Services) -> None:
         super().__init__(services)
@@ -127,7 +128,7 @@ class CandidatesComponent(Component):
     def list(
         self, model: str | None = None, state: str | None = None, limit: int = 100
     ) -> list[Candidate]:
-        return self.candidates.list(model, state, limit)
+        return self.candidates.list(model or self.services.scoped_model, state, limit)
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate_run(self, run_id: str, model: str) -> Candidate:
@@ -424,7 +425,8 @@ class CandidatesComponent(Component):
             if cand.expires_at is not None and cand.expires_at <= now:
                 self._expire(cand)
         keep = self.services.config.registry.keep_versions
-        for model in self.registry.models():
+        scoped = self.services.scoped_model
+        for model in [scoped] if scoped else self.registry.models():
             pending = {c.digest for s in PENDING for c in self.list(model, s, limit=10_000)}
             self.registry.gc(model, keep, protect=frozenset(pending))
 

@@ -168,6 +168,7 @@ def _failed(prog: Progress, stage: str, job: jobqueue.JobState) -> Progress:
 
 class RunsComponent(Component):
     name = "runs"
+    per_model = True
 
     def __init__(self, services: Services) -> None:
         super().__init__(services)
@@ -223,7 +224,9 @@ class RunsComponent(Component):
     def _fail_interrupted(self) -> None:
         """Runs left ``requested`` by a serve that stopped before enqueueing them."""
         with self.services.store.read() as conn:
-            stuck = select_runs(conn, "WHERE state = ?", ("requested",))
+            stuck = select_runs(
+                conn, f"WHERE state = ?{self._scope}", ("requested", *self._scope_args)
+            )
         for rec in stuck:
             self._finish(
                 rec, "failed", "serve stopped before the run was enqueued; request it again", None
@@ -239,6 +242,16 @@ class RunsComponent(Component):
             self._redis = jobqueue.connect(self.config.redis.url)
         return self._redis
 
+    @property
+    def _scope(self) -> str:
+        """The SQL condition that keeps a per-model component to its model's runs."""
+        return " AND model = ?" if self.services.scoped_model else ""
+
+    @property
+    def _scope_args(self) -> tuple[str, ...]:
+        scoped = self.services.scoped_model
+        return (scoped,) if scoped else ()
+
     # reading
     @property
     def model_name(self) -> str:
@@ -252,6 +265,7 @@ class RunsComponent(Component):
         return found[0]
 
     def list(self, model: str | None = None, limit: int = 50) -> list[RunRecord]:
+        model = model or self.services.scoped_model  # several models: this one's runs
         where, args = ("WHERE model = ?", (model,)) if model else ("", ())
         with self.services.store.read() as conn:
             return select_runs(conn, f"{where} ORDER BY created_at DESC LIMIT ?", (*args, limit))
@@ -345,7 +359,9 @@ class RunsComponent(Component):
                 jobqueue.cleanup_abandoned(self.redis, jobqueue.queue_names(self.config))
             with self.services.store.read() as conn:
                 open_runs = select_runs(
-                    conn, "WHERE state IN (?,?,?)", ("queued", "running", AWAITING_LABELS)
+                    conn,
+                    f"WHERE state IN (?,?,?){self._scope}",
+                    ("queued", "running", AWAITING_LABELS, *self._scope_args),
                 )
             for rec in open_runs:
                 with self._state_lock:

@@ -48,11 +48,14 @@ class UiComponent(Component):
         super().__init__(services)
         config = services.config
         self.settings = config.ui
-        self.model_name = config.model.name
-        self.monitor_config = config.monitor
+        # several models: these pages show the first one (and say so); one: that one
+        self.model_names = config.model_names
+        self.model_name = self.model_names[0]
+        shown = config.for_model(self.model_name)
+        self.monitor_config = shown.monitor
         self.artifacts_root = config.artifacts_root
         self.artifacts = RunArtifacts.from_config(config)  # fetches regions from a bucket
-        self.class_names = tuple(config.model.class_names or ())
+        self.class_names = tuple(shown.model.class_names or ())
         self.sessions = SessionStore(config.ui.session_ttl_s)
         self.allowed_origins = origin_of(config.ui.public_url)
 
@@ -72,17 +75,28 @@ class UiComponent(Component):
     def templates(self) -> Environment:
         return _environment()
 
+    @property
+    def models_note(self) -> str | None:
+        """What the pages say when serve watches more models than they show."""
+        if len(self.model_names) < 2:
+            return None
+        return (
+            f"This serve watches {len(self.model_names)} models ({', '.join(self.model_names)}); "
+            f"these pages show {self.model_name} only. Use the API (/v1/models/<model>/...) or "
+            "the CLI (--model) for the others."
+        )
+
     def candidates(self) -> CandidatesComponent:
-        return self.services.component("candidates", CandidatesComponent)
+        return self.services.component_for("candidates", self.model_name, CandidatesComponent)
 
     def runs(self) -> RunsComponent | None:
         try:
-            return self.services.component("runs", RunsComponent)
+            return self.services.component_for("runs", self.model_name, RunsComponent)
         except NotFoundError:
             return None
 
     def monitor(self) -> MonitorComponent | None:
         try:
-            return self.services.component("monitor", MonitorComponent)
+            return self.services.component_for("monitor", self.model_name, MonitorComponent)
         except NotFoundError:
             return None

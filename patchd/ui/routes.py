@@ -82,6 +82,10 @@ class UiBackend(Protocol):
     sessions: SessionStore
     allowed_origins: frozenset[str]
     model_name: str
+
+    @property
+    def models_note(self) -> str | None: ...  # several models: the pages show one, and say so
+
     monitor_config: MonitorConfig
     artifacts_root: Path
     artifacts: RunArtifacts
@@ -130,6 +134,7 @@ def build_router(ui: UiBackend) -> APIRouter:
                 session=session,
                 flash=FLASH.get(request.query_params.get("msg", "")),
                 model_name=ui.model_name,
+                models_note=ui.models_note,
                 nav=NAV.get(Path(name).stem, Path(name).stem),
                 **ctx,
             )

@@ -185,8 +185,8 @@ def test_approval_lifecycle_over_http(setup) -> None:
         report = reader.get("/v1/candidates/c-r2/report")
         assert report.status_code == 200 and "rolled_back" in report.text
         metrics = httpx.get(serve.url + "/metrics").text
-        assert 'patchd_candidates{state="expired"} 1.0' in metrics
-        assert 'patchd_promotions_total{result="rolled_back"} 1.0' in metrics
+        assert 'patchd_candidates{model="m",state="expired"} 1.0' in metrics
+        assert 'patchd_promotions_total{model="m",result="rolled_back"} 1.0' in metrics
     events = [(h["event"], h["digest"]) for h in _Hook.received]
     assert ("promoted", d2) in events and ("rolled_back", previous) in events
     print(f"race on c-r1 won by: {won}; hooks received: {len(events)}")

@@ -98,9 +98,9 @@ def test_run_passes_every_stage_and_reruns_are_noops(
             len(evaluation["cell"]) == done["result"]["result"]["n_heldout"] == collect["n_heldout"]
         )
         assert done["result"]["result"]["candidate_sha256"] == manifests["train"].result["sha256"]
-        assert _metric(client, 'patchd_runs_total{result="succeeded"}') == 1
-        assert _metric(client, 'patchd_runs_total{result="failed"}') == 1
-        assert _metric(client, 'patchd_runs_total{result="cancelled"}') == 1
+        assert _metric(client, 'patchd_runs_total{model="digits",result="succeeded"}') == 1
+        assert _metric(client, 'patchd_runs_total{model="digits",result="failed"}') == 1
+        assert _metric(client, 'patchd_runs_total{model="digits",result="cancelled"}') == 1
         _check_cli(serve, run["id"])
         assert _metric(client, 'patchd_run_stage_seconds_count{stage="train"}') == 1
         _assert_rerun_is_noop(serve, done, clean_redis)
@@ -267,8 +267,8 @@ def test_a_run_that_finds_no_improvement_keeps_the_incumbent(
         ids = [c["run_id"] for c in client.get("/v1/candidates").json()["candidates"]]
         assert run["id"] not in ids
         assert client.get(f"/v1/candidates/c-{run['id']}").status_code == 404
-        assert _metric(client, 'patchd_runs_total{result="no_improvement"}') == 1
-        assert _metric(client, 'patchd_runs_total{result="succeeded"}') == 0
+        assert _metric(client, 'patchd_runs_total{model="digits",result="no_improvement"}') == 1
+        assert _metric(client, 'patchd_runs_total{model="digits",result="succeeded"}') == 0
     finally:
         ps.stop_worker(worker)
         serve.stop()

@@ -19,7 +19,7 @@ SUBSYSTEMS = ("api", "ingest", "store", "monitor", "runs", "promotion", "notify"
 PUBLIC = {
     "api": {"auth", "client"},
     "ingest": {"records", "pipeline", "tailer"},
-    "store": {"backend", "db", "predictions", "blobs"},
+    "store": {"backend", "db", "predictions", "blobs", "pg_local"},
     "monitor": {"engine", "window", "component", "estimate", "sequential", "mined"},
     "runs": {"artifacts", "component", "jobqueue", "recipe", "records", "regions"},
     "promotion": {"audit", "component", "registry"},
