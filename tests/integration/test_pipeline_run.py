@@ -102,7 +102,7 @@ def test_run_passes_every_stage_and_reruns_are_noops(
         assert _metric(client, 'patchd_runs_total{model="digits",result="failed"}') == 1
         assert _metric(client, 'patchd_runs_total{model="digits",result="cancelled"}') == 1
         _check_cli(serve, run["id"])
-        assert _metric(client, 'patchd_run_stage_seconds_count{stage="train"}') == 1
+        assert _metric(client, 'patchd_run_stage_seconds_count{model="digits",stage="train"}') == 1
         _assert_rerun_is_noop(serve, done, clean_redis)
     finally:
         serve.stop()
