@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 from patchd.digests import CHUNK, sha256_file
 from patchd.exceptions import ConflictError, IntegrityError, NotFoundError, ValidationError
-from patchd.store.blobs import BlobStore, open_blobs
+from patchd.store.blobs import BlobStore, fsync_dir, open_blobs, write_atomic
 
 if TYPE_CHECKING:
     from patchd.config import Config
@@ -67,31 +67,6 @@ MANIFEST = "manifest.json"
 POINTER = "production.json"
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _MODEL_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename/creation inside ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same dir, fsync, ``os.replace``, fsync the dir."""
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
 
 
 def check_digest(sha256: str) -> str:
@@ -336,10 +311,10 @@ class Registry:
         for name, data in files.items():
             if _safe_name(name) in (WEIGHTS, MANIFEST):
                 raise ValidationError("bad_name", f"{name} cannot be replaced in a version")
-            write_file_atomic(version.path / name, data)
+            write_atomic(version.path / name, data)
             digests[name] = hashlib.sha256(data).hexdigest()
         manifest = VersionManifest(**{**asdict(version.manifest), "files": digests})
-        write_file_atomic(version.path / MANIFEST, manifest.to_json())
+        write_atomic(version.path / MANIFEST, manifest.to_json())
         if self.blobs is not None:
             for name in files:
                 self.blobs.put_file(self._key(model, "versions", sha256, name), version.path / name)
@@ -384,7 +359,7 @@ class Registry:
                     "serve or CLI switched it first); nothing changed here: re-read and retry"
                 ) from None
         self.model_dir(model).mkdir(parents=True, exist_ok=True)
-        write_file_atomic(self.pointer_path(model), pointer.to_json())  # local copy / cache
+        write_atomic(self.pointer_path(model), pointer.to_json())  # local copy / cache
 
     def production(self, model: str, verify: bool = True) -> ModelVersion | None:
         """The production version (weights sha256 checked when ``verify``), None if none yet."""

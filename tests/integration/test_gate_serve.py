@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from patchd.promotion.audit import AuditLog
-from patchd.promotion.registry import Registry, write_file_atomic
+from patchd.promotion.registry import Registry
+from patchd.store.blobs import write_atomic
 from tests.gate_support import failing, fake_run, passing, safetensors_bytes, write_weights
 from tests.procs import PATCHD, TOKEN, ServeProcess, start_serve, write_config
 
@@ -222,7 +223,7 @@ def test_serving_helper_never_loads_a_partial_file(tmp_path: Path) -> None:
     vdir.mkdir(parents=True)
     (vdir / "model.safetensors").write_bytes(full[: len(full) // 2])
     pointer = json.loads(reg.pointer_path("m").read_bytes())
-    write_file_atomic(reg.pointer_path("m"), json.dumps({**pointer, "sha256": digest}).encode())
+    write_atomic(reg.pointer_path("m"), json.dumps({**pointer, "sha256": digest}).encode())
     deadline = time.monotonic() + 5
     while server.failures == 0 and time.monotonic() < deadline:
         time.sleep(0.02)
