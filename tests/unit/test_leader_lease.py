@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import redis
 
 from patchd.exceptions import FencedError, NotLeaderError
 from patchd.leader import Leadership, RedisLease, fence, stored_epoch
-from patchd.store.db import Store
+from patchd.store.backend import Store
 
 
 def _lease(url: str, ttl: float = 0.6) -> RedisLease:
@@ -32,8 +33,8 @@ def test_acquire_renew_expire_takeover(clean_redis: str) -> None:
     assert b.release(taken) and b.holder() is None
 
 
-def test_stale_epoch_write_is_refused(tmp_path: Path) -> None:
-    store = Store.open(tmp_path / "p.db")
+def test_stale_epoch_write_is_refused(any_store: Store) -> None:
+    store = any_store
     with store.write() as conn:
         fence(conn, 3, "claim")
     with pytest.raises(FencedError), store.write() as conn:
@@ -42,11 +43,50 @@ def test_stale_epoch_write_is_refused(tmp_path: Path) -> None:
     with store.read() as conn:
         assert stored_epoch(conn) == 3
         assert conn.execute("SELECT count(*) FROM kv WHERE key = 'x'").fetchone()[0] == 0
-    store.close()
 
 
-def test_leadership_takeover_fences_the_old_leader(clean_redis: str, tmp_path: Path) -> None:
-    store = Store.open(tmp_path / "p.db")
+def test_a_stale_write_waiting_on_the_new_leaders_claim_is_refused(
+    any_store: Store, backend_store_config: dict[str, object], tmp_path: Path
+) -> None:
+    """Two replicas' stores on one database: the new leader claims epoch 3 and holds its
+    transaction open; the ex-leader's epoch-2 write waits for it, then finds 3 and is refused."""
+    from patchd.config import build_config
+    from patchd.store.backend import open_store
+
+    config = build_config({"state_dir": str(tmp_path), "store": backend_store_config})
+    stale_store = open_store(config)
+    with any_store.write() as conn:
+        fence(conn, 2, "old term")
+    claimed, outcome = threading.Event(), []
+
+    def stale() -> None:
+        claimed.wait(5)
+        try:
+            with stale_store.write() as conn:
+                conn.execute("INSERT INTO kv (key, value, updated_at) VALUES ('run', '1', 0)")
+                fence(conn, 2, "create run")
+            outcome.append("written")
+        except FencedError:
+            outcome.append("fenced")
+
+    thread = threading.Thread(target=stale)
+    thread.start()
+    try:
+        with any_store.write() as conn:
+            fence(conn, 3, "claim")
+            claimed.set()
+            time.sleep(0.3)  # the stale write is waiting on this transaction now
+        thread.join(10)
+        assert outcome == ["fenced"]
+        with any_store.read() as conn:
+            assert stored_epoch(conn) == 3
+            assert conn.execute("SELECT count(*) FROM kv WHERE key = 'run'").fetchone()[0] == 0
+    finally:
+        stale_store.close()
+
+
+def test_leadership_takeover_fences_the_old_leader(clean_redis: str, any_store: Store) -> None:
+    store = any_store
     one = Leadership(_lease(clean_redis), store, renew_interval_s=0.1, ttl_s=0.6)
     two = Leadership(_lease(clean_redis), store, renew_interval_s=0.1, ttl_s=0.6)
     one.start()
@@ -68,4 +108,3 @@ def test_leadership_takeover_fences_the_old_leader(clean_redis: str, tmp_path: P
     finally:
         one.stop()
         two.stop()
-        store.close()
