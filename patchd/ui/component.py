@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from fastapi import APIRouter
     from jinja2 import Environment
 
+    from patchd.config import MonitorConfig
+
 log = logging.getLogger(__name__)
 
 
@@ -48,14 +50,12 @@ class UiComponent(Component):
         super().__init__(services)
         config = services.config
         self.settings = config.ui
-        # several models: these pages show the first one (and say so); one: that one
+        # several models: every page covers all of them (lists carry a model column, a
+        # candidate's or run's page is its model's); ``model_name`` is the first, the default
         self.model_names = config.model_names
         self.model_name = self.model_names[0]
-        shown = config.for_model(self.model_name)
-        self.monitor_config = shown.monitor
         self.artifacts_root = config.artifacts_root
         self.artifacts = RunArtifacts.from_config(config)  # fetches regions from a bucket
-        self.class_names = tuple(shown.model.class_names or ())
         self.sessions = SessionStore(config.ui.session_ttl_s)
         self.allowed_origins = origin_of(config.ui.public_url)
 
@@ -75,28 +75,25 @@ class UiComponent(Component):
     def templates(self) -> Environment:
         return _environment()
 
-    @property
-    def models_note(self) -> str | None:
-        """What the pages say when serve watches more models than they show."""
-        if len(self.model_names) < 2:
-            return None
-        return (
-            f"This serve watches {len(self.model_names)} models ({', '.join(self.model_names)}); "
-            f"these pages show {self.model_name} only. Use the API (/v1/models/<model>/...) or "
-            "the CLI (--model) for the others."
-        )
+    def monitor_config_of(self, model: str) -> MonitorConfig:
+        return self.services.config.for_model(model).monitor
 
-    def candidates(self) -> CandidatesComponent:
-        return self.services.component_for("candidates", self.model_name, CandidatesComponent)
+    def class_names_of(self, model: str) -> tuple[str, ...]:
+        return tuple(self.services.config.for_model(model).model.class_names or ())
 
-    def runs(self) -> RunsComponent | None:
+    def candidates(self, model: str | None = None) -> CandidatesComponent:
+        name = model or self.model_name
+        return self.services.component_for("candidates", name, CandidatesComponent)
+
+    def runs(self, model: str | None = None) -> RunsComponent | None:
         try:
-            return self.services.component_for("runs", self.model_name, RunsComponent)
+            return self.services.component_for("runs", model or self.model_name, RunsComponent)
         except NotFoundError:
             return None
 
-    def monitor(self) -> MonitorComponent | None:
+    def monitor(self, model: str | None = None) -> MonitorComponent | None:
+        name = model or self.model_name
         try:
-            return self.services.component_for("monitor", self.model_name, MonitorComponent)
+            return self.services.component_for("monitor", name, MonitorComponent)
         except NotFoundError:
             return None

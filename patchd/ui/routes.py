@@ -81,23 +81,21 @@ class UiBackend(Protocol):
     settings: UiConfig
     sessions: SessionStore
     allowed_origins: frozenset[str]
-    model_name: str
-
-    @property
-    def models_note(self) -> str | None: ...  # several models: the pages show one, and say so
-
-    monitor_config: MonitorConfig
+    model_names: tuple[str, ...]  # every model serve watches; lists cover them all
     artifacts_root: Path
     artifacts: RunArtifacts
-    class_names: tuple[str, ...]
 
     def templates(self) -> Environment: ...
 
-    def candidates(self) -> CandidatesComponent: ...
+    def monitor_config_of(self, model: str) -> MonitorConfig: ...
 
-    def runs(self) -> RunsComponent | None: ...
+    def class_names_of(self, model: str) -> tuple[str, ...]: ...
 
-    def monitor(self) -> MonitorComponent | None: ...
+    def candidates(self, model: str | None = None) -> CandidatesComponent: ...  # None: the first
+
+    def runs(self, model: str | None = None) -> RunsComponent | None: ...
+
+    def monitor(self, model: str | None = None) -> MonitorComponent | None: ...
 
 
 class FormError(PatchdError):
@@ -133,8 +131,7 @@ def build_router(ui: UiBackend) -> APIRouter:
             .render(
                 session=session,
                 flash=FLASH.get(request.query_params.get("msg", "")),
-                model_name=ui.model_name,
-                models_note=ui.models_note,
+                model_names=ui.model_names,
                 nav=NAV.get(Path(name).stem, Path(name).stem),
                 **ctx,
             )
@@ -277,17 +274,12 @@ def build_router(ui: UiBackend) -> APIRouter:
         who = viewer(request)
         if isinstance(who, RedirectResponse):
             return who
-        monitor = ui.monitor()
         registry = ui.candidates().registry
-        names = sorted({ui.model_name, *registry.models()})
         shown = [
             views.model_view(
-                name,
-                monitor.snapshot if monitor is not None and monitor.model == name else None,
-                registry.pointer(name),
-                ui.monitor_config,
+                name, _snapshot(name), registry.pointer(name), ui.monitor_config_of(_known(name))
             )
-            for name in names
+            for name in _all_models(registry)
         ]
         return page(request, "models.html", session=who, models=shown, v=views)
 
@@ -296,9 +288,9 @@ def build_router(ui: UiBackend) -> APIRouter:
         who = viewer(request)
         if isinstance(who, RedirectResponse):
             return who
-        component = ui.runs()
-        records = component.list(limit=50) if component is not None else []
-        shown = [views.run_view(r) for r in records]
+        records = [r for name in ui.model_names for r in _runs_of(name)]
+        records.sort(key=lambda r: r.created_at, reverse=True)
+        shown = [views.run_view(r) for r in records[:50]]
         with_regions = {r.record.id for r in shown if _has_regions(r.record.id)}
         return page(
             request, "runs.html", session=who, runs=shown, with_regions=with_regions, v=views
@@ -309,7 +301,8 @@ def build_router(ui: UiBackend) -> APIRouter:
         who = viewer(request)
         if isinstance(who, RedirectResponse):
             return who
-        listed = ui.candidates().list(limit=100)
+        listed = [c for name in ui.model_names for c in ui.candidates(name).list(limit=100)]
+        listed.sort(key=lambda c: c.created_at, reverse=True)
         return page(request, "candidates.html", session=who, candidates=listed, v=views)
 
     @router.get("/candidates/{candidate_id}", response_model=None)
@@ -326,8 +319,8 @@ def build_router(ui: UiBackend) -> APIRouter:
         error: str | None = None,
         status: int = 200,
     ) -> HTMLResponse:
-        component = ui.candidates()
         try:
+            component = _candidates_holding(candidate_id)
             cand = component.get(candidate_id)
         except NotFoundError as err:
             return page(request, "error.html", 404, session=who, message=str(err))
@@ -372,11 +365,11 @@ def build_router(ui: UiBackend) -> APIRouter:
         try:
             ui.artifacts.fetch_regions(run_id)
             run = region_store.run_dir(ui.artifacts_root, run_id)
-            shown = views.regions_page(run, ui.class_names)
+            record = _run_record(run_id)
+            shown = views.regions_page(run, _class_names(record))
         except (NotFoundError, ValidationError) as err:
             code = 404 if isinstance(err, NotFoundError) else 400
             return page(request, "error.html", code, session=who, message=str(err))
-        record = _run_record(run_id)
         return page(
             request,
             "regions.html",
@@ -389,11 +382,38 @@ def build_router(ui: UiBackend) -> APIRouter:
         )
 
     def _run_record(run_id: str) -> RunRecord | None:
-        component = ui.runs()
+        component = ui.runs()  # runs of every model share one table: any model's reads it
         try:
             return component.get(run_id) if component is not None else None
         except NotFoundError:
             return None
+
+    def _class_names(record: RunRecord | None) -> tuple[str, ...]:
+        """The class names of the run's model (the first model's without a record)."""
+        model = record.model if record is not None else ui.model_names[0]
+        return ui.class_names_of(_known(model))
+
+    def _known(model: str) -> str:
+        """``model`` when serve watches it, else the first model (a registry-only model)."""
+        return model if model in ui.model_names else ui.model_names[0]
+
+    def _snapshot(model: str) -> Any:
+        monitor = ui.monitor(model) if model in ui.model_names else None
+        return monitor.snapshot if monitor is not None and monitor.model == model else None
+
+    def _runs_of(model: str) -> list[RunRecord]:
+        component = ui.runs(model)
+        return component.list(model=model, limit=50) if component is not None else []
+
+    def _all_models(registry: Any) -> list[str]:
+        """The watched models in config order, then models only the registry knows."""
+        extra = sorted(set(registry.models()) - set(ui.model_names))
+        return [*ui.model_names, *extra]
+
+    def _candidates_holding(candidate_id: str) -> CandidatesComponent:
+        """The candidates component of the model a candidate belongs to."""
+        cand = ui.candidates().get(candidate_id)  # one table: any model's component finds it
+        return ui.candidates(_known(cand.model))
 
     @router.get("/runs/{run_id}/regions/{region}/grid.png", response_model=None)
     def region_grid(request: Request, run_id: str, region: int) -> Response:
@@ -415,9 +435,9 @@ def build_router(ui: UiBackend) -> APIRouter:
             return who
         component = ui.candidates()
         entries = component.audit.read()
-        names = sorted({ui.model_name, *component.registry.models()})
         shown = [
-            (name, component.registry.pointer(name), views.history(entries, name)) for name in names
+            (name, component.registry.pointer(name), views.history(entries, name))
+            for name in _all_models(component.registry)
         ]
         return page(request, "production.html", session=who, models=shown, v=views)
 
@@ -437,7 +457,9 @@ def build_router(ui: UiBackend) -> APIRouter:
     @router.post("/candidates/{candidate_id}/approve", response_model=None)
     async def approve(request: Request, candidate_id: str) -> Response:
         def run(session: Session, form: dict[str, str]) -> None:
-            ui.candidates().approve(candidate_id, form.get("digest", ""), session.actor)
+            _candidates_holding(candidate_id).approve(
+                candidate_id, form.get("digest", ""), session.actor
+            )
 
         return await decide(request, candidate_id, "approved", run)
 
@@ -445,7 +467,7 @@ def build_router(ui: UiBackend) -> APIRouter:
     async def reject(request: Request, candidate_id: str) -> Response:
         def run(session: Session, form: dict[str, str]) -> None:
             reason = form.get("reason", "")[:1000]
-            ui.candidates().reject(candidate_id, session.actor, reason)
+            _candidates_holding(candidate_id).reject(candidate_id, session.actor, reason)
 
         return await decide(request, candidate_id, "rejected", run)
 
@@ -458,7 +480,9 @@ def build_router(ui: UiBackend) -> APIRouter:
             ui.artifacts.fetch_regions(run_id)  # labels given elsewhere (a bucket)
             path = region_store.run_dir(ui.artifacts_root, run_id)
             label = form.get("label", "")
-            region_store.set_labels(path, {region: label}, session.actor, ui.class_names)
+            region_store.set_labels(
+                path, {region: label}, session.actor, _class_names(_run_record(run_id))
+            )
             ui.artifacts.publish_labels(run_id)
             log.info("ui: %s labelled run %r region %s %r", session.actor, run_id, region, label)
 
@@ -475,7 +499,8 @@ def build_router(ui: UiBackend) -> APIRouter:
         as ``patchd regions RUN --done`` does."""
 
         def run(session: Session, form: dict[str, str]) -> None:
-            component = ui.runs()
+            record = _run_record(run_id)
+            component = ui.runs(_known(record.model) if record is not None else None)
             if component is None:
                 raise ConflictError("this serve does not run patch runs; nothing to resume")
             component.resume(run_id, session.actor)
@@ -495,7 +520,9 @@ def build_router(ui: UiBackend) -> APIRouter:
             return refused(request, err)
         digest = form.get("digest") or None
         try:
-            await run_in_threadpool(ui.candidates().rollback, model, session.actor, digest)
+            await run_in_threadpool(
+                ui.candidates(_known(model)).rollback, model, session.actor, digest
+            )
         except (ConflictError, NotFoundError) as err:
             return page(request, "error.html", 409, session=session, message=str(err))
         return redirect("/ui/production?msg=rolled_back")
