@@ -520,11 +520,19 @@ class RedisConfig(Section):
 class LeaderConfig(Section):
     """``leader``: which serve replica does the once-only duties (patchd.leader)."""
 
-    enabled: bool = True  # false: this replica always leads, no lease (run only one then)
+    # "auto": a lease when the store is PostgreSQL (``store.url``: where replicas share a store),
+    # none with the embedded SQLite file (one serve, which then monitors with Redis down too);
+    # true: a lease on any store (replicas sharing one SQLite file on one machine); false: this
+    # replica always leads, no lease (run only one then)
+    enabled: bool | Literal["auto"] = "auto"
     ttl_s: float = Field(5.0, ge=0.2, le=300)  # a dead leader is replaced within about this
     renew_interval_s: float | None = Field(None, gt=0)  # default ttl_s / 3
     key: str | None = None  # Redis key of the lease; default <redis.queue_prefix>:leader
     advertise_url: str | None = None  # the URL followers name in their 503s; default api
+
+    def uses_lease(self, store_url: str | None) -> bool:
+        """Whether this replica must hold the Redis lease to lead (see ``enabled``)."""
+        return self.enabled is True or (self.enabled == "auto" and store_url is not None)
 
     @model_validator(mode="after")
     def _renew_before_expiry(self) -> LeaderConfig:

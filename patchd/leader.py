@@ -39,8 +39,9 @@ Not fenced: side effects outside the store and the registry (RQ enqueues, hooks,
 guarded by the local deadline only; a pause landing between a check and such a call can repeat a
 job of the same run, never a second run record, candidate or promotion.
 
-``leader.enabled: false`` (and unit tests) use :meth:`Leadership.solo`: always the leader, no
-Redis, no fencing. Only one replica may then run.
+Without a lease (``leader.enabled: false``, or the default ``auto`` on the embedded SQLite store;
+unit tests) :meth:`Leadership.solo` is used: always the leader, no Redis, no fencing. Only one
+replica may then run; replicas sharing one SQLite file set ``enabled: true``.
 """
 
 from __future__ import annotations
@@ -224,13 +225,13 @@ class Leadership:
     # -- construction ----------------------------------------------------------------------
     @classmethod
     def solo(cls) -> Leadership:
-        """Always the leader; no Redis, no fencing (``leader.enabled: false``, unit tests)."""
+        """Always the leader; no Redis, no fencing (no lease configured, unit tests)."""
         return cls(None, None)
 
     @classmethod
     def from_config(cls, config: Config, redis_url: str, store: Store) -> Leadership:
         section = config.leader
-        if not section.enabled:
+        if not section.uses_lease(config.store.url):
             return cls.solo()
         import redis
 

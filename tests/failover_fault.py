@@ -72,7 +72,7 @@ def _config(root: Path, redis_url: str, store: dict[str, Any], ttl: float) -> di
         "state_dir": str(root / "state"),
         "store": store,
         "redis": {"url": redis_url, "embedded": "never"},
-        "leader": {"ttl_s": ttl},
+        "leader": {"enabled": True, "ttl_s": ttl},
         "model": {"name": "m", "class_names": ["a", "b"]},
         "groups": {"attributes": ["site"], "values": {"site": ["A", "B"]}},
         "monitor": {

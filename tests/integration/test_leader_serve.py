@@ -39,7 +39,7 @@ def test_two_replicas_one_leader_failover_and_pause(tmp_path: Path, clean_redis:
     cfg = {
         "state_dir": str(tmp_path / "state"),  # one store, registry and artifacts for all
         "redis": {"url": clean_redis},
-        "leader": {"ttl_s": 1.5},
+        "leader": {"enabled": True, "ttl_s": 1.5},  # one shared SQLite file: lease on
     }
     first = _replica(tmp_path, "a", cfg)
     second = _replica(tmp_path, "b", cfg)

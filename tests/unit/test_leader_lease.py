@@ -108,3 +108,22 @@ def test_leadership_takeover_fences_the_old_leader(clean_redis: str, any_store: 
     finally:
         one.stop()
         two.stop()
+
+
+@pytest.mark.parametrize(
+    ("enabled", "store", "lease"),
+    [
+        ("auto", {}, False),  # one serve on its SQLite file: no lease, monitors with Redis down
+        ("auto", {"url": "postgresql://u@h/d"}, True),  # replicas share a Postgres store
+        (True, {}, True),  # replicas sharing one SQLite file ask for it
+        (False, {"url": "postgresql://u@h/d"}, False),
+    ],
+)
+def test_the_lease_is_taken_where_replicas_can_share_a_store(
+    enabled: object, store: dict[str, object], lease: bool
+) -> None:
+    from patchd.config import build_config
+
+    config = build_config({"leader": {"enabled": enabled}, "store": store})
+    assert config.leader.uses_lease(config.store.url) is lease
+    assert (Leadership.from_config(config, "redis://127.0.0.1:1/0", None).lease is None) != lease  # type: ignore[arg-type]
