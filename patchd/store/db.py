@@ -9,8 +9,11 @@ Usage::
         conn.execute("SELECT ...")
     store.close()
 
-Serve is the only writer process. Migrations (:data:`patchd.store.schema.MIGRATIONS`) are applied
-at open, one transaction each, and tracked in ``PRAGMA user_version``.
+Serve is the only writer process (replicas sharing one file on one machine take turns through
+SQLite's lock). Migrations (:data:`patchd.store.schema.MIGRATIONS`) are applied at open, one
+transaction each, and tracked in ``PRAGMA user_version``; processes that open a new file at the
+same moment take turns on an advisory file lock beside it (``<file>.migrate-lock``), so the later
+ones find the work done.
 
 Durability: ``synchronous=NORMAL`` in WAL mode means a committed transaction survives a crash or a
 kill of the process; a power loss may lose the last transactions before the WAL checkpoint (the
@@ -19,7 +22,9 @@ SQLite trade-off every WAL user makes). Set ``store.synchronous: FULL`` for powe
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import shutil
 import sqlite3
 import threading
@@ -130,8 +135,9 @@ class Store:
         return int(self._writer.execute("PRAGMA user_version").fetchone()[0])
 
     def migrate(self) -> None:
-        """Apply every migration above ``user_version``, one transaction each."""
-        with self._write_lock:
+        """Apply every migration above ``user_version``, one transaction each, holding the
+        migration file lock (the version is read under it)."""
+        with self._write_lock, _migration_lock(self.path):
             current = self.schema_version
             if current > len(MIGRATIONS):
                 raise StoreError(
@@ -220,3 +226,18 @@ class Store:
                 self._readers.clear()
             self._writer.close()
         log.info("store %s closed", self.path)
+
+
+@contextmanager
+def _migration_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``<path>.migrate-lock`` (released when the block ends)."""
+    lock_path = path.with_name(path.name + ".migrate-lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as err:
+        raise StoreError(f"cannot create the migration lock {lock_path}: {err}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

@@ -139,3 +139,32 @@ def test_named_parameters_round_trip_on_postgres(postgres_url: str) -> None:
         assert [tuple(r) for r in rows] == [("x", "1"), ("y", "2")]
     finally:
         store.close()
+
+
+def _open_and_report(path: str, start: object, out: object) -> None:
+    from patchd.store.db import Store
+
+    start.wait()  # type: ignore[attr-defined]
+    try:
+        store = Store.open(Path(path))
+        out.put(store.schema_version)  # type: ignore[attr-defined]
+        store.close()
+    except Exception as err:  # noqa: BLE001 - reported to the test
+        out.put(repr(err))  # type: ignore[attr-defined]
+
+
+def test_processes_opening_a_new_sqlite_file_at_once_migrate_it_once(tmp_path: Path) -> None:
+    """Replicas sharing one SQLite file that start together: one migrates, the rest find it done."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    start, out = ctx.Event(), ctx.Queue()
+    path = str(tmp_path / "shared.db")
+    procs = [ctx.Process(target=_open_and_report, args=(path, start, out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    start.set()
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+    assert results == [len(MIGRATIONS)] * 4
