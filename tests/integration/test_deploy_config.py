@@ -108,13 +108,18 @@ def test_grafana_provisioning_points_at_the_dashboards() -> None:
 # -- Prometheus / Alertmanager -------------------------------------------------------------------
 
 
-def test_prometheus_config_is_valid(tmp_path: Path) -> None:
-    shutil.copy(DEPLOY / "prometheus" / "prometheus.yml", tmp_path / "prometheus.yml")
+def _promtool_checked(tmp_path: Path, name: str) -> dict[str, Any]:
+    """deploy/prometheus/``name`` beside the rules, passed by ``promtool check config``."""
+    shutil.copy(DEPLOY / "prometheus" / name, tmp_path / "prometheus.yml")
     (tmp_path / "rules").mkdir()
     shutil.copy(DEPLOY / "monitoring" / "rules" / "patchd.rules.yml", tmp_path / "rules")
     result = run_promtool("check", "config", str(tmp_path / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
-    config = yaml.safe_load((tmp_path / "prometheus.yml").read_text())
+    return dict(yaml.safe_load((tmp_path / "prometheus.yml").read_text()))
+
+
+def test_prometheus_config_is_valid(tmp_path: Path) -> None:
+    config = _promtool_checked(tmp_path, "prometheus.yml")
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert jobs["patchd"]["metrics_path"] == "/metrics"
     assert config["rule_files"] == ["rules/patchd.rules.yml"]
@@ -143,12 +148,9 @@ def test_alertmanager_routes_every_severity_to_a_receiver() -> None:
 # -- docker compose ------------------------------------------------------------------------------
 
 
-def test_compose_stack_structure() -> None:
-    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
-    services = compose["services"]
-    wanted = {"redis", "patchd-serve", "patchd-worker", "prometheus", "grafana", "alertmanager"}
-    assert wanted <= set(services), sorted(wanted - set(services))
-    for name, service in services.items():
+def _check_health_and_mounts(compose: dict[str, Any]) -> None:
+    """Every service has a healthcheck; every mount names a file in deploy/ or a declared volume."""
+    for name, service in compose["services"].items():
         assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
         for volume in service.get("volumes", []):
             source = volume.split(":", 1)[0]
@@ -156,6 +158,14 @@ def test_compose_stack_structure() -> None:
                 assert (DEPLOY / source).exists(), f"{name} mounts missing {source}"
             elif not source.startswith("$"):
                 assert source in compose["volumes"], f"{name}: undeclared volume {source}"
+
+
+def test_compose_stack_structure() -> None:
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    services = compose["services"]
+    wanted = {"redis", "patchd-serve", "patchd-worker", "prometheus", "grafana", "alertmanager"}
+    assert wanted <= set(services), sorted(wanted - set(services))
+    _check_health_and_mounts(compose)
     redis = " ".join(services["redis"]["command"])
     assert "--appendonly yes" in redis and "--maxmemory-policy noeviction" in redis
     assert "gpu" in (DEPLOY / "docker-compose.yml").read_text()  # the commented GPU variant
@@ -199,14 +209,7 @@ def test_ha_compose_has_two_replicas_postgres_redis_a_bucket_and_workers() -> No
         "patchd-worker", "prometheus", "alertmanager",
     }  # fmt: skip
     assert wanted <= set(services), sorted(wanted - set(services))
-    for name, service in services.items():
-        assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
-        for volume in service.get("volumes", []):
-            source = volume.split(":", 1)[0]
-            if source.startswith("./"):
-                assert (DEPLOY / source).exists(), f"{name} mounts missing {source}"
-            elif not source.startswith("$"):
-                assert source in compose["volumes"], f"{name}: undeclared volume {source}"
+    _check_health_and_mounts(compose)
     replicas = [services["patchd-serve-a"], services["patchd-serve-b"]]
     configs = {
         v for r in replicas for v in r["volumes"] if v.endswith(":/etc/patchd/patchd.yaml:ro")
@@ -250,12 +253,7 @@ def test_ha_patchd_config_is_valid_with_two_models_postgres_and_a_bucket() -> No
 
 
 def test_ha_prometheus_scrapes_every_replica(tmp_path: Path) -> None:
-    shutil.copy(DEPLOY / "prometheus" / "prometheus-ha.yml", tmp_path / "prometheus.yml")
-    (tmp_path / "rules").mkdir()
-    shutil.copy(DEPLOY / "monitoring" / "rules" / "patchd.rules.yml", tmp_path / "rules")
-    result = run_promtool("check", "config", str(tmp_path / "prometheus.yml"))
-    assert result.returncode == 0, result.stdout + result.stderr
-    config = yaml.safe_load((tmp_path / "prometheus.yml").read_text())
+    config = _promtool_checked(tmp_path, "prometheus-ha.yml")
     job = next(j for j in config["scrape_configs"] if j["job_name"] == "patchd")
     targets = {t for c in job["static_configs"] for t in c["targets"]}
     services = yaml.safe_load(HA.read_text())["services"]
