@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Literal
 
 from patchd.exceptions import DiskFullError, StoreError
+from patchd.store.readers import ThreadReaders
 from patchd.store.schema import MIGRATIONS
 
 log = logging.getLogger(__name__)
@@ -97,9 +98,7 @@ class Store:
         self._writer = writer
         self._synchronous = synchronous
         self._write_lock = threading.RLock()
-        self._local = threading.local()
-        self._readers: list[SqliteConnection] = []
-        self._readers_lock = threading.Lock()
+        self._readers = ThreadReaders(self._connect_reader)
         self._closed = False
 
     @classmethod
@@ -181,7 +180,7 @@ class Store:
     def read(self) -> Iterator[SqliteConnection]:
         """A read transaction (one snapshot) on this thread's reader connection."""
         self._check_open()
-        conn = self._reader()
+        conn = self._readers.get()
         if conn.in_transaction:
             yield conn
             return
@@ -191,14 +190,9 @@ class Store:
         finally:
             conn.execute("COMMIT")
 
-    def _reader(self) -> SqliteConnection:
-        conn: SqliteConnection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = _connect(self.path, self._synchronous, READER_CACHE_KIB)
-            conn.execute("PRAGMA query_only = ON")
-            self._local.conn = conn
-            with self._readers_lock:
-                self._readers.append(conn)
+    def _connect_reader(self) -> SqliteConnection:
+        conn = _connect(self.path, self._synchronous, READER_CACHE_KIB)
+        conn.execute("PRAGMA query_only = ON")
         return conn
 
     def _check_open(self) -> None:
@@ -220,10 +214,7 @@ class Store:
             except sqlite3.Error as err:
                 log.warning("store %s: checkpoint on close failed: %s", self.path, err)
             self._closed = True
-            with self._readers_lock:
-                for conn in self._readers:
-                    conn.close()
-                self._readers.clear()
+            self._readers.close_all(SqliteConnection.close)
             self._writer.close()
         log.info("store %s closed", self.path)
 

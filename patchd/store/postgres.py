@@ -30,6 +30,7 @@ from typing import Any, Literal, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 from patchd.exceptions import StoreError
+from patchd.store.readers import ThreadReaders
 from patchd.store.schema import PG_MIGRATIONS
 
 try:
@@ -149,9 +150,8 @@ class PostgresStore:
         self._password = password
         self._write_lock = threading.RLock()
         self._depth = 0
-        self._local = threading.local()
-        self._readers: list[PgConnection] = []
-        self._readers_lock = threading.Lock()
+        self._local = threading.local()  # this thread's read nesting depth
+        self._readers = ThreadReaders(self._connect)
         self._closed = False
         self._writer = self._connect()
         self._prepare_writer()
@@ -267,7 +267,7 @@ class PostgresStore:
     def read(self) -> Iterator[PgConnection]:
         """A read-only transaction (one snapshot) on this thread's reader connection."""
         self._check_open()
-        conn = self._reader()
+        conn = self._readers.get()
         if getattr(self._local, "depth", 0):
             yield conn
             return
@@ -278,15 +278,6 @@ class PostgresStore:
                 yield conn
         finally:
             self._local.depth = 0
-
-    def _reader(self) -> PgConnection:
-        conn: PgConnection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._connect()
-            self._local.conn = conn
-            with self._readers_lock:
-                self._readers.append(conn)
-        return conn
 
     def _check_open(self) -> None:
         if self._closed:
@@ -303,10 +294,7 @@ class PostgresStore:
             return
         with self._write_lock:
             self._closed = True
-            with self._readers_lock:
-                for conn in self._readers:
-                    conn.raw.close()
-                self._readers.clear()
+            self._readers.close_all(lambda conn: conn.raw.close())
             self._writer.raw.close()
         log.info("store %s closed", self.location)
 
