@@ -39,7 +39,7 @@ from patchd.ingest.records import (
 )
 from patchd.ingest.routing import ModelRouter
 from patchd.store import predictions as store_predictions
-from patchd.store.backend import Store
+from patchd.store.backend import Store, put_kv
 
 log = logging.getLogger(__name__)
 
@@ -386,11 +386,7 @@ class IngestPipeline:
             if version == self._groups_versions.get(key):
                 continue
             value = orjson.dumps(cap.snapshot()).decode()
-            conn.execute(
-                "INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?) ON CONFLICT (key) "
-                "DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-                (key, value, time.time()),
-            )
+            put_kv(conn, key, value, time.time())
             self._groups_versions[key] = version
 
     def _last_stamp(self) -> float:

@@ -23,7 +23,7 @@ from patchd.monitor.cells import WindowStats
 from patchd.monitor.groups import ALL
 from patchd.monitor.window import Traffic
 from patchd.stats import wilson_interval
-from patchd.store.backend import Connection
+from patchd.store.backend import Connection, put_kv
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +145,7 @@ def load(conn: Connection, model: str) -> Reference | Learning | None:
 
 
 def save(conn: Connection, state: Reference | Learning) -> None:
-    conn.execute(
-        "INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?) "
-        "ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-        (kv_key(state.model), state.to_json(), time.time()),
-    )
+    put_kv(conn, kv_key(state.model), state.to_json(), time.time())
 
 
 def from_window(

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from patchd.domain import PatchRequested
 from patchd.exceptions import NotFoundError, PatchdError
+from patchd.store.backend import put_kv
 
 if TYPE_CHECKING:
     from patchd.services import Services
@@ -112,11 +113,7 @@ def _remember(
             "run_id": result.run_id,
         }
         record["requests"] = [*record["requests"], entry][-KEEP:]
-        conn.execute(
-            "INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE "
-            "SET value = excluded.value, updated_at = excluded.updated_at",
-            (KV_KEY, json.dumps(record), now),
-        )
+        put_kv(conn, KV_KEY, json.dumps(record), now)
 
 
 def _load(conn: Connection) -> dict[str, Any]:

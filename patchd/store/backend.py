@@ -76,6 +76,17 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
+_PUT_KV = (
+    "INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?) ON CONFLICT (key) "
+    "DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at"
+)
+
+
+def put_kv(conn: Connection, key: str, value: str, updated_at: float) -> None:
+    """Inside a write transaction: set ``kv[key]`` (inserted or replaced; both dialects)."""
+    conn.execute(_PUT_KV, (key, value, updated_at))
+
+
 def open_store(config: Config) -> Store:
     """Open (and migrate) the store ``config.store`` names."""
     if config.store.url:
