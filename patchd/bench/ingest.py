@@ -429,12 +429,13 @@ def _measure_replicas(
     for n in (1, replicas):
         with tempfile.TemporaryDirectory(prefix="patchd-bench-replicas-") as tmp:
             url = new_database()
+            ports = [_free_port() for _ in range(n)]
             procs = [
                 start_serve(Path(tmp), port, store_url=url, name=f"replica{i}")
-                for i, port in enumerate(_free_port() for _ in range(n))
+                for i, port in enumerate(ports)
             ]
             try:
-                urls = [_url_of(Path(tmp), i) for i in range(n)]
+                urls = [f"http://127.0.0.1:{port}" for port in ports]
                 rates[str(n)], _ = run_http(urls, events, batch, concurrency * n)
             finally:
                 for proc in procs:
@@ -443,11 +444,6 @@ def _measure_replicas(
                     proc.wait(120)
         rates[str(n)] = round(rates[str(n)])
     return rates
-
-
-def _url_of(workdir: Path, index: int) -> str:
-    config = yaml.safe_load((workdir / f"replica{index}.yaml").read_text())
-    return f"http://127.0.0.1:{config['api']['port']}"
 
 
 @dataclass(frozen=True)
@@ -574,7 +570,7 @@ def _result(
         },
         runs=[_run_summary(events, r) for r in runs],
         store=store_kind,
-        replicas=max((int(n) for n in scaling), default=1) if scaling else 1,
+        replicas=max(map(int, scaling)) if scaling else 1,
         replica_events_per_s=scaling,
     )
 
