@@ -10,7 +10,7 @@ Same contract as :mod:`patchd.store.db` (see :mod:`patchd.store.backend`):
   one transaction each, under ``pg_advisory_xact_lock``: two replicas starting at once migrate
   once. The version is the row of table ``patchd_schema``.
 
-Statements use the callers' ``?`` / ``?N`` placeholders, rewritten to ``$N`` by
+Statements use the callers' ``?`` / ``?N`` / ``:name`` placeholders, rewritten to ``$N`` by
 :func:`to_native` (quoted strings and identifiers untouched) and bound server-side by a raw cursor.
 
 Passwords: from the URL, libpq's environment (``PGPASSWORD``, ``~/.pgpass``) or
