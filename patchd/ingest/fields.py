@@ -7,7 +7,6 @@ Shared by :mod:`patchd.ingest.records` (the parser). Every function raises
 from __future__ import annotations
 
 import os
-import threading
 from array import array
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,22 +53,6 @@ def check_inside(path: Path, roots: tuple[Path, ...], shown: str) -> None:
     """Raise :class:`PathNotAllowedError` unless the resolved ``path`` lies inside a root."""
     if not any(path.is_relative_to(root) for root in roots):
         raise PathNotAllowedError(shown[:200], [str(r) for r in roots])
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file, fsync, rename into place, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def kind_of(value: object) -> str:

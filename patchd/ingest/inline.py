@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from patchd.exceptions import DiskFullError, ValidationError
-from patchd.ingest.fields import write_atomic
+from patchd.store.blobs import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,7 @@ class InputStore:
                 continue
             try:
                 write_atomic(item.path, item.data)
-            except OSError as err:
-                self._cleanup(item.path)
+            except OSError as err:  # write_atomic left no temp file behind
                 if err.errno in _NO_SPACE:
                     raise DiskFullError(f"cannot write {item.path.parent}") from None
                 raise DiskFullError(f"cannot write {item.path}: {err.strerror}") from None
@@ -123,10 +122,6 @@ class InputStore:
             self._used = directory_bytes(self.root)
             self._scanned_at = now
         return self._used
-
-    def _cleanup(self, path: Path) -> None:
-        for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-            tmp.unlink(missing_ok=True)
 
 
 def directory_bytes(root: Path) -> int:

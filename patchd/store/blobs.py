@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 from urllib.parse import urlsplit
 
 from patchd.digests import CHUNK
@@ -103,7 +103,26 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _replacing(dest: Path) -> Iterator[BinaryIO]:
+    """A temp file beside ``dest`` to write; on success fsynced and ``os.replace``d onto
+    ``dest`` (the directory fsynced too), on any failure removed: nothing half-written stays."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{dest.name}-", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _replace_from(tmp, dest)
+
+
 def _replace_from(tmp: str, dest: Path) -> None:
+    """``os.replace`` ``tmp`` onto ``dest`` and fsync the directory (``tmp`` removed on failure)."""
     try:
         os.replace(tmp, dest)
     except BaseException:
@@ -114,28 +133,18 @@ def _replace_from(tmp: str, dest: Path) -> None:
 
 
 def write_atomic(dest: Path, data: bytes) -> None:
-    """Temp file beside ``dest``, fsync, ``os.replace``, fsync the directory."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{dest.name}-", dir=dest.parent)
-    with os.fdopen(fd, "wb") as fh:
+    """Write ``data`` to ``dest`` atomically and durably (:func:`_replacing`)."""
+    with _replacing(dest) as fh:
         fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    _replace_from(tmp, dest)
 
 
 def copy_atomic(src: Path, dest: Path) -> str:
     """Copy ``src`` to ``dest`` the same way; returns the sha256 of what was copied."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{dest.name}-", dir=dest.parent)
     digest = hashlib.sha256()
-    with os.fdopen(fd, "wb") as fout, open(src, "rb") as fin:
+    with _replacing(dest) as fout, open(src, "rb") as fin:
         for chunk in iter(lambda: fin.read(CHUNK), b""):
             digest.update(chunk)
             fout.write(chunk)
-        fout.flush()
-        os.fsync(fout.fileno())
-    _replace_from(tmp, dest)
     return digest.hexdigest()
 
 
