@@ -15,9 +15,11 @@ weights with the same budget:
 - ``camel-maskpaste-rows`` / ``translation-oracle-rows``: the same translations (synthesized and
   measured once per seed, shared with the row above) with ``camel.translated_rows``: each kept
   translation also joins its target cell as a labeled row;
-- ``camel-mined``: ``camel-maskpaste`` on groups mined by the configured miner with the true
-  groups hidden (fitted on the validation split, whose groups are hidden too; epoch selection on
-  the mined validation groups), the production case;
+- ``gdro-mined`` / ``camel-mined``: ``gdro`` / ``camel-maskpaste`` on groups mined by the
+  configured miner with the true groups hidden (fitted on the validation split, whose groups are
+  hidden too; epoch selection on the mined validation groups), the production case; mined once
+  per seed and shared by both rows, whose ``mining`` column is the precision / recall of the
+  mined training-split group against the true minority cells;
 - ``diffusion``: route (b) conditional diffusion samples for the minority cells + camel trainer;
 - ``defuse``: VAE failure regions (default labels) + the defuse trainer;
 - ``translation-oracle``: camel on the exact group swap (colored datasets, whose construction is
@@ -68,6 +70,7 @@ METHODS = (
     "camel",
     "camel-maskpaste",
     "camel-maskpaste-rows",
+    "gdro-mined",
     "camel-mined",
     "diffusion",
     "defuse",
@@ -83,6 +86,7 @@ DEFAULT_METHODS = (
     "jtt",
     "camel",
     "camel-maskpaste",
+    "gdro-mined",
     "camel-mined",
     "translation-oracle",
     "oracle",
@@ -110,6 +114,7 @@ class MethodResult:
     cells: dict[str, float] = field(default_factory=dict)
     minority: int | None = None  # examples per minority group in train (None: as loaded)
     fidelity: dict[str, Any] = field(default_factory=dict)  # camel rows: min over directions
+    mining: dict[str, Any] = field(default_factory=dict)  # mined rows: the mined group vs truth
 
 
 @dataclass
@@ -126,6 +131,7 @@ class Bench:
     minority: int | None
     fidelity: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> summary
     judged: dict[str, Any] = field(default_factory=dict)  # method -> translations after the policy
+    mined: tuple[Any, Any, dict[str, Any]] | None = None  # (train, val, summary), mined once
 
     def ctx(self, method: str, stage: str, extra: dict[str, dict[str, Any]] | None = None) -> Any:
         from patchd.abc import StageContext
@@ -275,12 +281,17 @@ def run_translation_oracle_rows(b: Bench) -> Any:
     return camel_rows_on(b, "translation-oracle-rows", "translation-oracle", run_translation_oracle)
 
 
-def run_camel_mined(b: Bench) -> Any:
-    """True groups hidden everywhere; groups = the configured miner's, fitted on validation."""
+def mined_splits(b: Bench) -> tuple[Any, Any, dict[str, Any]]:
+    """Train and validation with the true groups replaced by the configured miner's (fitted on
+    validation, groups hidden everywhere), and how the mined training group matches the true
+    minority cells; computed once per seed."""
     import torch
 
     from patchd.config import PatchConfig
     from patchd.plugins.catalog import load_plugin
+
+    if b.mined is not None:
+        return b.mined
 
     def hidden(data: Any) -> Any:
         return data.with_groups(torch.full_like(data.g, -1), ())
@@ -288,16 +299,41 @@ def run_camel_mined(b: Bench) -> Any:
     train_h, val_h = hidden(b.splits.train), hidden(b.splits.val)
     name = PatchConfig().miner
     miner = load_plugin("miner", name)
-    mined_train = miner.mine(b.ctx("camel-mined", "mine"), b.incumbent, train_h, fit_data=val_h)
-    mined_val = miner.mine(b.ctx("camel-mined", "mine-val"), b.incumbent, val_h, fit_data=val_h)
+    start = time.monotonic()
+    mined_train = miner.mine(b.ctx("mined", "mine"), b.incumbent, train_h, fit_data=val_h)
+    mined_val = miner.mine(b.ctx("mined", "mine-val"), b.incumbent, val_h, fit_data=val_h)
     train = train_h.with_groups(mined_train.groups, mined_train.group_names)
     val = val_h.with_groups(mined_val.groups, mined_val.group_names)
-    truth = b.splits.train
-    log.info(
-        "camel-mined (%s): mined groups agree with the true minority cells on %.3f of train",
-        name,
-        float((mined_train.groups == (truth.g != majority_group(truth)).long()).float().mean()),
+    truth = (b.splits.train.g != majority_group(b.splits.train)).numpy()
+    members = (mined_train.groups == 1).numpy()
+    tp = int((members & truth).sum())
+    summary = {
+        "miner": name,
+        "precision": tp / max(1, int(members.sum())),
+        "recall": tp / max(1, int(truth.sum())),
+        "members": int(members.sum()),
+        "minority": int(truth.sum()),
+        "confidence": [round(float(m.confidence or 0.0), 3) for m in mined_train.modes],
+        "seconds": round(time.monotonic() - start, 1),
+    }
+    log.info("mined groups (%s) seed %d: %s", name, b.seed, summary)
+    b.mined = (train, val, summary)
+    return b.mined
+
+
+def run_gdro_mined(b: Bench) -> Any:
+    """Group DRO on the mined groups (true groups hidden)."""
+    from patchd.plugins.trainers.gdro import GroupDROTrainer
+
+    train, val, _ = mined_splits(b)
+    return (
+        GroupDROTrainer().train(b.ctx("gdro-mined", "train"), b.incumbent, train, val, None).model
     )
+
+
+def run_camel_mined(b: Bench) -> Any:
+    """camel-maskpaste on the mined groups (true groups hidden)."""
+    train, val, _ = mined_splits(b)
     return run_camel_maskpaste(b, "camel-mined", train, val)
 
 
@@ -394,6 +430,7 @@ RUNNERS: dict[str, Callable[[Bench], Any]] = {
     "camel": run_camel,
     "camel-maskpaste": run_camel_maskpaste,
     "camel-maskpaste-rows": run_camel_maskpaste_rows,
+    "gdro-mined": run_gdro_mined,
     "camel-mined": run_camel_mined,
     "diffusion": run_diffusion,
     "defuse": run_defuse,
@@ -484,10 +521,12 @@ def run_seed(
         start = time.monotonic()
         model = RUNNERS[method](bench)
         r = score(method, seed, model, splits.test, time.monotonic() - start)
-        r = replace(r, minority=minority, fidelity=bench.fidelity.get(method, {}))
+        mining = bench.mined[2] if method.endswith("-mined") and bench.mined else {}
+        r = replace(r, minority=minority, fidelity=bench.fidelity.get(method, {}), mining=mining)
         click.echo(
             f"{tag}seed {seed} {method}: worst {r.worst:.3f} avg {r.average:.3f} "
-            f"gap {r.gap:.3f} ({r.seconds:.0f}s) {r.cells} {_fidelity_text(r.fidelity)}",
+            f"gap {r.gap:.3f} ({r.seconds:.0f}s) {r.cells} {_fidelity_text(r.fidelity)}"
+            f"{_mining_text(r.mining)}",
             err=True,
         )
         results.append(r)
@@ -505,6 +544,15 @@ def _fidelity_text(f: dict[str, Any]) -> str:
     )
 
 
+def _mining_text(m: dict[str, Any]) -> str:
+    if not m:
+        return ""
+    return (
+        f" mined group P {m['precision']:.2f} / R {m['recall']:.2f} "
+        f"({m['members']} members, {m['minority']} true; {m['seconds']:.0f}s)"
+    )
+
+
 def summarize(results: list[MethodResult]) -> list[dict[str, Any]]:
     rows = []
     keys = dict.fromkeys((r.minority, r.method) for r in results)
@@ -519,6 +567,9 @@ def summarize(results: list[MethodResult]) -> list[dict[str, Any]]:
         for key in ("flip", "tttr", "kept"):
             row[key] = statistics.fmean(f[key] for f in measured) if measured else None
         row["dropped"] = sum(len(r.fidelity.get("dropped", [])) for r in rs)
+        mined = [r.mining for r in rs if r.mining]
+        for key in ("precision", "recall"):
+            row[f"mined_{key}"] = statistics.fmean(m[key] for m in mined) if mined else None
         rows.append(row)
     return rows
 
@@ -545,8 +596,8 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
         header,
         "",
         "| minority / group | method | worst-group | average | gap | fidelity: flip / tttr / "
-        "class kept (min) | classes dropped | wall s | seeds |",
-        "|---:|---|---:|---:|---:|---|---:|---:|---:|",
+        "class kept (min) | classes dropped | mined group P / R | wall s | seeds |",
+        "|---:|---|---:|---:|---:|---|---:|---|---:|---:|",
     ]
     for r in rows:
         fidelity = (
@@ -554,11 +605,17 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
             if r.get("flip") is not None
             else "–"
         )
+        mined = (
+            f"{r['mined_precision']:.2f} / {r['mined_recall']:.2f}"
+            if r.get("mined_precision") is not None
+            else "–"
+        )
         minority = "as loaded" if r["minority"] is None else str(r["minority"])
         lines.append(
             f"| {minority} | {r['method']} | {r['worst']:.3f} ± {r['worst_std']:.3f} "
             f"| {r['average']:.3f} ± {r['average_std']:.3f} | {r['gap']:.3f} ± {r['gap_std']:.3f} "
-            f"| {fidelity} | {r['dropped']} | {r['seconds']:.0f} ± {r['seconds_std']:.0f} "
+            f"| {fidelity} | {r['dropped']} | {mined} "
+            f"| {r['seconds']:.0f} ± {r['seconds_std']:.0f} "
             f"| {r['seeds']} |"
         )
     return "\n".join(lines)

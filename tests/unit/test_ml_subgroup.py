@@ -21,6 +21,7 @@ from patchd.config import PatchConfig
 from patchd.exceptions import ConfigError, StageError
 from patchd.ml.data import ImageSet
 from patchd.plugins.catalog import load_plugin
+from patchd.plugins.miners.directions import Preprocessor
 from patchd.plugins.miners.membership import estimate_prior, fit_class_membership, score_class
 from patchd.plugins.miners.subgroup import SUBGROUPS, SubgroupMiner
 from patchd.plugins.miners.svm import SVMDirectionMiner
@@ -215,3 +216,27 @@ def test_pseudo_groups_for_the_monitor_find_the_minority_in_raw_production_embed
     member = mined.assign(raw, prod.y.numpy()) == minedmod.MEMBER
     precision, recall = minor[member].mean(), member[minor].mean()
     assert precision >= 0.9 and recall >= 0.9, (precision, recall)
+
+
+def test_real_colored_fmnist_rest_class_mines_the_whole_cell_not_its_errors() -> None:
+    """Recorded from ``patchd bench mining`` (colored-fmnist, seed 0, the "rest" class): the
+    ERM model's 64-d penultimate embeddings of the validation rows (half of them the minority
+    colour, the model wrong on 704 of its 1,506) and of 3,120 training rows (120 minority, the
+    model wrong on 52 of them). The error mask is under half the cell on both splits; the mined
+    group must be the cell, and its score must rank the training split's minority rows first
+    (the F1-vs-errors choice this replaced picked the error mask here: P@k 0.54)."""
+    fx = np.load(Path(__file__).parents[1] / "fixtures" / "colored_fmnist_rest_embeddings.npz")
+    val_minor, train_minor = fx["val_minority"], fx["train_minority"]
+    assert fx["val_wrong"][val_minor].mean() < 0.5 and fx["train_wrong"][train_minor].mean() < 0.5
+    pre = Preprocessor(fx["pre_mean"], fx["pre_std"])  # fitted on the whole validation split
+    model = fit_class_membership(1, pre(fx["val_z"]), fx["val_wrong"], seed=0)
+    assert model.mined, model.reason
+    # the group fitted on validation is the cell (the error mask has recall 0.47 of it)
+    assert model.n_members_fit == pytest.approx(int(val_minor.sum()), rel=0.03)
+    assert model.error_share > 0.99
+    scores = score_class(model, pre(fx["train_z"]), np.ones(len(train_minor)))
+    k = int(train_minor.sum())
+    top = np.argsort(-scores.hardness, kind="stable")[:k]
+    assert train_minor[top].mean() >= 0.95  # P@k on the memorized training split
+    tp = int((scores.members & train_minor).sum())
+    assert tp / k >= 0.95 and tp / max(1, int(scores.members.sum())) >= 0.8

@@ -12,11 +12,18 @@ events, where errors are real and not memorized away):
    each ``d`` in :data:`DIMS`; a 2-component full-covariance Gaussian mixture is fitted with its
    means seeded at the mean of the wrong and of the correct examples. EM then moves on the
    embeddings alone, so the failing component grows from the errors to the whole cluster they
-   sit in (the minority examples the model still gets right included) and cannot collapse onto
-   the error mask unless the errors are a cluster of their own. The failing component is the one
-   with the higher error rate.
-2. **Choice of the fit.** Among the candidate ``d``, the one whose failing component explains
-   the errors best (F1 of "in the component" vs "wrong"), a criterion that needs no group labels.
+   sit in (the minority examples the model still gets right included). The failing component
+   is the one with the higher error rate.
+2. **Choice of the fit.** Among the candidate ``d``, the one whose failing component is best
+   *separated* from the rest and *covers* the errors: (2-fold cross-validated balanced accuracy
+   of a linear classifier of "in the component") x (share of the errors inside). Neither needs
+   group labels. An earlier criterion, F1 against the errors, preferred the component that
+   matched the error mask: with a model wrong on half of a minority cell, "the errors" score
+   F1 0.9 and the whole cell 0.6, although the cell is the cleaner cluster (colored-fmnist,
+   ``patchd bench mining``).
+   The chosen component is then made self-consistent: relabelled by a linear classifier of
+   itself until the labels stop changing (at most :data:`REFINE_ITERS` rounds), which moves
+   the boundary from the mixture's curved one to the linear gap the score will use.
 3. **Distillation.** A class-balanced logistic regression on the full embedding learns "failing
    component vs the rest" on the held-out rows, Platt-scaled on 2-fold out-of-fold decision
    values so that its log-odds are calibrated. Its decision value scores any split (training,
@@ -47,6 +54,8 @@ MIN_CLASS = 20  # held-out examples of a class needed to fit a mixture
 MIN_ERRORS = 5  # held-out errors (and correct predictions) needed
 MIN_SHARE = 0.02  # a failing component smaller than this share of the class is ignored
 PRIOR_ITERS = 100
+REFINE_ITERS = 10  # self-consistency rounds of the chosen component
+REFINE_C = 1.0  # inverse L2 strength of the relabelling classifier (see _self_consistent)
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,7 +71,7 @@ class ClassMembership:
     n_wrong: int  # held-out errors of the class
     n_members_fit: int  # held-out examples in the failing component
     dims: int  # PCA dimensions of the chosen mixture (0 when not mined)
-    error_f1: float  # F1 of component vs errors on the held-out rows
+    error_f1: float  # F1 of the group vs the errors on the held-out rows
     error_share: float  # share of held-out errors inside the group
     error_rate_in: float  # held-out error rate inside the group
     error_rate_out: float  # held-out error rate outside the group
@@ -105,10 +114,8 @@ def _not_mined(
     )
 
 
-def _candidate(
-    z: np.ndarray, wrong: np.ndarray, d: int, seed: int
-) -> tuple[float, np.ndarray] | None:
-    """(F1 vs errors, failing-component mask) of the error-seeded 2-component mixture in d dims."""
+def _candidate(z: np.ndarray, wrong: np.ndarray, d: int, seed: int) -> np.ndarray | None:
+    """Failing-component mask of the error-seeded 2-component mixture in ``d`` dimensions."""
     from sklearn.decomposition import PCA
     from sklearn.mixture import GaussianMixture
 
@@ -124,17 +131,20 @@ def _candidate(
     rates = [wrong[hard_any[:, k]].mean() if hard_any[:, k].any() else -1.0 for k in (0, 1)]
     hard = hard_any[:, int(np.argmax(rates))]
     share = hard.mean()
-    if not MIN_SHARE <= share <= 1 - MIN_SHARE:
-        return None
-    precision, recall = wrong[hard].mean(), hard[wrong].mean()
-    f1 = 2 * precision * recall / max(precision + recall, 1e-12)
-    return float(f1), hard
+    return hard if MIN_SHARE <= share <= 1 - MIN_SHARE else None
 
 
-def _logistic(seed: int):  # noqa: ANN202 - sklearn estimator
+def _f1(hard: np.ndarray, wrong: np.ndarray) -> float:
+    """F1 of "in the group" against "predicted wrong"."""
+    precision = wrong[hard].mean() if hard.any() else 0.0
+    recall = hard[wrong].mean()
+    return float(2 * precision * recall / max(precision + recall, 1e-12))
+
+
+def _logistic(seed: int, c: float = 1.0):  # noqa: ANN202 - sklearn estimator
     from sklearn.linear_model import LogisticRegression
 
-    return LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000, random_state=seed)
+    return LogisticRegression(C=c, class_weight="balanced", max_iter=5000, random_state=seed)
 
 
 def _calibrate(z: np.ndarray, hard: np.ndarray, seed: int) -> tuple[float, float, float]:
@@ -157,6 +167,26 @@ def _calibrate(z: np.ndarray, hard: np.ndarray, seed: int) -> tuple[float, float
     accuracy = float(balanced_accuracy_score(hard, oof > 0))
     slope = max(float(platt.coef_[0, 0]), 1e-3)  # keep the ranking's direction
     return accuracy, slope, float(platt.intercept_[0])
+
+
+def _self_consistent(z: np.ndarray, hard: np.ndarray, seed: int) -> tuple[np.ndarray, int]:
+    """Relabel ``hard`` by a linear classifier of itself until it is a fixed point (or
+    :data:`REFINE_ITERS` rounds); a round that would leave fewer than :data:`MIN_SHARE` of the
+    class on either side is not taken. Returns the labels and the rounds taken.
+
+    Measured (``patchd bench mining``, C = 1): the rounds straighten a curved component on
+    colored-fmnist (seed 2, "rest": train P@k 0.62 -> 1.00) but erode a clean one toward its
+    error core on sticker-fmnist (5-20% of the cell lost; train P@k 2-4 points lower). A weaker
+    regularization (C = 10) kept sticker as it was in a development run; not yet benchmarked."""
+    n = len(hard)
+    for rounds in range(REFINE_ITERS):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            new = _logistic(seed, REFINE_C).fit(z, hard).decision_function(z) > 0
+        if (new == hard).all() or not MIN_SHARE * n <= new.sum() <= (1 - MIN_SHARE) * n:
+            return hard, rounds
+        hard = new
+    return hard, REFINE_ITERS
 
 
 def fit_class_membership(
@@ -191,12 +221,17 @@ def fit_class_membership(
         if d > min(width, n // 10):
             continue
         found = _candidate(z, wrong, d, seed)
-        if found is not None and (best is None or found[0] > best[0] + 1e-9):
-            best = (found[0], d, found[1])
+        if found is None:
+            continue
+        key = _calibrate(z, found, seed)[0] * float(found[wrong].mean())
+        if best is None or key > best[0] + 1e-9:
+            best = (key, d, found)
     if best is None:
         reason = "no mixture split the class into a failing component and the rest"
         return _not_mined(cls, "few_errors", reason, full, n, n_wrong)
-    f1, d, hard = best
+    _, d, hard = best
+    hard, rounds = _self_consistent(z, hard, seed)
+    f1 = _f1(hard, wrong)
     clf = _logistic(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -207,7 +242,10 @@ def fit_class_membership(
     return ClassMembership(
         cls=cls,
         status="mined",
-        reason=f"error-seeded mixture in {d} PCA dimensions (F1 vs errors {f1:.2f})",
+        reason=(
+            f"error-seeded mixture in {d} PCA dimensions (F1 vs errors {f1:.2f}), "
+            f"self-consistent after {rounds} relabelling rounds"
+        ),
         coef=coef,
         intercept=slope * float(clf.intercept_[0]) + offset,
         n_fit=n,
