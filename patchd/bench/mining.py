@@ -91,7 +91,8 @@ def auroc(score: np.ndarray, truth: np.ndarray) -> float:
     return float(roc_auc_score(truth, score))
 
 
-def _pr(group: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+def precision_recall(group: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """Precision and recall of the boolean ``group`` against the boolean ``truth``."""
     tp = int((group & truth).sum())
     return tp / max(1, int(group.sum())), tp / max(1, int(truth.sum()))
 
@@ -137,9 +138,9 @@ def _rows(
         r = y == c
         truth = g[r] == cell
         s_score, v_score = sub.hardness.numpy()[r], svm.hardness.numpy()[r]
-        sg_p, sg_r = _pr(sub.groups.numpy()[r] == 1, truth)
-        sv_p, sv_r = _pr(svm.groups.numpy()[r] == 1, truth)
-        e_p, e_r = _pr(wrong[r], truth)
+        sg_p, sg_r = precision_recall(sub.groups.numpy()[r] == 1, truth)
+        sv_p, sv_r = precision_recall(svm.groups.numpy()[r] == 1, truth)
+        e_p, e_r = precision_recall(wrong[r], truth)
         out.append(
             Row(
                 dataset=dataset,

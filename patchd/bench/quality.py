@@ -287,6 +287,7 @@ def mined_splits(b: Bench) -> tuple[Any, Any, dict[str, Any]]:
     minority cells; computed once per seed."""
     import torch
 
+    from patchd.bench.mining import precision_recall
     from patchd.config import PatchConfig
     from patchd.plugins.catalog import load_plugin
 
@@ -306,11 +307,11 @@ def mined_splits(b: Bench) -> tuple[Any, Any, dict[str, Any]]:
     val = val_h.with_groups(mined_val.groups, mined_val.group_names)
     truth = (b.splits.train.g != majority_group(b.splits.train)).numpy()
     members = (mined_train.groups == 1).numpy()
-    tp = int((members & truth).sum())
+    precision, recall = precision_recall(members, truth)
     summary = {
         "miner": name,
-        "precision": tp / max(1, int(members.sum())),
-        "recall": tp / max(1, int(truth.sum())),
+        "precision": precision,
+        "recall": recall,
         "members": int(members.sum()),
         "minority": int(truth.sum()),
         "confidence": [round(float(m.confidence or 0.0), 3) for m in mined_train.modes],
