@@ -9,8 +9,11 @@ e.g. the minority colour); k = its size in the scored split, so P@k = R@k.
 Methods, side by side on the same model, embeddings and splits:
 
 - ``subgroup``: :class:`patchd.plugins.miners.subgroup.SubgroupMiner` (the default miner) as the
-  mine stage runs it (fit on val, score the split); its membership score, and the group it hands
-  downstream (precision / recall of the thresholded members);
+  mine stage runs it (fit on val, score the split, pooled spatial features); its membership
+  score, and the group it hands downstream (precision / recall of the thresholded members);
+- ``penultimate``: the same miner on the penultimate features (``embedding: penultimate``);
+- ``probe``: not a miner but a ceiling of each embedding: a balanced logistic regression fitted
+  on val with the *true* groups, P@k of its score (``probe_pooled_pk``, ``probe_penultimate_pk``);
 - ``svm``: :class:`patchd.plugins.miners.svm.SVMDirectionMiner` (correct-vs-wrong SVM, Jain et
   al.), fitted on val, its signed decision value;
 - ``loss``: the model's own loss on the scored split (ranking by -margin);
@@ -18,8 +21,9 @@ Methods, side by side on the same model, embeddings and splits:
   binary score (AUROC).
 
 Datasets: ``colored-fmnist`` (Debian dataset-fashion-mnist), ``sticker-fmnist`` (a random-position
-sticker at T-shirt/top vs shirt, :mod:`patchd.plugins.datasets.sticker_fmnist`) and
-``image-csv`` (the user's folder + CSV with the same keys as ``data.train``; it needs group
+sticker at T-shirt/top vs shirt, :mod:`patchd.plugins.datasets.sticker_fmnist`),
+``texture-fmnist`` (stripes on the garment, :mod:`patchd.plugins.datasets.texture_fmnist`)
+and ``image-csv`` (the user's folder + CSV with the same keys as ``data.train``; it needs group
 columns, which define the truth). ``--make-image-csv DIR`` writes a sticker set (pullover vs coat)
 as PNGs + ``labels.csv`` to try the image-CSV path.
 """
@@ -40,13 +44,15 @@ import click
 import numpy as np
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
+    from patchd.abc import StageContext
     from patchd.config import DatasetSpec
     from patchd.ml.data import ImageSet, Splits
 
 MACHINE = "2-core x86_64, no GPU"
-METHODS = ("subgroup", "svm", "loss", "errors")
+METHODS = ("subgroup", "penultimate", "svm", "loss", "errors")
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,12 @@ class Row:
     subgroup_group_p: float
     subgroup_group_r: float
     subgroup_confidence: float
+    penultimate_pk: float
+    penultimate_auroc: float
+    penultimate_group_p: float
+    penultimate_group_r: float
+    probe_pooled_pk: float
+    probe_penultimate_pk: float
     svm_pk: float
     svm_auroc: float
     svm_group_p: float
@@ -132,13 +144,16 @@ def _rows(
 ) -> list[Row]:
     margin, wrong = _margin(model, data)
     y, g = data.y.numpy(), data.g.numpy()
-    sub, svm = results["subgroup"], results["svm"]
+    sub, pen, svm = results["subgroup"], results["penultimate"], results["svm"]
     out = []
     for c, cell in results["cells"].items():
         r = y == c
         truth = g[r] == cell
         s_score, v_score = sub.hardness.numpy()[r], svm.hardness.numpy()[r]
+        p_score = pen.hardness.numpy()[r]
         sg_p, sg_r = precision_recall(sub.groups.numpy()[r] == 1, truth)
+        pg_p, pg_r = precision_recall(pen.groups.numpy()[r] == 1, truth)
+        probes = results["probes"][split][c]
         sv_p, sv_r = precision_recall(svm.groups.numpy()[r] == 1, truth)
         e_p, e_r = precision_recall(wrong[r], truth)
         out.append(
@@ -154,6 +169,12 @@ def _rows(
                 subgroup_group_p=sg_p,
                 subgroup_group_r=sg_r,
                 subgroup_confidence=float(sub.modes[c].confidence or 0.0),
+                penultimate_pk=precision_at_k(p_score, truth),
+                penultimate_auroc=auroc(p_score, truth),
+                penultimate_group_p=pg_p,
+                penultimate_group_r=pg_r,
+                probe_pooled_pk=probes["pooled"],
+                probe_penultimate_pk=probes["penultimate"],
                 svm_pk=precision_at_k(v_score, truth),
                 svm_auroc=auroc(v_score, truth),
                 svm_group_p=sv_p,
@@ -165,6 +186,50 @@ def _rows(
                 errors_auroc=auroc(wrong[r].astype(float), truth),
             )
         )
+    return out
+
+
+def pen_ctx(ctx: StageContext) -> StageContext:
+    """``ctx`` with the subgroup miner set to mine on the penultimate features (own out dir)."""
+    from dataclasses import replace
+
+    out = ctx.out_dir / "penultimate"
+    out.mkdir(exist_ok=True)
+    params = {**ctx.params.params, "subgroup": {"embedding": "penultimate"}}
+    return replace(ctx, out_dir=out, params=ctx.params.model_copy(update={"params": params}))
+
+
+def probe_ceilings(
+    model: nn.Module, s: Splits, cells: dict[int, int], seed: int
+) -> dict[str, dict[int, dict[str, float]]]:
+    """P@k of a balanced logistic regression fitted on val with the *true* groups, per scored
+    split, class and embedding: what any miner in that embedding could reach at best."""
+    import warnings
+
+    from sklearn.linear_model import LogisticRegression
+
+    from patchd.ml.models import features, pooled_features
+    from patchd.plugins.miners.directions import Preprocessor
+
+    def pooled(x: torch.Tensor) -> np.ndarray:
+        z = pooled_features(model, x)
+        return features(model, x).numpy() if z is None else z.numpy()
+
+    spaces = {"pooled": pooled, "penultimate": lambda x: features(model, x).numpy()}
+    out: dict[str, dict[int, dict[str, float]]] = {"train": {}, "test": {}}
+    for space, embed in spaces.items():
+        raw = embed(s.val.x)
+        pre = Preprocessor.fit(raw)
+        zv, yv, gv = pre(raw), s.val.y.numpy(), s.val.g.numpy()
+        for split, data in (("train", s.train), ("test", s.test)):
+            z, y, g = pre(embed(data.x)), data.y.numpy(), data.g.numpy()
+            for c, cell in cells.items():
+                clf = LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    clf.fit(zv[yv == c], gv[yv == c] == cell)
+                score = clf.decision_function(z[y == c])
+                out[split].setdefault(c, {})[space] = precision_at_k(score, g[y == c] == cell)
     return out
 
 
@@ -200,6 +265,7 @@ def run_seed(
     seconds: dict[str, float] = {}
     reports: dict[str, str] = {}
     val = _hide(s.val)
+    probes = probe_ceilings(model, s, cells, seed)
     with tempfile.TemporaryDirectory() as tmp:
         for split, data in (("train", s.train), ("test", s.test)):
             out = Path(tmp) / split
@@ -208,12 +274,20 @@ def run_seed(
             t = time.monotonic()
             sub = SubgroupMiner().mine(ctx, model, _hide(data), fit_data=val)
             seconds[f"subgroup:{split}"] = time.monotonic() - t
-            report = json.loads(Path(str(sub.report_json)).read_text())
-            reports[split] = _summary(report)
+            reports[split] = _summary(json.loads(Path(str(sub.report_json)).read_text()))
+            t = time.monotonic()
+            pen = SubgroupMiner().mine(pen_ctx(ctx), model, _hide(data), fit_data=val)
+            seconds[f"penultimate:{split}"] = time.monotonic() - t
             t = time.monotonic()
             svm = SVMDirectionMiner().mine(ctx, model, _hide(data), fit_data=val)
             seconds[f"svm:{split}"] = time.monotonic() - t
-            results = {"subgroup": sub, "svm": svm, "cells": cells}
+            results = {
+                "subgroup": sub,
+                "penultimate": pen,
+                "svm": svm,
+                "cells": cells,
+                "probes": probes,
+            }
             rows += _rows(dataset, seed, split, data, model, results)
     return {
         "seed": seed,
@@ -253,8 +327,9 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     keys = sorted({(r["dataset"], r["split"], r["cls"]) for r in rows}, key=lambda t: t)
     out = [
         "| dataset | scored on | class | k | subgroup P@k | subgroup AUROC | subgroup group P / R "
-        "| confidence | loss P@k | loss AUROC | error mask P / R | svm P@k | svm group P / R |",
-        "|---|---|---|---:|---:|---:|---|---:|---:|---:|---|---:|---|",
+        "| confidence | penultimate P@k | probe P@k pooled / penultimate | loss P@k | loss AUROC "
+        "| error mask P / R | svm P@k | svm group P / R |",
+        "|---|---|---|---:|---:|---:|---|---:|---:|---|---:|---:|---|---:|---|",
     ]
     for ds, split, cls in keys:
         sel = [r for r in rows if (r["dataset"], r["split"], r["cls"]) == (ds, split, cls)]
@@ -266,11 +341,18 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             f"| {ds} | {split} | {cls} | {int(np.mean([r['k'] for r in sel]))} "
             f"| {col('subgroup_pk')} | {col('subgroup_auroc')} "
             f"| {col('subgroup_group_p')} / {col('subgroup_group_r')} "
-            f"| {col('subgroup_confidence')} | {col('loss_pk')} | {col('loss_auroc')} "
+            f"| {col('subgroup_confidence')} | {col('penultimate_pk')} "
+            f"| {col('probe_pooled_pk')} / {col('probe_penultimate_pk')} "
+            f"| {col('loss_pk')} | {col('loss_auroc')} "
             f"| {col('errors_p')} / {col('errors_r')} | {col('svm_pk')} "
             f"| {col('svm_group_p')} / {col('svm_group_r')} |"
         )
     return out
+
+
+def _seed_tag(seeds: range) -> str:
+    """``3`` for seeds 0..2 (the historical file names), ``3-5`` otherwise."""
+    return str(len(seeds)) if seeds.start == 0 else f"{seeds.start}-{seeds[-1]}"
 
 
 def write_image_csv(splits: Splits, root: Path) -> Path:
@@ -300,11 +382,14 @@ def write_image_csv(splits: Splits, root: Path) -> Path:
 @click.command("mining")
 @click.option(
     "--dataset",
-    type=click.Choice(["colored-fmnist", "sticker-fmnist", "image-csv"]),
+    type=click.Choice(["colored-fmnist", "sticker-fmnist", "texture-fmnist", "image-csv"]),
     default="colored-fmnist",
     show_default=True,
 )
-@click.option("--seeds", default=1, show_default=True, help="seeds 0..N-1 (data, model, miner)")
+@click.option("--seeds", default=1, show_default=True, help="N seeds (data, model, miner)")
+@click.option(
+    "--first-seed", default=0, show_default=True, help="seeds FIRST..FIRST+N-1 (fresh seeds)"
+)
 @click.option("--n-train", type=int, default=None, help="training images (dataset default)")
 @click.option("--epochs", default=4, show_default=True, help="ERM epochs of the base model")
 @click.option("--root", type=click.Path(path_type=Path), default=None, help="data.train.root")
@@ -322,6 +407,7 @@ def write_image_csv(splits: Splits, root: Path) -> Path:
 def mining(
     dataset: str,
     seeds: int,
+    first_seed: int,
     n_train: int | None,
     epochs: int,
     root: Path | None,
@@ -359,7 +445,8 @@ def mining(
     if dataset == "image-csv" and not extra.get("group_columns"):
         raise click.UsageError("--dataset image-csv needs --group-columns (they define the truth)")
     runs = []
-    for seed in range(seeds):
+    chosen = range(first_seed, first_seed + seeds)
+    for seed in chosen:
         res = run_seed(dataset, seed, n_train, epochs, extra)
         runs.append(res)
         click.echo(
@@ -369,11 +456,11 @@ def mining(
         click.echo(f"run report (scored on train):\n{res['report']['train']}")
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     rows = [r for res in runs for r in res["rows"]]
-    click.echo(f"{date}, {MACHINE}, {dataset}, seeds 0..{seeds - 1}, fit on val")
+    click.echo(f"{date}, {MACHINE}, {dataset}, seeds {chosen[0]}..{chosen[-1]}, fit on val")
     for line in table(rows):
         click.echo(line)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"mining-{dataset}-{datetime.now(UTC):%Y-%m-%d}-seeds{seeds}.json"
+    path = out / f"mining-{dataset}-{datetime.now(UTC):%Y-%m-%d}-seeds{_seed_tag(chosen)}.json"
     body = {
         "date": date,
         "machine": MACHINE,

@@ -7,6 +7,7 @@ safetensors files only, so loading a model never unpickles anything from outside
   configured input normalization as a forward pre-hook.
 - :func:`save_weights` / :func:`load_weights`: atomic safetensors write, strict checked load.
 - :func:`features`: penultimate features of any classifier (input of its last ``nn.Linear``).
+- :func:`pooled_features`: global max- and mean-pooled channels of its last spatial activation.
 - :func:`predict`: class probabilities.
 """
 
@@ -281,6 +282,45 @@ def features(model: nn.Module, x: torch.Tensor, batch_size: int = DEFAULT_BATCH)
     if not captured:
         return torch.zeros((0, head.in_features))
     return torch.cat(captured)
+
+
+def pooled_features(
+    model: nn.Module, x: torch.Tensor, batch_size: int = DEFAULT_BATCH
+) -> torch.Tensor | None:
+    """[N, 2C] on CPU: per channel, the max and the mean over the positions of the model's last
+    spatial activation (the last module output, in forward order, that is ``[N, C, H, W]`` with
+    H x W > 1); None when the model has none (an MLP).
+
+    Why a second feature space: on the examples a model was trained on, its penultimate features
+    are memorized toward the class (a minority example it fits looks like the majority there),
+    while the channels of a spatial stage, pooled over positions, still say *what* is in the
+    image and not *where* (a sticker anywhere lights the same channel's max).
+    ``patchd bench mining`` measures both."""
+    last: list[torch.Tensor] = []
+    captured: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+        if isinstance(output, torch.Tensor) and output.dim() == 4 and output[0, 0].numel() > 1:
+            last[:] = [output]
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for b in _batches(x, batch_size):
+                last.clear()
+                model(b.to(device))
+                if not last:
+                    return None
+                a = last[0].float()
+                captured.append(torch.cat([a.amax((2, 3)), a.mean((2, 3))], 1).cpu())
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return torch.cat(captured) if captured else None
 
 
 def _run_batches(model: nn.Module, x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:

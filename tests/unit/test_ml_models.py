@@ -19,6 +19,7 @@ from patchd.ml.models import (
     last_linear,
     load_weights,
     pick_device,
+    pooled_features,
     predict,
     resnet18,
     save_weights,
@@ -118,6 +119,28 @@ def test_features_is_the_input_of_the_last_linear() -> None:
     assert not model.head._forward_pre_hooks  # hook removed
     with pytest.raises(StageError, match="no nn.Linear"):
         features(nn.Conv2d(3, 2, 1), x)
+
+
+def test_pooled_features_are_the_last_spatial_activation_pooled_over_positions() -> None:
+    torch.manual_seed(0)
+    model = small_cnn(width=4).train()
+    x = torch.rand(5, 3, 16, 16)
+    pooled = pooled_features(model, x, batch_size=2)
+    assert model.training  # mode restored
+    model.eval()
+    with torch.no_grad():
+        last = model.body[:6](x)  # the AdaptiveAvgPool2d(4) output: [5, 8, 4, 4]
+    assert pooled is not None and pooled.shape == (5, 16)
+    assert torch.allclose(pooled, torch.cat([last.amax((2, 3)), last.mean((2, 3))], 1), atol=1e-6)
+    assert not any(m._forward_hooks for m in model.modules())  # hooks removed
+    # a patch anywhere: the same channels' max (what a position-free subgroup needs)
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(128, 2))
+    a, b = torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8)
+    a[:, :, 1:3, 1:3], b[:, :, 5:7, 4:6] = 1.0, 1.0
+    pa, pb = pooled_features(conv, a), pooled_features(conv, b)
+    assert pa is not None and pb is not None
+    assert torch.allclose(pa, pb, atol=1e-6)
+    assert pooled_features(nn.Sequential(nn.Flatten(), nn.Linear(48, 2)), x[:, :, :4, :4]) is None
 
 
 def test_predict_probs_and_training_mode_restored() -> None:

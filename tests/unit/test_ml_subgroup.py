@@ -240,3 +240,62 @@ def test_real_colored_fmnist_rest_class_mines_the_whole_cell_not_its_errors() ->
     assert train_minor[top].mean() >= 0.95  # P@k on the memorized training split
     tp = int((scores.members & train_minor).sum())
     assert tp / k >= 0.95 and tp / max(1, int(scores.members.sum())) >= 0.8
+
+
+class SpatialShortcut(nn.Module):
+    """:class:`Shortcut` behind a 1x1 identity convolution on 2x2 images: the miner's default
+    pooled space is the conv output (max and mean over positions), the penultimate space the
+    head's 4-d input, as in a CNN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(4)[:, :, None, None])
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = Shortcut().head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.conv(x)).flatten(1))
+
+
+def _spatial(data: ImageSet) -> ImageSet:
+    return ImageSet(
+        data.x.expand(-1, -1, 2, 2).contiguous(),
+        data.y,
+        data.g,
+        data.class_names,
+        data.group_names,
+        data.ids,
+    )
+
+
+def test_pooled_space_mining_hands_the_monitor_a_penultimate_copy(tmp_path: Path) -> None:
+    from patchd.ml.models import features
+
+    model = SpatialShortcut()
+    val, _ = synthetic(2000, 0.5, seed=1)
+    train, train_minor = synthetic(4000, 0.03, seed=2)
+    result = SubgroupMiner().mine(_ctx(tmp_path), model, _spatial(train), fit_data=_spatial(val))
+    assert json.loads(result.report_json.read_text())["embedding"] == "classifier-pooled"
+    for cls in (0, 1):
+        precision, recall = _recovery(result.groups, train_minor, train.y, cls)
+        assert precision >= 0.9 and recall >= 0.9, (cls, precision, recall)
+    mined = result.pseudo_groups
+    assert mined is not None and mined.embedding == "classifier-features" and mined.dim == 4
+    prod, minor = synthetic(3000, 0.2, seed=3)
+    raw = features(model, _spatial(prod).x).numpy()
+    member = mined.assign(raw, prod.y.numpy()) == "member"
+    precision, recall = minor[member].mean(), member[minor].mean()
+    assert precision >= 0.9 and recall >= 0.9, (precision, recall)
+    pen = SubgroupMiner().mine(
+        _ctx(tmp_path, params={"subgroup": {"embedding": "penultimate"}}),
+        model,
+        _spatial(train),
+        fit_data=_spatial(val),
+    )
+    assert json.loads(pen.report_json.read_text())["embedding"] == "classifier-features"
+    with pytest.raises(ConfigError, match="embedding must be one of"):
+        SubgroupMiner().mine(
+            _ctx(tmp_path, params={"subgroup": {"embedding": "clip"}}), model, _spatial(train)
+        )
