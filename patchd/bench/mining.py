@@ -16,6 +16,10 @@ Methods, side by side on the same model, embeddings and splits:
   on val with the *true* groups, P@k of its score (``probe_pooled_pk``, ``probe_penultimate_pk``);
 - ``svm``: :class:`patchd.plugins.miners.svm.SVMDirectionMiner` (correct-vs-wrong SVM, Jain et
   al.), fitted on val, its signed decision value;
+- ``domino``: the published slicer Domino 0.1.5 (``domino.DominoSlicer``), when
+  ``--peer-python`` names an environment that has it (``benchmarks/peers/setup-domino.sh``): it
+  runs in that process on the same model's embeddings (penultimate and pooled), fitted on val,
+  its best slice per class picked with the truth (``benchmarks/peers/domino_slices.py``);
 - ``loss``: the model's own loss on the scored split (ranking by -margin);
 - ``errors``: the error mask (hard = predicted wrong), as a group (precision / recall) and as a
   binary score (AUROC).
@@ -44,7 +48,6 @@ import click
 import numpy as np
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
     from patchd.abc import StageContext
@@ -52,7 +55,8 @@ if TYPE_CHECKING:
     from patchd.ml.data import ImageSet, Splits
 
 MACHINE = "2-core x86_64, no GPU"
-METHODS = ("subgroup", "penultimate", "svm", "loss", "errors")
+METHODS = ("subgroup", "penultimate", "domino", "svm", "loss", "errors")
+PEER_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "peers" / "domino_slices.py"
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,8 @@ class Row:
     penultimate_group_r: float
     probe_pooled_pk: float
     probe_penultimate_pk: float
+    domino_pk: float  # NaN when the peer was not run
+    domino_pooled_pk: float
     svm_pk: float
     svm_auroc: float
     svm_group_p: float
@@ -175,6 +181,8 @@ def _rows(
                 penultimate_group_r=pg_r,
                 probe_pooled_pk=probes["pooled"],
                 probe_penultimate_pk=probes["penultimate"],
+                domino_pk=results["domino"].get((split, c, "penultimate"), float("nan")),
+                domino_pooled_pk=results["domino"].get((split, c, "pooled"), float("nan")),
                 svm_pk=precision_at_k(v_score, truth),
                 svm_auroc=auroc(v_score, truth),
                 svm_group_p=sv_p,
@@ -199,8 +207,25 @@ def pen_ctx(ctx: StageContext) -> StageContext:
     return replace(ctx, out_dir=out, params=ctx.params.model_copy(update={"params": params}))
 
 
+Embedded = dict[str, dict[str, np.ndarray]]  # split -> embedding name -> [N, D]
+
+
+def embed_splits(model: nn.Module, s: Splits) -> Embedded:
+    """Penultimate and pooled embeddings of val, train and test (pooled = penultimate for a
+    model without a spatial activation)."""
+    from patchd.ml.models import features, pooled_features
+
+    out: Embedded = {}
+    for split in ("val", "train", "test"):
+        x = getattr(s, split).x
+        pen = features(model, x).numpy()
+        pooled = pooled_features(model, x)
+        out[split] = {"penultimate": pen, "pooled": pen if pooled is None else pooled.numpy()}
+    return out
+
+
 def probe_ceilings(
-    model: nn.Module, s: Splits, cells: dict[int, int], seed: int
+    emb: Embedded, s: Splits, cells: dict[int, int]
 ) -> dict[str, dict[int, dict[str, float]]]:
     """P@k of a balanced logistic regression fitted on val with the *true* groups, per scored
     split, class and embedding: what any miner in that embedding could reach at best."""
@@ -208,21 +233,15 @@ def probe_ceilings(
 
     from sklearn.linear_model import LogisticRegression
 
-    from patchd.ml.models import features, pooled_features
     from patchd.plugins.miners.directions import Preprocessor
 
-    def pooled(x: torch.Tensor) -> np.ndarray:
-        z = pooled_features(model, x)
-        return features(model, x).numpy() if z is None else z.numpy()
-
-    spaces = {"pooled": pooled, "penultimate": lambda x: features(model, x).numpy()}
     out: dict[str, dict[int, dict[str, float]]] = {"train": {}, "test": {}}
-    for space, embed in spaces.items():
-        raw = embed(s.val.x)
-        pre = Preprocessor.fit(raw)
-        zv, yv, gv = pre(raw), s.val.y.numpy(), s.val.g.numpy()
-        for split, data in (("train", s.train), ("test", s.test)):
-            z, y, g = pre(embed(data.x)), data.y.numpy(), data.g.numpy()
+    for space in ("pooled", "penultimate"):
+        pre = Preprocessor.fit(emb["val"][space])
+        zv, yv, gv = pre(emb["val"][space]), s.val.y.numpy(), s.val.g.numpy()
+        for split in ("train", "test"):
+            data = getattr(s, split)
+            z, y, g = pre(emb[split][space]), data.y.numpy(), data.g.numpy()
             for c, cell in cells.items():
                 clf = LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000)
                 with warnings.catch_warnings():
@@ -233,6 +252,41 @@ def probe_ceilings(
     return out
 
 
+def run_domino(
+    python: Path, model: nn.Module, emb: Embedded, s: Splits, cells: dict[int, int]
+) -> dict[tuple[str, int, str], float]:
+    """Domino's best-slice P@k per (split, class, embedding), from the peer environment's
+    process on this model's embeddings (see ``benchmarks/peers/domino_slices.py``)."""
+    import subprocess
+
+    from patchd.ml.models import predict
+
+    arrays: dict[str, np.ndarray] = {"cells": np.array(sorted(cells.items()), np.int64)}
+    for split in ("val", "train", "test"):
+        data: ImageSet = getattr(s, split)
+        arrays[f"{split}_y"], arrays[f"{split}_g"] = data.y.numpy(), data.g.numpy()
+        arrays[f"{split}_probs"] = predict(model, data.x).numpy().astype(np.float64)
+        for name, z in emb[split].items():
+            arrays[f"{split}_emb_{name}"] = z
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.npz", Path(tmp) / "out.json"
+        np.savez(src, **arrays)  # type: ignore[arg-type]  # the stub types **kwds by allow_pickle
+        done = subprocess.run(
+            [str(python), str(PEER_SCRIPT), str(src), str(dst)],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise click.ClickException(
+                f"the Domino peer failed ({python}, exit {done.returncode}): "
+                f"{done.stderr.strip()[-2000:]}"
+            )
+        body = json.loads(dst.read_text())
+    return {(r["split"], int(r["cls"]), r["embedding"]): float(r["pk"]) for r in body["rows"]}
+
+
 def _spec(dataset: str, seed: int, n_train: int | None, extra: dict[str, Any]) -> DatasetSpec:
     from patchd.config import DatasetSpec
 
@@ -240,7 +294,12 @@ def _spec(dataset: str, seed: int, n_train: int | None, extra: dict[str, Any]) -
 
 
 def run_seed(
-    dataset: str, seed: int, n_train: int | None, epochs: int, extra: dict[str, Any]
+    dataset: str,
+    seed: int,
+    n_train: int | None,
+    epochs: int,
+    extra: dict[str, Any],
+    peer_python: Path | None = None,
 ) -> dict[str, Any]:
     from patchd.abc import StageContext
     from patchd.config import PatchConfig
@@ -265,7 +324,11 @@ def run_seed(
     seconds: dict[str, float] = {}
     reports: dict[str, str] = {}
     val = _hide(s.val)
-    probes = probe_ceilings(model, s, cells, seed)
+    emb = embed_splits(model, s)
+    probes = probe_ceilings(emb, s, cells)
+    t = time.monotonic()
+    domino = run_domino(peer_python, model, emb, s, cells) if peer_python else {}
+    seconds["domino"] = time.monotonic() - t
     with tempfile.TemporaryDirectory() as tmp:
         for split, data in (("train", s.train), ("test", s.test)):
             out = Path(tmp) / split
@@ -287,6 +350,7 @@ def run_seed(
                 "svm": svm,
                 "cells": cells,
                 "probes": probes,
+                "domino": domino,
             }
             rows += _rows(dataset, seed, split, data, model, results)
     return {
@@ -327,9 +391,10 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     keys = sorted({(r["dataset"], r["split"], r["cls"]) for r in rows}, key=lambda t: t)
     out = [
         "| dataset | scored on | class | k | subgroup P@k | subgroup AUROC | subgroup group P / R "
-        "| confidence | penultimate P@k | probe P@k pooled / penultimate | loss P@k | loss AUROC "
+        "| confidence | penultimate P@k | probe P@k pooled / penultimate "
+        "| Domino P@k penultimate / pooled | loss P@k | loss AUROC "
         "| error mask P / R | svm P@k | svm group P / R |",
-        "|---|---|---|---:|---:|---:|---|---:|---:|---|---:|---:|---|---:|---|",
+        "|---|---|---|---:|---:|---:|---|---:|---:|---|---|---:|---:|---|---:|---|",
     ]
     for ds, split, cls in keys:
         sel = [r for r in rows if (r["dataset"], r["split"], r["cls"]) == (ds, split, cls)]
@@ -343,6 +408,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             f"| {col('subgroup_group_p')} / {col('subgroup_group_r')} "
             f"| {col('subgroup_confidence')} | {col('penultimate_pk')} "
             f"| {col('probe_pooled_pk')} / {col('probe_penultimate_pk')} "
+            f"| {col('domino_pk')} / {col('domino_pooled_pk')} "
             f"| {col('loss_pk')} | {col('loss_auroc')} "
             f"| {col('errors_p')} / {col('errors_r')} | {col('svm_pk')} "
             f"| {col('svm_group_p')} / {col('svm_group_r')} |"
@@ -403,6 +469,13 @@ def write_image_csv(splits: Splits, root: Path) -> Path:
     default=None,
     help="write a sticker-fmnist (pullover vs coat) image-CSV folder here and exit",
 )
+@click.option(
+    "--peer-python",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="Python of an environment with Domino 0.1.5 (benchmarks/peers/setup-domino.sh): "
+    "runs it beside the miners on the same embeddings",
+)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results"))
 def mining(
     dataset: str,
@@ -416,6 +489,7 @@ def mining(
     class_names: str,
     image_size: int | None,
     make_image_csv: Path | None,
+    peer_python: Path | None,
     out: Path,
 ) -> None:
     """Subgroup recovery per class: fit on val, scored on train and test, every baseline."""
@@ -447,7 +521,7 @@ def mining(
     runs = []
     chosen = range(first_seed, first_seed + seeds)
     for seed in chosen:
-        res = run_seed(dataset, seed, n_train, epochs, extra)
+        res = run_seed(dataset, seed, n_train, epochs, extra, peer_python)
         runs.append(res)
         click.echo(
             f"seed {seed}: ERM test worst-group {res['erm_test_worst_group']}, cells "
