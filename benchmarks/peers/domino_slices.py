@@ -1,6 +1,6 @@
 """Domino 0.1.5 (``domino.DominoSlicer``) beside ``patchd bench mining``: a bench-only peer.
 
-Run by the bench with the peer environment's Python (``setup-domino.sh`` builds it; Domino
+Run by the bench with the peer environment's Python (``setup-peers.sh`` builds it; Domino
 pins libraries patchd cannot share: scikit-learn 0.24, meerkat-ml 0.2, pandas 1.5):
 
     <peer python> domino_slices.py IN.npz OUT.json

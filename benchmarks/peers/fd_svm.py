@@ -84,7 +84,7 @@ def main(src: str, dst: str) -> None:
     rows = []
     for name in names:
         live = np.ptp(f[f"train_emb_{name}"], axis=0) > 0
-        emb = {s: np.ascontiguousarray(f[f"{s}_emb_{name}"][:, live]) for s in ("train", "val", "test")}
+        emb = {s: f[f"{s}_emb_{name}"][:, live] for s in ("train", "val", "test")}
         fitter = SVMFitter()
         t = time.monotonic()
         with warnings.catch_warnings():

@@ -16,10 +16,12 @@ Methods, side by side on the same model, embeddings and splits:
   on val with the *true* groups, P@k of its score (``probe_pooled_pk``, ``probe_penultimate_pk``);
 - ``svm``: :class:`patchd.plugins.miners.svm.SVMDirectionMiner` (correct-vs-wrong SVM, Jain et
   al.), fitted on val, its signed decision value;
-- ``domino``: the published slicer Domino 0.1.5 (``domino.DominoSlicer``), when
-  ``--peer-python`` names an environment that has it (``benchmarks/peers/setup-domino.sh``): it
-  runs in that process on the same model's embeddings (penultimate and pooled), fitted on val,
-  its best slice per class picked with the truth (``benchmarks/peers/domino_slices.py``);
+- peers, when ``--peer-python`` names an environment that has them
+  (``benchmarks/peers/setup-peers.sh``), run in that process on the same model's embeddings
+  (penultimate and pooled), fitted on val: ``domino``, the slicer Domino 0.1.5
+  (``domino.DominoSlicer``, its best slice per class picked with the truth;
+  ``benchmarks/peers/domino_slices.py``), and ``fd``, the authors' package failure-directions
+  0.1.3 (``SVMFitter``, the correct-vs-wrong SVM; ``benchmarks/peers/fd_svm.py``);
 - ``loss``: the model's own loss on the scored split (ranking by -margin);
 - ``errors``: the error mask (hard = predicted wrong), as a group (precision / recall) and as a
   binary score (AUROC).
@@ -55,8 +57,9 @@ if TYPE_CHECKING:
     from patchd.ml.data import ImageSet, Splits
 
 MACHINE = "2-core x86_64, no GPU"
-METHODS = ("subgroup", "penultimate", "domino", "svm", "loss", "errors")
-PEER_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "peers" / "domino_slices.py"
+METHODS = ("subgroup", "penultimate", "domino", "fd", "svm", "loss", "errors")
+PEERS = Path(__file__).resolve().parents[2] / "benchmarks" / "peers"
+PEER_SCRIPTS = {"domino": PEERS / "domino_slices.py", "fd": PEERS / "fd_svm.py"}
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,8 @@ class Row:
     probe_penultimate_pk: float
     domino_pk: float  # NaN when the peer was not run
     domino_pooled_pk: float
+    fd_pk: float
+    fd_pooled_pk: float
     svm_pk: float
     svm_auroc: float
     svm_group_p: float
@@ -181,8 +186,10 @@ def _rows(
                 penultimate_group_r=pg_r,
                 probe_pooled_pk=probes["pooled"],
                 probe_penultimate_pk=probes["penultimate"],
-                domino_pk=results["domino"].get((split, c, "penultimate"), float("nan")),
-                domino_pooled_pk=results["domino"].get((split, c, "pooled"), float("nan")),
+                domino_pk=peer(results, "domino", split, c, "penultimate"),
+                domino_pooled_pk=peer(results, "domino", split, c, "pooled"),
+                fd_pk=peer(results, "fd", split, c, "penultimate"),
+                fd_pooled_pk=peer(results, "fd", split, c, "pooled"),
                 svm_pk=precision_at_k(v_score, truth),
                 svm_auroc=auroc(v_score, truth),
                 svm_group_p=sv_p,
@@ -252,11 +259,18 @@ def probe_ceilings(
     return out
 
 
-def run_domino(
+PeerScores = dict[str, dict[tuple[str, int, str], float]]  # peer -> (split, class, emb) -> P@k
+
+
+def peer(results: dict[str, Any], name: str, split: str, cls: int, emb: str) -> float:
+    return float(results["peers"].get(name, {}).get((split, cls, emb), float("nan")))
+
+
+def run_peers(
     python: Path, model: nn.Module, emb: Embedded, s: Splits, cells: dict[int, int]
-) -> dict[tuple[str, int, str], float]:
-    """Domino's best-slice P@k per (split, class, embedding), from the peer environment's
-    process on this model's embeddings (see ``benchmarks/peers/domino_slices.py``)."""
+) -> PeerScores:
+    """Each peer's P@k per (split, class, embedding), from the peer environment's processes on
+    this model's embeddings (see the scripts in ``benchmarks/peers``)."""
     import subprocess
 
     from patchd.ml.models import predict
@@ -271,20 +285,23 @@ def run_domino(
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.npz", Path(tmp) / "out.json"
         np.savez(src, **arrays)  # type: ignore[arg-type]  # the stub types **kwds by allow_pickle
-        done = subprocess.run(
-            [str(python), str(PEER_SCRIPT), str(src), str(dst)],
-            capture_output=True,
-            text=True,
-            timeout=1800,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise click.ClickException(
-                f"the Domino peer failed ({python}, exit {done.returncode}): "
-                f"{done.stderr.strip()[-2000:]}"
+        out: PeerScores = {}
+        for name, script in PEER_SCRIPTS.items():
+            done = subprocess.run(
+                [str(python), str(script), str(src), str(dst)],
+                capture_output=True,
+                text=True,
+                timeout=1800,
+                check=False,
             )
-        body = json.loads(dst.read_text())
-    return {(r["split"], int(r["cls"]), r["embedding"]): float(r["pk"]) for r in body["rows"]}
+            if done.returncode != 0:
+                raise click.ClickException(
+                    f"the {name} peer failed ({python} {script.name}, exit {done.returncode}): "
+                    f"{done.stderr.strip()[-2000:]}"
+                )
+            rows = json.loads(dst.read_text())["rows"]
+            out[name] = {(r["split"], int(r["cls"]), r["embedding"]): float(r["pk"]) for r in rows}
+    return out
 
 
 def _spec(dataset: str, seed: int, n_train: int | None, extra: dict[str, Any]) -> DatasetSpec:
@@ -327,8 +344,8 @@ def run_seed(
     emb = embed_splits(model, s)
     probes = probe_ceilings(emb, s, cells)
     t = time.monotonic()
-    domino = run_domino(peer_python, model, emb, s, cells) if peer_python else {}
-    seconds["domino"] = time.monotonic() - t
+    peers = run_peers(peer_python, model, emb, s, cells) if peer_python else {}
+    seconds["peers"] = time.monotonic() - t
     with tempfile.TemporaryDirectory() as tmp:
         for split, data in (("train", s.train), ("test", s.test)):
             out = Path(tmp) / split
@@ -350,7 +367,7 @@ def run_seed(
                 "svm": svm,
                 "cells": cells,
                 "probes": probes,
-                "domino": domino,
+                "peers": peers,
             }
             rows += _rows(dataset, seed, split, data, model, results)
     return {
@@ -392,9 +409,9 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     out = [
         "| dataset | scored on | class | k | subgroup P@k | subgroup AUROC | subgroup group P / R "
         "| confidence | penultimate P@k | probe P@k pooled / penultimate "
-        "| Domino P@k penultimate / pooled | loss P@k | loss AUROC "
-        "| error mask P / R | svm P@k | svm group P / R |",
-        "|---|---|---|---:|---:|---:|---|---:|---:|---|---|---:|---:|---|---:|---|",
+        "| Domino P@k penultimate / pooled | failure-directions P@k penultimate / pooled "
+        "| loss P@k | loss AUROC | error mask P / R | svm P@k | svm group P / R |",
+        "|---|---|---|---:|---:|---:|---|---:|---:|---|---|---|---:|---:|---|---:|---|",
     ]
     for ds, split, cls in keys:
         sel = [r for r in rows if (r["dataset"], r["split"], r["cls"]) == (ds, split, cls)]
@@ -409,6 +426,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             f"| {col('subgroup_confidence')} | {col('penultimate_pk')} "
             f"| {col('probe_pooled_pk')} / {col('probe_penultimate_pk')} "
             f"| {col('domino_pk')} / {col('domino_pooled_pk')} "
+            f"| {col('fd_pk')} / {col('fd_pooled_pk')} "
             f"| {col('loss_pk')} | {col('loss_auroc')} "
             f"| {col('errors_p')} / {col('errors_r')} | {col('svm_pk')} "
             f"| {col('svm_group_p')} / {col('svm_group_r')} |"
@@ -473,8 +491,8 @@ def write_image_csv(splits: Splits, root: Path) -> Path:
     "--peer-python",
     type=click.Path(path_type=Path, exists=True, dir_okay=False),
     default=None,
-    help="Python of an environment with Domino 0.1.5 (benchmarks/peers/setup-domino.sh): "
-    "runs it beside the miners on the same embeddings",
+    help="Python of an environment with Domino 0.1.5 and failure-directions 0.1.3 "
+    "(benchmarks/peers/setup-peers.sh): runs them beside the miners on the same embeddings",
 )
 @click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results"))
 def mining(
