@@ -275,6 +275,11 @@ def run_peers(
 
     from patchd.ml.models import predict
 
+    missing = [str(p) for p in PEER_SCRIPTS.values() if not p.is_file()]
+    if missing:
+        raise click.ClickException(
+            f"--peer-python needs the peer scripts of a source checkout; missing: {missing}"
+        )
     arrays: dict[str, np.ndarray] = {"cells": np.array(sorted(cells.items()), np.int64)}
     for split in ("val", "train", "test"):
         data: ImageSet = getattr(s, split)
