@@ -21,13 +21,13 @@ Domino's is touched.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 import warnings
 
 import numpy as np
+from protocol import class_cells, embedding_names, precision_at_k, write
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -48,12 +48,6 @@ def _restore_check_x() -> None:
         base._check_X = _check_X
 
 
-def precision_at_k(score: np.ndarray, truth: np.ndarray) -> float:
-    k = int(truth.sum())
-    top = np.argsort(-score, kind="stable")[:k]
-    return float(truth[top].mean()) if k else float("nan")
-
-
 def main(src: str, dst: str) -> None:
     _restore_check_x()
     with warnings.catch_warnings():
@@ -62,9 +56,8 @@ def main(src: str, dst: str) -> None:
         from domino import DominoSlicer
 
     f = np.load(src)
-    names = sorted(k.removeprefix("val_emb_") for k in f.files if k.startswith("val_emb_"))
     rows = []
-    for name in names:
+    for name in embedding_names(f):
         x = f[f"val_emb_{name}"]
         slicer = DominoSlicer(n_pca_components=min(128, x.shape[1]), random_state=0)
         t = time.monotonic()
@@ -73,23 +66,22 @@ def main(src: str, dst: str) -> None:
             slicer.fit(embeddings=x, targets=f["val_y"], pred_probs=f["val_probs"])
         fit_s = time.monotonic() - t
         for split in ("train", "test"):
-            y, g = f[f"{split}_y"], f[f"{split}_g"]
             slices = slicer.predict_proba(
-                embeddings=f[f"{split}_emb_{name}"], targets=y, pred_probs=f[f"{split}_probs"]
+                embeddings=f[f"{split}_emb_{name}"],
+                targets=f[f"{split}_y"],
+                pred_probs=f[f"{split}_probs"],
             )
-            for c, cell in f["cells"]:
-                r = y == c
-                pks = [precision_at_k(slices[r, s], g[r] == cell) for s in range(slices.shape[1])]
+            for c, r, truth in class_cells(f, split):
+                pks = [precision_at_k(slices[r, s], truth) for s in range(slices.shape[1])]
                 best = int(np.nanargmax(pks))
                 rows.append(
-                    {"embedding": name, "split": split, "cls": int(c), "pk": pks[best],
+                    {"embedding": name, "split": split, "cls": c, "pk": pks[best],
                      "slice": best, "n_slices": len(pks), "fit_s": round(fit_s, 2)}
                 )  # fmt: skip
     import sklearn
 
     versions = {"domino": getattr(domino, "__version__", "0.1.5"), "sklearn": sklearn.__version__}
-    with open(dst, "w") as fh:
-        json.dump({"tool": "domino.DominoSlicer", "versions": versions, "rows": rows}, fh)
+    write(dst, "domino.DominoSlicer", versions, rows)
 
 
 if __name__ == "__main__":

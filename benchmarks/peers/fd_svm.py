@@ -31,7 +31,6 @@ resolve to no-op classes, and the SVM path (``SVMPreProcessing``, ``train_per_cl
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -40,6 +39,7 @@ import warnings
 from importlib.metadata import version
 
 import numpy as np
+from protocol import class_cells, embedding_names, precision_at_k, write
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -67,12 +67,6 @@ def _install_placeholders() -> None:
             setattr(sys.modules[parent], leaf, mod)
 
 
-def precision_at_k(score: np.ndarray, truth: np.ndarray) -> float:
-    k = int(truth.sum())
-    top = np.argsort(-score, kind="stable")[:k]
-    return float(truth[top].mean()) if k else float("nan")
-
-
 def main(src: str, dst: str) -> None:
     _install_placeholders()
     with warnings.catch_warnings():
@@ -80,9 +74,8 @@ def main(src: str, dst: str) -> None:
         from failure_directions.src.wrappers import SVMFitter
 
     f = np.load(src)
-    names = sorted(k.removeprefix("val_emb_") for k in f.files if k.startswith("val_emb_"))
     rows = []
-    for name in names:
+    for name in embedding_names(f):
         live = np.ptp(f[f"train_emb_{name}"], axis=0) > 0
         emb = {s: f[f"{s}_emb_{name}"][:, live] for s in ("train", "val", "test")}
         fitter = SVMFitter()
@@ -93,20 +86,16 @@ def main(src: str, dst: str) -> None:
             fitter.fit(preds=f["val_probs"].argmax(1), ys=f["val_y"], latents=emb["val"])
         fit_s = time.monotonic() - t
         for split in ("train", "test"):
-            y, g = f[f"{split}_y"], f[f"{split}_g"]
-            _, decision = fitter.predict(ys=y, latents=emb[split], compute_metrics=False)
-            for c, cell in f["cells"]:
-                r = y == c
+            ys = f[f"{split}_y"]
+            _, decision = fitter.predict(ys=ys, latents=emb[split], compute_metrics=False)
+            for c, r, truth in class_cells(f, split):
                 rows.append(
-                    {"embedding": name, "split": split, "cls": int(c),
-                     "pk": precision_at_k(-decision[r], g[r] == cell),
+                    {"embedding": name, "split": split, "cls": c,
+                     "pk": precision_at_k(-decision[r], truth),
                      "dims": int(live.sum()), "fit_s": round(fit_s, 2)}
                 )  # fmt: skip
     versions = {p: version(p) for p in ("failure-directions", "scikit-learn", "torch")}
-    out = {"tool": "failure_directions.SVMFitter", "versions": versions,
-           "placeholders": PLACEHOLDERS, "rows": rows}  # fmt: skip
-    with open(dst, "w") as fh:
-        json.dump(out, fh)
+    write(dst, "failure_directions.SVMFitter", versions, rows, placeholders=PLACEHOLDERS)
 
 
 if __name__ == "__main__":

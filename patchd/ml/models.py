@@ -299,28 +299,24 @@ def pooled_features(
     last: list[torch.Tensor] = []
     captured: list[torch.Tensor] = []
 
-    def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+    def keep(_module: nn.Module, _inputs: object, output: object) -> None:
         if isinstance(output, torch.Tensor) and output.dim() == 4 and output[0, 0].numel() > 1:
             last[:] = [output]
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
-    device = model_device(model)
-    was_training = model.training
-    model.eval()
+    def pool(_module: nn.Module, _inputs: object, _output: object) -> None:
+        # the model's own hook runs after every submodule's: ``last`` is this batch's
+        if last:
+            a = last.pop().float()
+            captured.append(torch.cat([a.amax((2, 3)), a.mean((2, 3))], 1).cpu())
+
+    handles = [m.register_forward_hook(keep) for m in model.modules()]
+    handles.append(model.register_forward_hook(pool))
     try:
-        with torch.no_grad():
-            for b in _batches(x, batch_size):
-                last.clear()
-                model(b.to(device))
-                if not last:
-                    return None
-                a = last[0].float()
-                captured.append(torch.cat([a.amax((2, 3)), a.mean((2, 3))], 1).cpu())
+        batches = len(_run_batches(model, x, batch_size))
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
-    return torch.cat(captured) if captured else None
+    return torch.cat(captured) if captured and len(captured) == batches else None
 
 
 def _run_batches(model: nn.Module, x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:

@@ -205,6 +205,11 @@ def _distil(z: np.ndarray, hard: np.ndarray, seed: int) -> tuple[np.ndarray, flo
     return slope * clf.coef_[0], slope * float(clf.intercept_[0]) + offset, accuracy
 
 
+def _live(z: np.ndarray) -> np.ndarray:
+    """Columns of ``z`` that vary over its rows (none when it has no rows)."""
+    return z.std(0) > 1e-9 if len(z) else np.zeros(int(z.shape[1]), bool)
+
+
 def _widen(coef: np.ndarray, live: np.ndarray) -> np.ndarray:
     out = np.zeros(len(live))
     out[live] = coef
@@ -222,7 +227,7 @@ def transfer(
     dims = int(z.shape[1])
     if not model.mined:
         return replace(model, coef=np.zeros(dims))
-    live = z.std(0) > 1e-9 if len(z) else np.zeros(dims, bool)
+    live = _live(z)
     if not live.any() or min(int(members.sum()), int((~members).sum())) < 2:
         reason = f"the mined group ({int(members.sum())} of {len(members)}) cannot be re-fitted"
         return _not_mined(model.cls, "no_features", reason, dims, model.n_fit, model.n_wrong)
@@ -239,7 +244,7 @@ def fit_class_membership(
     if not np.isfinite(z).all():
         raise ValueError(f"class {cls}: the embeddings contain NaN or infinite values")
     full = int(z.shape[1])
-    live = z.std(0) > 1e-9 if len(z) else np.zeros(full, bool)  # dead / constant dimensions out
+    live = _live(z)  # dead / constant dimensions out
     z = z[:, live]
     n, n_wrong, width = len(wrong), int(wrong.sum()), int(z.shape[1])
     if width == 0:

@@ -195,23 +195,22 @@ def _embedder(
     ctx: StageContext, model: nn.Module, params: SubgroupParams, probe: torch.Tensor
 ) -> tuple[Embed, Any, str]:
     """(embed, CLIP embedder or None, embedding name) for ``params.embedding``."""
-    if ctx.params.clip_checkpoint is not None or params.embedding == "penultimate":
-        return SVMDirectionMiner()._embedder(ctx, model, _as_svm(params))
-    if pooled_features(model, probe) is None:
+    if ctx.params.clip_checkpoint is None and params.embedding == "pooled":
+        if pooled_features(model, probe) is not None:
+
+            def embed(x: torch.Tensor) -> np.ndarray:
+                z = pooled_features(model, x)
+                if z is None:  # the probe had one: only an input-dependent architecture
+                    raise StageError(f"run {ctx.run_id}: the model's spatial activation vanished")
+                return z.numpy()
+
+            return embed, None, POOLED
         log.info(
             "run %s: %s has no spatial activation to pool; mining on its penultimate features",
             ctx.run_id,
             type(model).__name__,
         )
-        return (lambda x: features(model, x).numpy()), None, PENULTIMATE
-
-    def embed(x: torch.Tensor) -> np.ndarray:
-        z = pooled_features(model, x)
-        if z is None:  # the probe had one: only an input-dependent architecture gets here
-            raise StageError(f"run {ctx.run_id}: the model's spatial activation disappeared")
-        return z.numpy()
-
-    return embed, None, POOLED
+    return SVMDirectionMiner()._embedder(ctx, model, _as_svm(params))
 
 
 def _monitor_copy(
