@@ -138,3 +138,11 @@ def test_maskpaste_translations_of_colored_digits_are_faithful(digits, tmp_path:
     for d in report.directions:
         assert d.flip_rate >= 0.9 and d.tttr >= 0.9, d
         assert d.verdict == "kept", d  # class kept judged with its 95% bound (4-5 minority rows)
+
+
+def test_classes_with_the_same_two_groups_share_one_locator() -> None:
+    from patchd.plugins.augmenters.maskpaste import locator_sets
+
+    pairs = {0: (0, 1), 1: (1, 0), 2: (2, 0)}
+    assert locator_sets(pairs, share=True) == [((0, 1), [0, 1]), ((0, 2), [2])]
+    assert locator_sets(pairs, share=False) == [((0, 1), [0]), ((0, 1), [1]), ((0, 2), [2])]

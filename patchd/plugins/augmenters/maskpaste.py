@@ -25,15 +25,21 @@ Output as the ``cyclegan`` augmenter's: ``paired={"F", "G"}`` aligned with the t
 (for x in A, G(x) is x in B and F(x) = x; for x in B the reverse), previews per class and
 direction, and ``info["classes"]`` with each class's locator quality and route.
 
+One locator serves every class that translates between the same two groups (``share``, on by
+default): its batches draw each class x group cell equally often, so the group is independent
+of the class there and a head learns the feature, not the class; a class's scarce minority (25
+stickered T-shirts) borrows the feature's examples from the class where it is common. Each head
+is judged per class, on that class's out-of-fold scores.
+
 Hyperparameters (``patch.params.maskpaste``): ``steps`` 300, ``batch_size`` 32, ``width`` 16,
 ``threshold`` 0.5 (detections = sigmoid map above it; the mask is the detections grown to the
 pixels within ``colour_tol`` 0.12 of their colour, dilated by one pixel), ``min_auroc`` 0.9,
-``local_area`` 0.25.
+``local_area`` 0.25, ``share`` true (false: one locator per class).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -55,6 +61,7 @@ class PasteConfig:
     min_auroc: float = 0.9
     local_area: float = 0.25
     colour_tol: float = 0.12
+    share: bool = True
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> PasteConfig:
@@ -97,6 +104,17 @@ class Locator(nn.Module):
 
 
 @dataclass(frozen=True)
+class Located:
+    """One class's rows as the locator sees them: images, group (0/1 in the locator's order),
+    out-of-fold image scores [N, 2] and feature masks [N, 2, H, W]."""
+
+    x: torch.Tensor
+    member: torch.Tensor
+    held: torch.Tensor
+    masks: torch.Tensor
+
+
+@dataclass(frozen=True)
 class ClassRoute:
     """What was learned for one class: head quality and how each direction translates."""
 
@@ -120,15 +138,25 @@ def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
 
 
 def fit_locator(
-    x: torch.Tensor, member: torch.Tensor, cfg: PasteConfig, seed: int, device: torch.device
+    x: torch.Tensor,
+    member: torch.Tensor,
+    strata: torch.Tensor,
+    cfg: PasteConfig,
+    seed: int,
+    device: torch.device,
 ) -> Locator:
-    """Train the two heads; ``member`` is 0 (group A) or 1 (group B) per image."""
+    """Train the two heads; ``member`` is 0 (group A) or 1 (group B) per image.
+
+    Batches draw every stratum (a class x group cell) equally often, so across classes the
+    group is independent of the class and no head can learn the class instead of the feature.
+    """
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     locator = Locator(x.shape[1], cfg.width).to(device)
     optimizer = torch.optim.Adam(locator.parameters(), lr=2e-3)
     targets = torch.stack([member == 0, member == 1], 1).float()
-    weights = (1.0 / torch.bincount(member, minlength=2).float().clamp(min=1))[member]
+    _, cell = strata.unique(return_inverse=True)
+    weights = (1.0 / torch.bincount(cell).float())[cell]
     locator.train()
     for _ in range(cfg.steps):
         idx = torch.multinomial(weights, cfg.batch_size, replacement=True, generator=generator)
@@ -168,29 +196,34 @@ def masks(maps: torch.Tensor, x: torch.Tensor, threshold: float, colour_tol: flo
 
 
 def learn_route(
-    x: torch.Tensor, member: torch.Tensor, cfg: PasteConfig, seed: int, device: torch.device
-) -> tuple[Locator, tuple[float, float]]:
-    """A locator on all rows, and its heads' AUROC from out-of-fold scores (stratified 2-fold).
+    x: torch.Tensor,
+    member: torch.Tensor,
+    strata: torch.Tensor,
+    cfg: PasteConfig,
+    seed: int,
+    device: torch.device,
+) -> tuple[Locator, torch.Tensor]:
+    """A locator on all rows, and every row's out-of-fold image scores [N, 2].
 
-    Cross-fitting scores every row with a locator that did not see it, so even a minority
-    group of four examples is judged on all four.
+    Cross-fitting (2 folds, each stratum split in halves) scores every row with a locator that
+    did not see it, so even a minority group of four examples is judged on all four.
     """
-    fold = stratified_folds(member, seed)
+    fold = stratified_folds(strata, seed)
     held_scores = torch.zeros(len(x), 2)
     for k in (0, 1):
-        probe = fit_locator(x[fold != k], member[fold != k], cfg, seed + k, device)
+        train = fold != k
+        probe = fit_locator(x[train], member[train], strata[train], cfg, seed + k, device)
         with torch.no_grad():
             held_scores[fold == k] = probe.scores(x[fold == k].to(device)).cpu()
-    quality = (auroc(held_scores[:, 0], member == 0), auroc(held_scores[:, 1], member == 1))
-    return fit_locator(x, member, cfg, seed, device), quality
+    return fit_locator(x, member, strata, cfg, seed, device), held_scores
 
 
-def stratified_folds(member: torch.Tensor, seed: int) -> torch.Tensor:
-    """Fold 0 or 1 per row, each group split in halves (seeded)."""
-    fold = torch.zeros_like(member)
+def stratified_folds(strata: torch.Tensor, seed: int) -> torch.Tensor:
+    """Fold 0 or 1 per row, each stratum split in halves (seeded)."""
+    fold = torch.zeros_like(strata)
     gen = torch.Generator().manual_seed(seed)
-    for value in member.unique():
-        rows = (member == value).nonzero()[:, 0]
+    for value in strata.unique():
+        rows = (strata == value).nonzero()[:, 0]
         order = rows[torch.randperm(len(rows), generator=gen)]
         fold[order[1::2]] = 1
     return fold
@@ -215,6 +248,23 @@ def translate(
     return x * (1 - mask_x) + content * mask_x
 
 
+def locator_sets(
+    pairs: dict[int, tuple[int, int]], share: bool
+) -> list[tuple[tuple[int, int], list[int]]]:
+    """The locators to fit: each one's (sorted) pair of groups and the classes it serves.
+
+    With ``share`` every class that translates between the same two groups shares one locator:
+    a group's feature (a sticker, a colour) looks the same on every class, and a class's scarce
+    minority borrows the other classes' examples of it. Without, one locator per class.
+    """
+    if not share:
+        return [((min(pair), max(pair)), [cls]) for cls, pair in sorted(pairs.items())]
+    sets: dict[tuple[int, int], list[int]] = {}
+    for cls, pair in sorted(pairs.items()):
+        sets.setdefault((min(pair), max(pair)), []).append(cls)
+    return list(sets.items())
+
+
 class MaskPasteAugmenter(Augmenter):
     def synthesize(self, ctx: StageContext, model: nn.Module, train: ImageSet) -> Augmentation:
         cfg = PasteConfig.from_params(ctx.plugin_params("maskpaste"))
@@ -222,13 +272,26 @@ class MaskPasteAugmenter(Augmenter):
         f, g = train.x.clone(), train.x.clone()
         routes, previews = [], []
         pairs = class_pairs(train)
-        for i, (cls, pair) in enumerate(sorted(pairs.items())):
-            ctx.progress(i / max(1, len(pairs)), f"maskpaste class {cls}")
-            route, done = self.fit_class(ctx, train, cls, pair, cfg, device)
-            routes.append(asdict(route))
-            a_rows, b_rows = [(train.y == cls) & (train.g == k) for k in pair]
-            g[a_rows], f[b_rows] = done[0], done[1]
-            previews += self.write_previews(ctx, train, f, g, cls, pair)
+        sets = locator_sets(pairs, cfg.share)
+        for i, (groups, classes) in enumerate(sets):
+            ctx.progress(i / max(1, len(sets)), f"maskpaste classes {classes}")
+            rows = torch.isin(train.y, torch.tensor(classes)) & torch.isin(
+                train.g, torch.tensor(groups)
+            )
+            x, y = train.x[rows], train.y[rows]
+            member = (train.g[rows] == groups[1]).long()
+            locator, held = learn_route(
+                x, member, y * 2 + member, cfg, ctx.seed + classes[0], device
+            )
+            hard = masks(feature_maps(locator, x, device), x, cfg.threshold, cfg.colour_tol)
+            for cls in classes:
+                mine = y == cls
+                located = Located(x[mine], member[mine], held[mine], hard[mine])
+                route, done = self.route_class(ctx, cls, pairs[cls], groups, located, cfg)
+                routes.append(asdict(route))
+                a_rows, b_rows = [(train.y == cls) & (train.g == k) for k in pairs[cls]]
+                g[a_rows], f[b_rows] = done[0], done[1]
+                previews += self.write_previews(ctx, train, f, g, cls, pairs[cls])
         return Augmentation(
             kind="maskpaste",
             paired={"F": f, "G": g},
@@ -236,30 +299,37 @@ class MaskPasteAugmenter(Augmenter):
             info={"classes": routes, "params": asdict(cfg)},
         )
 
-    def fit_class(
+    def route_class(
         self,
         ctx: StageContext,
-        train: ImageSet,
         cls: int,
         pair: tuple[int, int],
+        groups: tuple[int, int],
+        located: Located,
         cfg: PasteConfig,
-        device: torch.device,
     ) -> tuple[ClassRoute, tuple[torch.Tensor, torch.Tensor]]:
-        """The route of one class and its translations (A→B for A's rows, B→A for B's rows)."""
-        rows = (train.y == cls) & ((train.g == pair[0]) | (train.g == pair[1]))
-        x, member = train.x[rows], (train.g[rows] == pair[1]).long()
-        locator, quality = learn_route(x, member, cfg, ctx.seed + cls, device)
-        hard = masks(feature_maps(locator, x, device), x, cfg.threshold, cfg.colour_tol)
+        """The route of one class and its translations (A→B for A's rows, B→A for B's rows).
+
+        ``located`` holds the class's rows in the locator's group order (``groups``, member 0
+        or 1); the route and the translations are returned in the class's own order ``pair``.
+        """
+        x, member, hard = located.x, located.member, located.masks
+        quality = tuple(auroc(located.held[:, k], member == k) for k in (0, 1))
         valid = (quality[0] >= cfg.min_auroc, quality[1] >= cfg.min_auroc)
         area = tuple(
             float(hard[member == k, k].mean()) if (member == k).any() else 0.0 for k in (0, 1)
         )
         localized = (area[0] < cfg.local_area, area[1] < cfg.local_area)
-        route = ClassRoute(cls, pair, quality, valid, area, localized)  # type: ignore[arg-type]
+        order = (0, 1) if pair[0] == groups[0] else (1, 0)
+
+        def mine(values: tuple[Any, ...]) -> Any:
+            return (values[order[0]], values[order[1]])
+
+        route = ClassRoute(cls, pair, mine(quality), mine(valid), mine(area), mine(localized))
         if not any(valid):
             note = "no group feature could be located (both heads below min_auroc): identity"
             ctx.log.warning("run %s maskpaste class %d: %s", ctx.run_id, cls, note)
-            return ClassRoute(**{**asdict(route), "note": note}), (x[member == 0], x[member == 1])
+            return replace(route, note=note), mine((x[member == 0], x[member == 1]))
         generator = torch.Generator().manual_seed(ctx.seed * 7919 + cls)
         out = []
         for s, t in ((0, 1), (1, 0)):
@@ -271,7 +341,7 @@ class MaskPasteAugmenter(Augmenter):
             fill = _mean_colour(x[dst], hard[dst][:, t]) if valid[t] else None
             out.append(translate(x[src], donors, mask_x, mask_d, localized[t], fill))
         ctx.log.info("run %s maskpaste class %d: %s", ctx.run_id, cls, route)
-        return route, (out[0], out[1])
+        return route, mine((out[0], out[1]))
 
     def write_previews(
         self,
