@@ -285,8 +285,8 @@ class MaskPasteAugmenter(Augmenter):
             )
             hard = masks(feature_maps(locator, x, device), x, cfg.threshold, cfg.colour_tol)
             for cls in classes:
-                mine = y == cls
-                located = Located(x[mine], member[mine], held[mine], hard[mine])
+                own = y == cls
+                located = Located(x[own], member[own], held[own], hard[own])
                 route, done = self.route_class(ctx, cls, pairs[cls], groups, located, cfg)
                 routes.append(asdict(route))
                 a_rows, b_rows = [(train.y == cls) & (train.g == k) for k in pairs[cls]]
@@ -322,14 +322,16 @@ class MaskPasteAugmenter(Augmenter):
         localized = (area[0] < cfg.local_area, area[1] < cfg.local_area)
         order = (0, 1) if pair[0] == groups[0] else (1, 0)
 
-        def mine(values: tuple[Any, ...]) -> Any:
+        def in_class_order(values: tuple[Any, ...]) -> Any:
             return (values[order[0]], values[order[1]])
 
-        route = ClassRoute(cls, pair, mine(quality), mine(valid), mine(area), mine(localized))
+        route = ClassRoute(
+            cls, pair, *(in_class_order(v) for v in (quality, valid, area, localized))
+        )
         if not any(valid):
             note = "no group feature could be located (both heads below min_auroc): identity"
             ctx.log.warning("run %s maskpaste class %d: %s", ctx.run_id, cls, note)
-            return replace(route, note=note), mine((x[member == 0], x[member == 1]))
+            return replace(route, note=note), in_class_order((x[member == 0], x[member == 1]))
         generator = torch.Generator().manual_seed(ctx.seed * 7919 + cls)
         out = []
         for s, t in ((0, 1), (1, 0)):
@@ -341,7 +343,7 @@ class MaskPasteAugmenter(Augmenter):
             fill = _mean_colour(x[dst], hard[dst][:, t]) if valid[t] else None
             out.append(translate(x[src], donors, mask_x, mask_d, localized[t], fill))
         ctx.log.info("run %s maskpaste class %d: %s", ctx.run_id, cls, route)
-        return route, mine((out[0], out[1]))
+        return route, in_class_order((out[0], out[1]))
 
     def write_previews(
         self,
